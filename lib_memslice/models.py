@@ -1,0 +1,231 @@
+"""The attention sites of Stable Diffusion models: what each layer's attention call looks like at a given size.
+
+Built-in specs carry the numbers of the published configs (SD1.x ``v1-inference.yaml``, SD2.x
+``v2-inference-v.yaml``, SDXL ``sd_xl_base.yaml``); :func:`sites_from_modules` reads the same facts off a live
+UNet and VAE, so the webui plans for whatever model is loaded. No torch imports at module level: the CLI and
+the planner API use this without touching tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .plan import AttentionShape, Geometry
+
+LATENT_DOWNSCALE = 8  # every SD VAE here: 2 ** (len(ch_mult) - 1)
+PROMPT_TOKENS = 77  # one 75-token chunk plus start/end
+
+
+@dataclass(frozen=True)
+class Site:
+    """One distinct attention shape in a model (several identical layers share a site)."""
+
+    name: str
+    heads: int
+    head_dim: int
+    geometry: Geometry
+    context_tokens: int = 0  # cross-attention keys (0 for self-attention)
+    count: int = 1
+    vae: bool = False
+
+    def shape(
+        self,
+        width: int,
+        height: int,
+        batch: int = 1,
+        element_size: int = 4,
+        io_element_size: int = 0,
+        cond_uncond: bool = True,
+        prompt_chunks: int = 1,
+    ) -> AttentionShape:
+        """The attention call at this image size. UNet batches hold cond + uncond; the VAE decodes one image."""
+        tokens = self.geometry.tokens(width, height)
+        items = 1 if self.vae else batch * (2 if cond_uncond else 1)
+        keys = tokens if self.geometry.self_attention else self.context_tokens * max(1, prompt_chunks)
+        return AttentionShape(
+            batch_heads=items * self.heads,
+            q_tokens=tokens,
+            k_tokens=keys,
+            head_dim=self.head_dim,
+            element_size=element_size,
+            io_element_size=io_element_size,
+            heads=self.heads,
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    title: str
+    sites: tuple[Site, ...] = field(default_factory=tuple)
+
+
+def unet_sites(
+    *,
+    model_channels: int,
+    channel_mult: Sequence[int],
+    attention_resolutions: Sequence[int],
+    num_heads: int = -1,
+    num_head_channels: int = -1,
+    transformer_depth: int | Sequence[int] = 1,
+    transformer_depth_middle: int | None = None,
+    num_res_blocks: int = 2,
+    context_tokens: int = PROMPT_TOKENS,
+) -> list[Site]:
+    """Sites of an ldm/sgm ``UNetModel`` from its config, following its constructor's rules.
+
+    Level ``i`` runs at downscale ``2**i`` (latent pixels per token) with ``model_channels * channel_mult[i]``
+    channels; it has attention when ``2**i`` is in ``attention_resolutions``; the middle block sits at the
+    deepest level and always has attention. Heads are ``num_heads`` or ``channels // num_head_channels``.
+    """
+    depths = (
+        list(transformer_depth) if isinstance(transformer_depth, Sequence) else [transformer_depth] * len(channel_mult)
+    )
+
+    def heads_and_dim(channels: int) -> tuple[int, int]:
+        if num_head_channels == -1:
+            return num_heads, channels // num_heads
+        return channels // num_head_channels, num_head_channels
+
+    sites: list[Site] = []
+    for level, mult in enumerate(channel_mult):
+        ds = 2**level
+        if ds not in attention_resolutions or depths[level] == 0:
+            continue
+        heads, dim = heads_and_dim(model_channels * mult)
+        # input blocks: num_res_blocks transformers; output blocks: num_res_blocks + 1
+        layers = depths[level] * (2 * num_res_blocks + 1)
+        sites += _pair(f"unet.level{level}", heads, dim, LATENT_DOWNSCALE * ds, layers, context_tokens)
+    deepest = len(channel_mult) - 1
+    heads, dim = heads_and_dim(model_channels * channel_mult[-1])
+    middle = transformer_depth_middle if transformer_depth_middle is not None else depths[-1]
+    sites += _pair("unet.mid", heads, dim, LATENT_DOWNSCALE * 2**deepest, middle, context_tokens)
+    return sites
+
+
+def _pair(prefix: str, heads: int, dim: int, downscale: int, count: int, context: int) -> list[Site]:
+    return [
+        Site(f"{prefix}.self", heads, dim, Geometry(downscale, True), count=count),
+        Site(f"{prefix}.cross", heads, dim, Geometry(downscale, False), context_tokens=context, count=count),
+    ]
+
+
+def vae_sites(channels: int = 512, downscale: int = LATENT_DOWNSCALE) -> list[Site]:
+    """The VAE's single-head mid-block attention (encoder and decoder have one each)."""
+    return [Site("vae.mid", 1, channels, Geometry(downscale, True), count=2, vae=True)]
+
+
+BUILTIN: dict[str, ModelSpec] = {
+    "sd15": ModelSpec(
+        "sd15",
+        "Stable Diffusion 1.x (v1-inference.yaml)",
+        tuple(
+            unet_sites(model_channels=320, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2, 1), num_heads=8)
+            + vae_sites()
+        ),
+    ),
+    "sd2": ModelSpec(
+        "sd2",
+        "Stable Diffusion 2.x (v2-inference-v.yaml)",
+        tuple(
+            unet_sites(
+                model_channels=320,
+                channel_mult=(1, 2, 4, 4),
+                attention_resolutions=(4, 2, 1),
+                num_head_channels=64,
+            )
+            + vae_sites()
+        ),
+    ),
+    "sdxl": ModelSpec(
+        "sdxl",
+        "Stable Diffusion XL base (sd_xl_base.yaml)",
+        tuple(
+            unet_sites(
+                model_channels=320,
+                channel_mult=(1, 2, 4),
+                attention_resolutions=(4, 2),
+                num_head_channels=64,
+                transformer_depth=(1, 2, 10),
+            )
+            + vae_sites()
+        ),
+    ),
+}
+MODEL_NAMES = tuple(BUILTIN)
+
+
+# --- live modules ----------------------------------------------------------------------------------------
+
+SITE_ATTR = "_memslice_site"
+
+
+def _is_cross_attention(module: Any) -> bool:
+    return type(module).__name__ in ("CrossAttention", "MemoryEfficientCrossAttention") and hasattr(module, "to_q")
+
+
+def _is_attn_block(module: Any) -> bool:
+    return type(module).__name__ in ("AttnBlock", "MemoryEfficientAttnBlock") and hasattr(module, "proj_out")
+
+
+def _walk_unet(unet: Any) -> Iterable[tuple[str, int, Any, bool]]:
+    """(prefix, latent downscale, CrossAttention module, self-attention?) in execution order."""
+    ds = 1
+    blocks = [("in", b) for b in getattr(unet, "input_blocks", [])]
+    blocks += [("mid", getattr(unet, "middle_block", None))]
+    blocks += [("out", b) for b in getattr(unet, "output_blocks", [])]
+    for part, block in blocks:
+        if block is None:
+            continue
+        if part == "in" and any(type(m).__name__ == "Downsample" for m in block.modules()):
+            ds *= 2
+        for name, module in block.named_modules():
+            if _is_cross_attention(module):
+                parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
+                self_attn = name.endswith("attn1") and not getattr(parent, "disable_self_attn", False)
+                yield ("unet.mid" if part == "mid" else f"unet.level{int(math.log2(ds))}"), ds, module, self_attn
+        if part == "out" and any(type(m).__name__ == "Upsample" for m in block.modules()):
+            ds //= 2
+
+
+def sites_from_modules(unet: Any = None, vae: Any = None, *, tag: bool = True) -> ModelSpec:
+    """Read the attention sites off a live UNet (ldm or sgm) and VAE; optionally tag each module with its site.
+
+    Tags let a forward name its site and turn a failing token count back into an image size.
+    """
+    found: dict[str, Site] = {}
+    if unet is not None:
+        for prefix, ds, module, self_attn in _walk_unet(unet):
+            inner = module.to_q.out_features
+            kind = "self" if self_attn else "cross"
+            site = Site(
+                f"{prefix}.{kind}",
+                module.heads,
+                inner // module.heads,
+                Geometry(LATENT_DOWNSCALE * ds, self_attn),
+                context_tokens=0 if self_attn else PROMPT_TOKENS,
+            )
+            old = found.get(site.name)
+            found[site.name] = site if old is None else Site(**{**old.__dict__, "count": old.count + 1})
+            if tag:
+                setattr(module, SITE_ATTR, (site.name, site.geometry))
+    if vae is not None:
+        blocks = [m for m in vae.modules() if _is_attn_block(m)]
+        for module in blocks:
+            site = Site("vae.mid", 1, module.q.out_channels, Geometry(LATENT_DOWNSCALE, True), vae=True)
+            old = found.get(site.name)
+            found[site.name] = site if old is None else Site(**{**old.__dict__, "count": old.count + 1})
+            if tag:
+                setattr(module, SITE_ATTR, (site.name, site.geometry))
+    return ModelSpec("loaded", "the loaded model", tuple(found.values()))
+
+
+def site_of(module: Any, default_name: str, default_geometry: Geometry | None = None) -> tuple[str, Geometry | None]:
+    """The (name, geometry) a module was tagged with, or the defaults."""
+    tagged = getattr(module, SITE_ATTR, None)
+    if isinstance(tagged, tuple) and len(tagged) == 2:
+        return tagged
+    return default_name, default_geometry

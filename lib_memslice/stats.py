@@ -1,0 +1,127 @@
+"""A bounded, thread-safe record of recent attention plans, and a per-job summary.
+
+Forwards record from the generation thread; the status API and the UI read from others. Reads copy under the
+lock and never wait on a generation for longer than a list copy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .plan import format_bytes
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One attention call as planned and run."""
+
+    site: str
+    strategy: str
+    kernel: str
+    batch_heads: int
+    q_tokens: int
+    k_tokens: int
+    head_dim: int
+    head_chunk: int
+    query_chunk: int
+    steps: int
+    peak_bytes: int
+    budget_bytes: int
+    retries: int = 0
+    timestamp: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JobSummary:
+    """What one generation (job) did, for its infotext and status line."""
+
+    strategy: str = ""
+    calls: int = 0
+    sliced_calls: int = 0
+    max_steps: int = 0
+    max_peak_bytes: int = 0
+    retries: int = 0
+    failures: int = 0
+
+    def add(self, record: CallRecord) -> None:
+        self.strategy = record.strategy
+        self.calls += 1
+        self.sliced_calls += record.steps > 1
+        self.max_steps = max(self.max_steps, record.steps)
+        self.max_peak_bytes = max(self.max_peak_bytes, record.peak_bytes)
+        self.retries += record.retries
+
+    def infotext(self) -> str:
+        """The value of the ``Memslice`` infotext field, e.g. ``doggettx, max 8 slices``."""
+        text = f"{self.strategy}, max {self.max_steps} slice{'s' if self.max_steps != 1 else ''}"
+        if self.retries:
+            text += f", {self.retries} OOM retr{'ies' if self.retries != 1 else 'y'}"
+        return text
+
+    def line(self) -> str:
+        """The one-line console/UI summary."""
+        return (
+            f"memslice: {self.strategy}, {self.max_steps} slices max over {self.calls} attention calls "
+            f"({self.sliced_calls} sliced), predicted peak {format_bytes(self.max_peak_bytes)}, "
+            f"{self.retries} retries"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Stats:
+    """Recent calls (bounded) plus the running job's summary and the last finished one."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._recent: deque[CallRecord] = deque(maxlen=max(1, capacity))
+        self._job = JobSummary()
+        self._last_job: JobSummary | None = None
+        self.total_calls = 0
+        self.total_retries = 0
+        self.total_failures = 0
+
+    def record(self, record: CallRecord) -> None:
+        with self._lock:
+            self._recent.append(record)
+            self._job.add(record)
+            self.total_calls += 1
+            self.total_retries += record.retries
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._job.failures += 1
+            self.total_failures += 1
+
+    def recent(self, limit: int | None = None) -> list[CallRecord]:
+        with self._lock:
+            items = list(self._recent)
+        return items if limit is None else items[-limit:] if limit > 0 else []
+
+    def start_job(self) -> None:
+        with self._lock:
+            self._job = JobSummary()
+
+    def finish_job(self) -> JobSummary:
+        """Close the running job and return its summary (also kept as ``last_job``)."""
+        with self._lock:
+            done, self._job = self._job, JobSummary()
+            self._last_job = done
+            return done
+
+    def current_job(self) -> JobSummary:
+        with self._lock:
+            return JobSummary(**asdict(self._job))
+
+    @property
+    def last_job(self) -> JobSummary | None:
+        with self._lock:
+            return None if self._last_job is None else JobSummary(**asdict(self._last_job))

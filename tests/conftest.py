@@ -1,0 +1,50 @@
+"""Shared helpers: the fp64 reference attention, q/k/v laid out as the forwards lay them out, a quiet ldm import."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def import_ldm():
+    """Import the real ldm modules (sdkit prints a note about xformers on import)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import ldm.modules.attention as attention
+        import ldm.modules.diffusionmodules.model as model
+        import ldm.modules.diffusionmodules.openaimodel as openaimodel
+    return attention, model, openaimodel
+
+
+def reference(q, k, v, scale, bias=None):
+    """Unsliced attention in float64: the ground truth every kernel is compared against."""
+    s = torch.matmul(q.double() * scale, k.double().transpose(-1, -2))
+    if bias is not None:
+        s = s + bias.double()
+    return torch.matmul(s.softmax(-1), v.double())
+
+
+def projected_qkv(batch, heads, q_tokens, k_tokens, head_dim, dtype=torch.float32, seed=0, v_dim=None):
+    """q/k/v as ``view(B, N, H, d).transpose(1, 2)`` of projections, the strides the forwards produce."""
+    g = torch.Generator().manual_seed(seed)
+    v_dim = v_dim or head_dim
+
+    def make(n, d):
+        return torch.randn(batch, n, heads * d, generator=g).to(dtype).view(batch, n, heads, d).transpose(1, 2)
+
+    return make(q_tokens, head_dim), make(k_tokens, head_dim), make(k_tokens, v_dim)
+
+
+@pytest.fixture
+def ldm():
+    return import_ldm()

@@ -53,6 +53,11 @@ def fused_sdpa_available(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = 
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
+#: What resolve_kernel answered per (device type, compute dtype, head dim, setting): lets the planner API and
+#: UI preview the kernel a generation really uses without touching the device themselves.
+_observed: dict[tuple[str, torch.dtype, int, str], tuple[str, int]] = {}
+
+
 def resolve_kernel(
     setting: str, q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype, mask: Tensor | None = None
 ) -> tuple[str, int]:
@@ -69,7 +74,31 @@ def resolve_kernel(
     small_mask = None if mask is None else mask[:1, :, :1]
     if fused_sdpa_available(*probe, mask=small_mask):
         workspace = CPU_FUSED_WORKSPACE_PER_THREAD * torch.get_num_threads() if q.device.type == "cpu" else 0
-        return "fused", workspace
+        found = "fused", workspace
+    else:
+        found = ("sdpa-math" if setting == "sdpa" else "einsum"), 0
+    if mask is None:
+        key = (q.device.type, compute_dtype, q.shape[-1], setting)
+        if key not in _observed and len(_observed) < 256:
+            _observed[key] = found
+    return found
+
+
+def expected_kernel(device_kind: str, dtype: torch.dtype, head_dim: int, setting: str = "auto") -> tuple[str, int]:
+    """The kernel a call would get, for previews: what a real call answered, else CPU asked for real, else a
+    conservative assumption (fused SDPA on CUDA for head dims up to 256 in multiples of 8; einsum elsewhere).
+    Never touches an accelerator, so the HTTP API can call it while a generation runs.
+    """
+    if setting == "einsum" or not _HAS_SDPA:
+        return "einsum", 0
+    seen = _observed.get((device_kind, dtype, head_dim, setting))
+    if seen is not None:
+        return seen
+    if device_kind == "cpu":
+        t = torch.empty(1, 1, 1, head_dim, dtype=dtype)
+        return resolve_kernel(setting, t, t, t, dtype)
+    if device_kind == "cuda" and head_dim % 8 == 0 and head_dim <= 256:
+        return "fused", 0
     return ("sdpa-math" if setting == "sdpa" else "einsum"), 0
 
 

@@ -48,3 +48,15 @@ def projected_qkv(batch, heads, q_tokens, k_tokens, head_dim, dtype=torch.float3
 @pytest.fixture
 def ldm():
     return import_ldm()
+
+
+@pytest.fixture
+def webui():
+    """The fake webui 1.10.1 with memslice loaded as an extension; torn down (forwards restored) afterwards."""
+    from . import webui_env
+
+    env = webui_env.start_webui()
+    try:
+        yield env
+    finally:
+        webui_env.stop_webui(env)

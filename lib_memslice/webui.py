@@ -1,0 +1,411 @@
+"""The only module that touches the webui: optimizer entries, settings, HTTP routes, infotext, site tags.
+
+Contract (webui 1.10.x, see shared/design.md section 2): entries are listed through
+``script_callbacks.on_list_optimizers``; ``sd_hijack.apply_optimizations`` restores the stock forwards, calls the
+previous entry's ``undo()`` and our ``apply()``; the base ``SdOptimization.undo()`` restores exactly what the
+webui expects, so it is inherited untouched. Everything that runs at startup is wrapped so a failure here is a
+logged message, never a dead webui.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+from typing import Any
+
+import torch
+from modules import script_callbacks, sd_hijack_optimizations, shared  # type: ignore[import-not-found]
+
+from . import __version__, kernels, probe
+from .forwards import make_attnblock_forward, make_cross_attention_forward
+from .models import BUILTIN, MODEL_NAMES, ModelSpec, sites_from_modules
+from .plan import STRATEGY_NAMES, NotEnoughMemory, format_bytes
+from .planner import Request, plan_model
+from .settings import CATEGORY_ID, SECTION, SPECS, Settings, read_settings
+from .stats import CallRecord, Stats
+
+log = logging.getLogger("memslice")
+if not log.handlers:  # the webui does not configure INFO logging; our log lines must still reach the console
+    _handler = logging.StreamHandler(sys.stdout)
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+LABELS = {
+    "auto": "memslice automatic planner",
+    "doggettx": "memslice Doggettx (query slices)",
+    "invokeai": "memslice InvokeAI (heads, then queries)",
+    "mps": "memslice MPS (Metal-safe slices)",
+    "heads": "memslice per-head (diffusers style)",
+}
+CMD_OPT = "opt_memslice"  # --opt-memslice, added by preload.py
+
+STATS = Stats()
+_loaded: dict[str, Any] = {"spec": None, "kind": None}
+
+
+def _ldm_sgm() -> list[Any]:
+    """(CrossAttention class, AttnBlock class, saved original AttnBlock forward) pairs for ldm, then sgm."""
+    import ldm.modules.attention
+    import ldm.modules.diffusionmodules.model
+
+    pairs = [
+        (
+            ldm.modules.attention.CrossAttention,
+            ldm.modules.diffusionmodules.model.AttnBlock,
+            getattr(sd_hijack_optimizations, "diffusionmodules_model_AttnBlock_forward", None),
+        )
+    ]
+    try:
+        import sgm.modules.attention
+        import sgm.modules.diffusionmodules.model
+    except ImportError:  # webui without the SDXL repository: ldm alone
+        return pairs
+    pairs.append(
+        (
+            sgm.modules.attention.CrossAttention,
+            sgm.modules.diffusionmodules.model.AttnBlock,
+            getattr(sd_hijack_optimizations, "sgm_diffusionmodules_model_AttnBlock_forward", None),
+        )
+    )
+    return pairs
+
+
+class WebuiHost:
+    """The Host the forwards use inside the webui: options, hypernetworks, upcast and autocast from ``modules``."""
+
+    def settings(self) -> Settings:
+        opts = getattr(shared, "opts", None)
+        return read_settings(lambda key, default: getattr(opts, key, default))
+
+    def apply_hypernetworks(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from modules.hypernetworks import hypernetwork  # type: ignore[import-not-found]
+
+        return hypernetwork.apply_hypernetworks(shared.loaded_hypernetworks, context)
+
+    def upcast(self) -> bool:
+        return bool(getattr(shared.opts, "upcast_attn", False))
+
+    def without_autocast(self) -> Any:
+        from modules import devices  # type: ignore[import-not-found]
+
+        return devices.without_autocast()
+
+    def record(self, record: CallRecord) -> None:
+        STATS.record(record)
+
+    def record_failure(self, error: NotEnoughMemory) -> None:
+        STATS.record_failure()
+
+
+HOST = WebuiHost()
+
+
+def _device_kind() -> str:
+    try:
+        return probe.device_kind(shared.device)
+    except Exception:
+        return "unknown"
+
+
+class MemsliceOptimization(sd_hijack_optimizations.SdOptimization):
+    """One dropdown entry per strategy. Titles (``name - label``) are what config.json stores: keep them stable."""
+
+    def __init__(self, strategy: str) -> None:
+        self.strategy = strategy
+        self.name = f"memslice-{strategy}"
+        self.label = LABELS[strategy]
+        self.cmd_opt = CMD_OPT if strategy == "auto" else None
+
+    @property
+    def priority(self) -> int:  # type: ignore[override]
+        """memslice-auto wins 'Automatic' on CUDA, XPU and CPU, where its fused-kernel plans are at least as fast
+        as every built-in and never run out of memory silently. On MPS sub-quadratic (1000) keeps its place and on
+        unknown backends (DirectML) the free memory cannot be measured, so memslice waits to be chosen. The
+        other strategies never win 'Automatic'. Evaluated at startup without try/except by the webui: never raises.
+        """
+        try:
+            if self.strategy != "auto":
+                return 1
+            return {"cuda": 95, "xpu": 95, "cpu": 1001}.get(_device_kind(), 5)
+        except Exception:
+            return 1
+
+    def is_available(self) -> bool:
+        return True
+
+    def apply(self) -> None:
+        for cross_attention, attn_block, original in _ldm_sgm():
+            cross_attention.forward = make_cross_attention_forward(self.strategy, HOST)
+            fallback = original if original is not None else attn_block.forward
+            if getattr(fallback, "__memslice__", None):  # never fall back onto ourselves
+                fallback = None
+            attn_block.forward = make_attnblock_forward(self.strategy, HOST, fallback)
+
+
+ENTRIES = tuple(MemsliceOptimization(s) for s in STRATEGY_NAMES)
+
+
+def list_optimizers(res: list) -> None:
+    """``on_list_optimizers`` callback: the same instances every time, so Reload UI keeps identities."""
+    res.extend(ENTRIES)
+
+
+def active_entry() -> MemsliceOptimization | None:
+    """The memslice entry the webui applied last, if any."""
+    from modules import sd_hijack  # type: ignore[import-not-found]
+
+    current = getattr(sd_hijack, "current_optimizer", None)
+    return current if isinstance(current, MemsliceOptimization) else None
+
+
+# --- settings --------------------------------------------------------------------------------------------
+
+
+def _component(spec: Any) -> tuple[Any, dict[str, Any] | None]:
+    import gradio as gr
+
+    if spec.kind == "float" and spec.step is not None:
+        return gr.Slider, {"minimum": spec.lo, "maximum": spec.hi, "step": spec.step}
+    if spec.kind == "float":
+        return gr.Number, {"precision": 2, "minimum": spec.lo, "maximum": spec.hi}
+    if spec.kind == "int":
+        return gr.Slider, {"minimum": int(spec.lo), "maximum": int(spec.hi), "step": 1}
+    if spec.kind == "choice":
+        return gr.Radio, {"choices": list(spec.choices)}
+    return None, None  # bool: the webui picks a Checkbox
+
+
+def on_ui_settings() -> None:
+    for spec in SPECS:
+        component, args = _component(spec)
+        info = shared.OptionInfo(
+            spec.default, spec.label, component, args, section=SECTION, category_id=CATEGORY_ID
+        ).info(spec.info)
+        shared.opts.add_option(spec.key, info)
+
+
+# --- model sites -----------------------------------------------------------------------------------------
+
+
+def _model_kind(sd_model: Any) -> str:
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    return "sd15"
+
+
+def on_model_loaded(sd_model: Any) -> None:
+    """Tag every attention module with its site (runs after hijack: never inside ``apply()``, see design.md)."""
+    try:
+        unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+        vae = getattr(sd_model, "first_stage_model", None)
+        spec = sites_from_modules(unet, vae)
+        _loaded["spec"] = ModelSpec(_model_kind(sd_model), f"loaded {_model_kind(sd_model)} model", spec.sites)
+        _loaded["kind"] = _model_kind(sd_model)
+    except Exception as exc:  # a model we cannot read still generates, just without site names
+        log.warning("memslice: could not read the model's attention layout: %s", exc)
+        _loaded["spec"] = None
+
+
+def loaded_spec() -> ModelSpec | None:
+    return _loaded["spec"]
+
+
+# --- per-job summary and infotext --------------------------------------------------------------------------
+
+
+def _infotext(**_: Any) -> str | None:
+    job = STATS.current_job()
+    return job.infotext() if job.calls else None
+
+
+def on_job_start(p: Any) -> None:
+    """From the AlwaysVisible script's ``process``: reset the job summary and promise an infotext field."""
+    if active_entry() is None:
+        return
+    STATS.start_job()
+    try:
+        p.extra_generation_params["Memslice"] = _infotext  # evaluated per image, after that image's attention ran
+    except Exception as exc:
+        log.warning("memslice: could not add the infotext field: %s", exc)
+
+
+def on_job_end(p: Any = None, processed: Any = None) -> None:
+    if active_entry() is None:
+        return
+    job = STATS.finish_job()
+    if job.calls and HOST.settings().log != "off":
+        log.info("%s", job.line())
+
+
+# --- HTTP API ----------------------------------------------------------------------------------------------
+
+MAX_SIDE = 16384
+MAX_BATCH = 64
+MAX_RECENT = 256
+_apps_with_routes: set[int] = set()
+_routes_lock = threading.Lock()
+
+
+def _budget(settings: Settings) -> probe.Budget:
+    device = getattr(shared, "device", torch.device("cpu"))
+    return probe.device_budget(device, settings)
+
+
+def status(limit: int = 32) -> dict[str, Any]:
+    """What memslice is doing: device, memory, budget, active entry, settings, recent plans, the last job."""
+    settings = HOST.settings()
+    device = getattr(shared, "device", torch.device("cpu"))
+    free = None if settings.budget_gb > 0 else probe.free_memory(device)
+    budget = probe.budget_for(free, settings)
+    entry = active_entry()
+    last = STATS.last_job
+    return {
+        "version": __version__,
+        "device": str(device),
+        "device_kind": probe.device_kind(device),
+        "free_bytes": free.bytes if free else None,
+        "free_source": free.source if free else None,
+        "budget_bytes": budget.bytes,
+        "budget_source": budget.explanation,
+        "active": entry.title() if entry else None,
+        "strategy": entry.strategy if entry else None,
+        "settings": settings.as_options(),
+        "model": _loaded["kind"],
+        "totals": {
+            "calls": STATS.total_calls,
+            "oom_retries": STATS.total_retries,
+            "not_enough_memory": STATS.total_failures,
+        },
+        "last_job": last.as_dict() | {"line": last.line(), "infotext": last.infotext()} if last else None,
+        "recent": [r.as_dict() for r in STATS.recent(limit)],
+    }
+
+
+def _settings_with(overrides: dict[str, Any]) -> Settings:
+    """The saved settings with the planner panel's unsaved slider values on top (validated the same way)."""
+    base = HOST.settings().as_options()
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return read_settings(lambda key, default: base.get(key, default))
+
+
+def plan_for(
+    width: int,
+    height: int,
+    batch: int = 1,
+    model: str | None = None,
+    strategy: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The CLI planner's answer for the loaded model (or a named one) with the live budget; arithmetic only."""
+    settings = _settings_with(overrides or {})
+    spec = BUILTIN[model] if model else (loaded_spec() or BUILTIN["sd15"])
+    entry = active_entry()
+    strategy = strategy or (entry.strategy if entry else "auto")
+    device_kind = _device_kind()
+    from modules import devices  # type: ignore[import-not-found]
+
+    dtype = getattr(devices, "dtype", torch.float16)
+    upcast = HOST.upcast()
+    element = 4 if upcast or dtype == torch.float32 else 2
+    compute_dtype = torch.float32 if element == 4 else dtype
+
+    def kernel_for(site: Any, element_size: int) -> tuple[str, int]:
+        return kernels.expected_kernel(device_kind, compute_dtype, site.head_dim, settings.kernel)
+
+    budget = _budget(settings)
+    result = plan_model(
+        Request(
+            spec,
+            width,
+            height,
+            batch,
+            budget.bytes,
+            strategy=strategy,
+            slice_cap=settings.slice_cap,
+            element_size=element,
+            io_element_size=torch.finfo(dtype).bits // 8,
+            device_kind=device_kind,
+            include_vae=settings.vae,
+        ),
+        kernel_for,
+    )
+    result.update(
+        model_source="named" if model else ("loaded" if loaded_spec() else "default (no model loaded yet)"),
+        budget_source=budget.explanation,
+        budget=format_bytes(budget.bytes),
+        settings=settings.as_options(),
+    )
+    return result
+
+
+def add_routes(app: Any) -> None:
+    """``GET /memslice/v1/status`` and ``GET /memslice/v1/plan``; bounded arithmetic, no GPU work, no queue lock."""
+    from fastapi import HTTPException, Query
+
+    with _routes_lock:
+        if id(app) in _apps_with_routes:
+            return
+        _apps_with_routes.add(id(app))
+
+    def get_status(limit: int = Query(32, ge=0, le=MAX_RECENT)) -> dict[str, Any]:
+        return status(limit)
+
+    def get_plan(
+        width: int = Query(512, ge=8, le=MAX_SIDE),
+        height: int = Query(512, ge=8, le=MAX_SIDE),
+        batch: int = Query(1, ge=1, le=MAX_BATCH),
+        model: str | None = Query(None, max_length=16),
+        strategy: str | None = Query(None, max_length=16),
+        safety_factor: float | None = Query(None, ge=1.0, le=10.0),
+        slice_cap: int | None = Query(None, ge=1, le=4096),
+        budget_gb: float | None = Query(None, ge=0.0, le=4096.0),
+    ) -> dict[str, Any]:
+        if model is not None and model not in MODEL_NAMES:
+            raise HTTPException(400, f"model must be one of {', '.join(MODEL_NAMES)} (or omitted for the loaded one)")
+        if strategy is not None and strategy not in STRATEGY_NAMES:
+            raise HTTPException(400, f"strategy must be one of {', '.join(STRATEGY_NAMES)}")
+        for name, value in (("safety_factor", safety_factor), ("budget_gb", budget_gb)):
+            if value is not None and not math.isfinite(value):
+                raise HTTPException(400, f"{name} must be a finite number")
+        overrides = {"memslice_safety_factor": safety_factor, "memslice_slice_cap": slice_cap}
+        overrides["memslice_budget_gb"] = budget_gb
+        return plan_for(width, height, batch, model, strategy, overrides)
+
+    app.add_api_route("/memslice/v1/status", get_status, methods=["GET"])
+    app.add_api_route("/memslice/v1/plan", get_plan, methods=["GET"])
+
+
+def on_app_started(demo: Any, app: Any) -> None:
+    try:
+        add_routes(app)
+    except Exception as exc:
+        log.warning("memslice: could not add the HTTP routes: %s", exc)
+
+
+# --- registration ------------------------------------------------------------------------------------------
+
+
+def _registered(category: str, fn: Any) -> bool:
+    """Whether ``fn`` is already in the webui's callback list (a script executed twice without a reload)."""
+    try:
+        return any(c.callback is fn for c in script_callbacks.callback_map[f"callbacks_{category}"])
+    except Exception:
+        return False
+
+
+def register() -> None:
+    """Called at the top level of scripts/memslice.py, on every (re)load of the extension's scripts."""
+    for category, hook, fn in (
+        ("list_optimizers", script_callbacks.on_list_optimizers, list_optimizers),
+        ("ui_settings", script_callbacks.on_ui_settings, on_ui_settings),
+        ("app_started", script_callbacks.on_app_started, on_app_started),
+        ("model_loaded", script_callbacks.on_model_loaded, on_model_loaded),
+    ):
+        if not _registered(category, fn):
+            hook(fn, name=f"memslice {category}")

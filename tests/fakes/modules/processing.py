@@ -1,0 +1,57 @@
+"""Fake of the parts of modules/processing.py a generation passes through: override_settings, AlwaysVisible
+script hooks and infotext assembly from ``extra_generation_params`` (callables evaluated per image)."""
+
+from __future__ import annotations
+
+from modules import shared
+
+
+class StableDiffusionProcessing:
+    def __init__(self, width=512, height=512, batch_size=1, override_settings=None, scripts=()):
+        self.width = width
+        self.height = height
+        self.batch_size = batch_size
+        self.override_settings = dict(override_settings or {})
+        self.override_settings_restore_afterwards = True
+        self.extra_generation_params = {}
+        self.alwayson_scripts = list(scripts)
+
+
+class Processed:
+    def __init__(self, p, infotexts):
+        self.infotexts = infotexts
+        self.info = infotexts[0] if infotexts else ""
+        self.extra_generation_params = p.extra_generation_params
+
+
+def create_infotext(p, index=0):
+    generation_params = {"Steps": 1, "Size": f"{p.width}x{p.height}", **p.extra_generation_params}
+    for key, value in list(generation_params.items()):
+        if callable(value):
+            generation_params[key] = value(**locals())
+    text = ", ".join(k if k == v else f"{k}: {v}" for k, v in generation_params.items() if v is not None)
+    return f"prompt\n{text}"
+
+
+def process_images(p, sample):
+    """Apply overrides without onchange, run the script hooks around ``sample(p)``, restore the options."""
+    stored_opts = {
+        k: shared.opts.data[k] if k in shared.opts.data else shared.opts.get_default(k)
+        for k in p.override_settings.keys()
+        if k in shared.opts.data
+    }
+    try:
+        for k, v in p.override_settings.items():
+            shared.opts.set(k, v, is_api=True, run_callbacks=False)
+        for script in p.alwayson_scripts:
+            script.process(p)
+        sample(p)
+        infotexts = [create_infotext(p, i) for i in range(p.batch_size)]
+        processed = Processed(p, infotexts)
+        for script in p.alwayson_scripts:
+            script.postprocess(p, processed)
+        return processed
+    finally:
+        if p.override_settings_restore_afterwards:
+            for k, v in stored_opts.items():
+                setattr(shared.opts, k, v)

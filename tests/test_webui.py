@@ -1,0 +1,400 @@
+"""The webui glue, driven through the fake webui 1.10.1 with the real ldm classes."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lib_memslice import settings as settings_module
+
+from .conftest import ROOT
+from .webui_env import reload_ui
+
+TITLES = {
+    "auto": "memslice-auto - memslice automatic planner",
+    "doggettx": "memslice-doggettx - memslice Doggettx (query slices)",
+    "invokeai": "memslice-invokeai - memslice InvokeAI (heads, then queries)",
+    "mps": "memslice-mps - memslice MPS (Metal-safe slices)",
+    "heads": "memslice-heads - memslice per-head (diffusers style)",
+}
+
+
+def select(env, title):
+    env.shared.opts.set("cross_attention_optimization", title)
+    return env.sd_hijack.apply_optimizations()
+
+
+def ldm_forwards(env):
+    return (
+        env.ldm_attention.CrossAttention.forward,
+        env.ldm_model.AttnBlock.forward,
+        env.sgm_attention.CrossAttention.forward,
+        env.sgm_model.AttnBlock.forward,
+    )
+
+
+def test_entries_are_listed_with_stable_titles(webui):
+    titles = [e.title() for e in webui.sd_hijack.optimizers]
+    for title in TITLES.values():
+        assert titles.count(title) == 1
+    names = {e.name for e in webui.memslice.ENTRIES}
+    assert names == {"memslice-auto", "memslice-doggettx", "memslice-invokeai", "memslice-mps", "memslice-heads"}
+
+
+def test_auto_wins_automatic_on_cpu_and_cuda_but_not_mps(webui, monkeypatch):
+    assert webui.sd_hijack.optimizers[0].name == "memslice-auto"  # CPU: 1001 beats InvokeAI's 1000
+    assert select(webui, "Automatic") == "memslice-auto"
+    for device, expected in (("cuda", "memslice-auto"), ("mps", "sub-quadratic")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda device=device: device == "cuda")
+        webui.shared.device = torch.device(device)
+        webui.sd_hijack.list_optimizers()
+        assert select(webui, "Automatic") == expected, device
+    webui.shared.cmd_opts.opt_memslice = True  # --opt-memslice picks it whatever the device
+    assert select(webui, "Automatic") == "memslice-auto"
+
+
+def test_priority_and_availability_never_raise(webui):
+    webui.shared.device = object()  # garbage where a torch.device should be
+    for entry in webui.memslice.ENTRIES:
+        assert isinstance(entry.priority, int)
+        assert entry.is_available() is True
+    del webui.shared.device
+    for entry in webui.memslice.ENTRIES:
+        assert isinstance(entry.priority, int)
+
+
+def test_preload_adds_the_flag():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preload.py", f"{ROOT}/preload.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = argparse.ArgumentParser()
+    module.preload(parser)
+    assert parser.parse_args(["--opt-memslice"]).opt_memslice is True
+    assert parser.parse_args([]).opt_memslice is False
+
+
+@pytest.mark.parametrize("strategy", list(TITLES))
+def test_selection_by_title_patches_all_four_attributes(webui, strategy):
+    assert select(webui, TITLES[strategy]) == f"memslice-{strategy}"
+    for forward in ldm_forwards(webui):
+        assert getattr(forward, "__memslice__", None) == strategy
+
+
+def test_apply_undo_cycles_restore_exact_originals(webui):
+    stock = ldm_forwards(webui)  # what the webui's undo_optimizations leaves: its hypernetwork forward etc.
+    webui.sd_hijack.undo_optimizations()
+    stock = ldm_forwards(webui)
+    titles = [e.title() for e in webui.sd_hijack.optimizers]
+    seen_builtin = set()
+    for i in range(1000):
+        title = titles[i % len(titles)]
+        select(webui, title)
+        entry = webui.sd_hijack.current_optimizer
+        if not title.startswith("memslice"):
+            seen_builtin.add(ldm_forwards(webui))
+        else:
+            assert all(f.__memslice__ == entry.strategy for f in ldm_forwards(webui))
+        webui.sd_hijack.undo_optimizations()
+        entry.undo()
+        assert ldm_forwards(webui)[0] is stock[0] and ldm_forwards(webui)[2] is stock[2]
+        assert ldm_forwards(webui)[1] is stock[1]
+        # base undo puts sgm's own original AttnBlock forward back
+        assert ldm_forwards(webui)[3] is webui.sd_hijack_optimizations.sgm_diffusionmodules_model_AttnBlock_forward
+    assert seen_builtin  # the cycle really went through built-ins too
+
+
+def test_reload_ui_registers_nothing_twice_and_keeps_the_forward(webui):
+    select(webui, TITLES["doggettx"])
+    applied = webui.sd_hijack.current_optimizer
+    layer = webui.ldm_attention.CrossAttention(query_dim=32, heads=2, dim_head=16)
+    x = torch.randn(1, 10, 32)
+    before = layer(x)
+    reload_ui(webui)
+    reload_ui(webui)
+    titles = [e.title() for e in webui.sd_hijack.optimizers]
+    assert all(titles.count(t) == 1 for t in TITLES.values())
+    assert webui.sd_hijack.current_optimizer is applied  # the webui keeps the old instance: same object as listed
+    assert applied in webui.sd_hijack.optimizers
+    assert torch.allclose(layer(x), before)
+    assert webui.ldm_attention.CrossAttention.forward.__memslice__ == "doggettx"
+    # executing the script again without the webui clearing callbacks must not double-register
+    webui.script = __import__("tests.webui_env", fromlist=["load_script"]).load_script()
+    webui.sd_hijack.list_optimizers()
+    titles = [e.title() for e in webui.sd_hijack.optimizers]
+    assert all(titles.count(t) == 1 for t in TITLES.values())
+
+
+def test_settings_section_registers_every_option(webui):
+    labels = webui.shared.opts.data_labels
+    for spec in settings_module.SPECS:
+        info = labels[spec.key]
+        assert info.section == ("memslice", "Memory slicing") and info.category_id == "sd"
+        assert info.default == spec.default
+        if spec.kind == "float":
+            assert info.component is not None  # floats need an explicit Slider/Number in the webui
+    assert labels["memslice_safety_factor"].component_args == {"minimum": 1.0, "maximum": 10.0, "step": 0.1}
+    assert labels["memslice_slice_cap"].component_args["maximum"] == 4096
+    assert labels["memslice_kernel"].component_args == {"choices": ["auto", "sdpa", "einsum"]}
+
+
+def test_options_are_read_with_defaults_before_settings_register(webui):
+    for spec in settings_module.SPECS:
+        del webui.shared.opts.data_labels[spec.key]
+        webui.shared.opts.data.pop(spec.key, None)
+    assert webui.memslice.HOST.settings() == settings_module.Settings()
+
+
+def make_cross(env, sgm=False, query_dim=64, context_dim=None, heads=4, dim_head=16):
+    cls = env.sgm_attention.CrossAttention if sgm else env.ldm_attention.CrossAttention
+    torch.manual_seed(0)
+    return cls(query_dim=query_dim, context_dim=context_dim, heads=heads, dim_head=dim_head).eval()
+
+
+def run_stock(env, layer, *args, **kwargs):
+    """The output of the webui's own unoptimized forward (hypernetworks included)."""
+    env.sd_hijack.undo_optimizations()
+    with torch.no_grad():
+        return layer(*args, **kwargs)
+
+
+def test_hypernetworks_are_applied_in_self_and_cross_attention(webui):
+    torch.manual_seed(5)
+    hn = webui.hypernetwork.Hypernetwork(
+        {64: (torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)), 48: (torch.nn.Linear(48, 48), torch.nn.Linear(48, 48))}
+    )
+    webui.shared.loaded_hypernetworks.append(hn)
+    x, context = torch.randn(2, 40, 64), torch.randn(2, 77, 48)
+    for layer, ctx in ((make_cross(webui), None), (make_cross(webui, context_dim=48), context)):
+        expected = run_stock(webui, layer, x, context=ctx)
+        webui.shared.loaded_hypernetworks.clear()
+        without = run_stock(webui, layer, x, context=ctx)
+        webui.shared.loaded_hypernetworks.append(hn)
+        assert (expected - without).abs().max() > 1e-3  # the hypernetwork matters
+        select(webui, TITLES["auto"])
+        with torch.no_grad():
+            got = layer(x, context=ctx)
+        assert (got - expected).abs().max() < 1e-5
+
+
+def test_lora_style_patched_linear_layers_are_called_as_modules(webui, monkeypatch):
+    """The webui's Lora patches torch.nn.Linear.forward; memslice must call to_q/k/v/out as modules."""
+    layer = make_cross(webui, context_dim=32)
+    delta = {id(layer.to_q): 0.5, id(layer.to_k): -0.25, id(layer.to_v): 0.75, id(layer.to_out[0]): 0.1}
+    real = torch.nn.Linear.forward
+
+    def lora_forward(self, input):
+        return real(self, input) + delta.get(id(self), 0.0) * input.sum(-1, keepdim=True)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", lora_forward)
+    x, context = torch.randn(2, 30, 64), torch.randn(2, 77, 32)
+    expected = run_stock(webui, layer, x, context=context)
+    select(webui, TITLES["heads"])
+    scale = expected.abs().max()  # the deltas make outputs ~100: compare relative to that
+    with torch.no_grad():
+        assert (layer(x, context=context) - expected).abs().max() < 1e-6 * scale
+    monkeypatch.setattr(torch.nn.Linear, "forward", real)
+    with torch.no_grad():
+        assert (layer(x, context=context) - expected).abs().max() > 1e-3 * scale
+
+
+def test_upcast_computes_in_float32_under_autocast_off(webui):
+    layer = make_cross(webui).to(torch.bfloat16)
+    x = torch.randn(1, 64, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        exact = make_cross(webui).eval()(x.float())  # float32 weights: same values (bf16 rounding aside)
+    select(webui, TITLES["auto"])
+    webui.devices.without_autocast_calls.clear()
+    webui.shared.opts.upcast_attn = True
+    with torch.no_grad():
+        up = layer(x)
+    assert up.dtype == torch.bfloat16
+    assert webui.devices.without_autocast_calls == [False]
+    webui.shared.opts.upcast_attn = False
+    with torch.no_grad():
+        down = layer(x)
+    assert webui.devices.without_autocast_calls == [False]  # not entered without upcast
+    assert not torch.equal(up, down)
+    assert (up.float() - exact).abs().mean() <= (down.float() - exact).abs().mean()
+
+
+def test_keep_mask_is_supported(webui):
+    layer = make_cross(webui, context_dim=32)
+    x, context, mask = torch.randn(2, 20, 64), torch.randn(2, 77, 32), torch.rand(2, 77) > 0.4
+    expected = run_stock(webui, layer, x, context=context, mask=mask)
+    select(webui, TITLES["invokeai"])
+    with torch.no_grad():
+        assert (layer(x, context=context, mask=mask) - expected).abs().max() < 1e-5
+    with pytest.raises(TypeError, match="boolean keep-mask"):
+        layer(x, context=context, mask=mask.float())
+
+
+def test_sgm_keywords_are_honoured(webui):
+    """sgm passes additional_tokens / n_times_crossframe_attn_in_self by keyword: same result as sgm's forward."""
+    layer = make_cross(webui, sgm=True)
+    x, extra = torch.randn(4, 25, 64), torch.randn(4, 3, 64)
+    cases = (
+        dict(additional_tokens=None, n_times_crossframe_attn_in_self=0),
+        dict(additional_tokens=extra, n_times_crossframe_attn_in_self=0),
+        dict(additional_tokens=None, n_times_crossframe_attn_in_self=2),
+    )
+    with torch.no_grad():
+        expected = [webui.sgm_original_forward(layer, x, **kwargs) for kwargs in cases]
+    select(webui, TITLES["auto"])
+    for kwargs, want in zip(cases, expected, strict=True):
+        with torch.no_grad():
+            got = layer(x, **kwargs)
+        assert got.shape == want.shape == x.shape
+        assert (got - want).abs().max() < 1e-5, kwargs
+
+
+def test_sd15_and_sdxl_shaped_blocks_match_stock(webui, ldm):
+    attention, _, _ = ldm
+    torch.manual_seed(0)
+    # SD1.5 level 0: 320 channels, 8 heads x 40, context 768 (ldm SpatialTransformer)
+    sd15 = attention.SpatialTransformer(320, 8, 40, depth=1, context_dim=768).eval()
+    with torch.no_grad():
+        for p in sd15.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    x, context = torch.randn(2, 320, 16, 12), torch.randn(2, 77, 768)
+    expected = run_stock(webui, sd15, x, context=context)
+    # SDXL level 1: 640 channels, 10 heads x 64, context 2048 (sgm BasicTransformerBlock)
+    sdxl = webui.sgm_attention.BasicTransformerBlock(640, 10, 64, context_dim=2048).eval()
+    y, ctx_xl = torch.randn(2, 96, 640), torch.randn(2, 77, 2048)
+    with torch.no_grad():
+        webui.sd_hijack.undo_optimizations()
+        webui.sgm_attention.CrossAttention.forward = webui.sgm_original_forward
+        expected_xl = sdxl(y, context=ctx_xl)
+    for title in TITLES.values():
+        select(webui, title)
+        webui.shared.opts.set("memslice_budget_gb", 1 / 1024)  # 1 MiB: forces slicing on both shapes
+        with torch.no_grad():
+            assert (sd15(x, context=context) - expected).abs().max() < 1e-4, title
+            assert (sdxl(y, context=ctx_xl) - expected_xl).abs().max() < 1e-4, title
+    assert any(r.steps > 1 for r in webui.memslice.STATS.recent())
+
+
+def test_vae_attnblock_is_planned_and_gated_by_the_setting(webui):
+    torch.manual_seed(0)
+    for cls in (webui.ldm_model.AttnBlock, webui.sgm_model.AttnBlock):
+        block = cls(64).eval()
+        x = torch.randn(1, 64, 9, 11)
+        expected = run_stock(webui, block, x)
+        select(webui, TITLES["doggettx"])
+        webui.shared.opts.set("memslice_budget_gb", 1 / 4096)
+        n = webui.memslice.STATS.total_calls
+        with torch.no_grad():
+            assert (block(x) - expected).abs().max() < 1e-5
+        assert webui.memslice.STATS.total_calls == n + 1
+        webui.shared.opts.set("memslice_vae", False)
+        with torch.no_grad():
+            assert (block(x) - expected).abs().max() < 1e-5
+        assert webui.memslice.STATS.total_calls == n + 1  # the stock forward ran
+        webui.shared.opts.set("memslice_vae", True)
+
+
+def generate(env, sample, **p_kwargs):
+    script = env.script.MemsliceScript()
+    p = env.processing.StableDiffusionProcessing(scripts=[script], **p_kwargs)
+    return p, env.processing.process_images(p, sample)
+
+
+def test_override_settings_apply_per_request(webui):
+    select(webui, TITLES["auto"])
+    layer = make_cross(webui)
+    x = torch.randn(2, 256, 64)
+    seen = []
+
+    def sample(p):
+        with torch.no_grad():
+            layer(x)
+        seen.append(webui.memslice.STATS.recent()[-1])
+
+    generate(webui, sample, override_settings={"memslice_budget_gb": 1 / 2048, "memslice_kernel": "einsum"})
+    generate(webui, sample)
+    assert seen[0].steps > 1 and seen[0].kernel == "einsum" and seen[0].budget_bytes == 1 << 19
+    assert seen[1].steps == 1  # restored afterwards
+    assert webui.shared.opts.memslice_budget_gb == 0.0
+
+
+def test_infotext_and_console_summary(webui, caplog):
+    select(webui, TITLES["doggettx"])
+    webui.shared.opts.set("memslice_budget_gb", 1 / 1024)
+    layer = make_cross(webui)
+
+    def sample(p):
+        with torch.no_grad():
+            layer(torch.randn(2, 300, 64))
+
+    logger = logging.getLogger("memslice")
+    logger.addHandler(caplog.handler)
+    try:
+        _, processed = generate(webui, sample)
+    finally:
+        logger.removeHandler(caplog.handler)
+    steps = webui.memslice.STATS.last_job.max_steps
+    assert steps > 1
+    assert f"Memslice: doggettx, max {steps} slices" in processed.infotexts[0]
+    assert any("memslice: doggettx" in r.getMessage() and "slices max" in r.getMessage() for r in caplog.records)
+    # a built-in optimizer: no memslice field
+    select(webui, "sdp - scaled dot product")
+    _, processed = generate(webui, sample)
+    assert "Memslice" not in processed.infotexts[0]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, "garbage", [1, 2], {"a": 1}, float("nan"), float("inf"), -float("inf"), -5, 1e308, "3.5", 0],
+)
+def test_bad_option_values_never_fail_a_generation(webui, value, caplog):
+    select(webui, TITLES["auto"])
+    layer = make_cross(webui)
+    x = torch.randn(1, 50, 64)
+    expected = run_stock(webui, layer, x)
+    select(webui, TITLES["auto"])
+    settings_module._warned.clear()
+    for spec in settings_module.SPECS:
+        webui.shared.opts.set(spec.key, value)  # as POST /sdapi/v1/options would
+    with torch.no_grad():
+        assert (layer(x) - expected).abs().max() < 1e-5
+
+
+def test_model_loaded_tags_sites(webui, ldm):
+    _, _, openaimodel = ldm
+    unet = openaimodel.UNetModel(
+        image_size=32,
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        attention_resolutions=[2, 1],
+        num_res_blocks=1,
+        channel_mult=[1, 2],
+        num_heads=4,
+        use_spatial_transformer=True,
+        transformer_depth=1,
+        context_dim=32,
+        legacy=False,
+    )
+    sd_model = type("M", (), {"model": type("W", (), {"diffusion_model": unet})(), "is_sdxl": False, "is_sd2": True})()
+    webui.script_callbacks.model_loaded_callback(sd_model)
+    spec = webui.memslice.loaded_spec()
+    assert spec.name == "sd2" and {s.name for s in spec.sites} >= {"unet.level0.self", "unet.level1.cross"}
+    assert unet.input_blocks[1][1].transformer_blocks[0].attn1._memslice_site[0] == "unet.level0.self"
+    webui.script_callbacks.model_loaded_callback(object())  # unreadable model: logged, not raised
+    assert not webui.script_callbacks.errors
+
+
+def test_install_py_installs_nothing_and_is_quiet():
+    with open(f"{ROOT}/install.py") as f:
+        text = f.read()
+    for forbidden in ("run_pip", "pip install", "import subprocess", "os.system", "torch=="):
+        assert forbidden not in text
+    done = subprocess.run([sys.executable, f"{ROOT}/install.py"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == ""

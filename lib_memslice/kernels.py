@@ -84,19 +84,26 @@ def resolve_kernel(
     return found
 
 
-def expected_kernel(device_kind: str, dtype: torch.dtype, head_dim: int, setting: str = "auto") -> tuple[str, int]:
-    """The kernel a call would get, for previews: what a real call answered, else CPU asked for real, else a
-    conservative assumption (fused SDPA on CUDA for head dims up to 256 in multiples of 8; einsum elsewhere).
-    Never touches an accelerator, so the HTTP API can call it while a generation runs.
+def expected_kernel(
+    device_kind: str, dtype: torch.dtype, head_dim: int, setting: str = "auto", ask_device: bool = False
+) -> tuple[str, int]:
+    """The kernel a call would get, for previews: what a real call answered, else the CPU (or, with
+    ``ask_device``, a present accelerator) asked with tiny tensors, else a conservative assumption: fused SDPA on
+    CUDA for head dims up to 256 in multiples of 8, einsum elsewhere. Without ``ask_device`` it never touches an
+    accelerator, so the HTTP API can call it while a generation runs.
     """
     if setting == "einsum" or not _HAS_SDPA:
         return "einsum", 0
     seen = _observed.get((device_kind, dtype, head_dim, setting))
     if seen is not None:
         return seen
-    if device_kind == "cpu":
-        t = torch.empty(1, 1, 1, head_dim, dtype=dtype)
-        return resolve_kernel(setting, t, t, t, dtype)
+    if device_kind == "cpu" or (ask_device and device_kind in ("cuda", "mps", "xpu")):
+        try:
+            t = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device_kind)
+        except Exception:  # that device is not present here (torch raises AssertionError for CUDA)
+            pass
+        else:
+            return resolve_kernel(setting, t, t, t, dtype)
     if device_kind == "cuda" and head_dim % 8 == 0 and head_dim <= 256:
         return "fused", 0
     return ("sdpa-math" if setting == "sdpa" else "einsum"), 0

@@ -71,7 +71,7 @@ def plan_model(req: Request, kernel_for: KernelFor) -> dict[str, Any]:
             "kernel": kwargs["kernel"],
         }
         try:
-            plan = plan_attention(shape, req.budget_bytes, **kwargs)
+            plan = plan_attention(shape, req.budget_bytes, site=site.name, **kwargs)
             row.update(
                 head_chunk=plan.head_chunk,
                 query_chunk=plan.query_chunk,

@@ -1,0 +1,122 @@
+"""``python -m lib_memslice plan | doctor``: the JSON contract and the numbers behind it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lib_memslice import cli
+from lib_memslice.models import BUILTIN
+from lib_memslice.plan import GiB, MiB, plan_attention
+
+from .conftest import ROOT
+
+
+def run_json(capsys, *args):
+    code = cli.main(["plan", *args, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_plan_json_contract(capsys):
+    code, out = run_json(capsys, "--model", "sd15", "--width", "512", "--height", "512", "--budget", "4GiB")
+    assert code == 0 and out["fits"] is True and isinstance(out["max_square_resolution"], int)
+    sites = {row["site"] for row in out["layers"]}
+    assert {"unet.level0.self", "unet.level0.cross", "unet.mid.self", "vae.mid"} <= sites
+    for row in out["layers"]:
+        for key in ("site", "batch_heads", "q_tokens", "k_tokens", "head_chunk", "query_chunk", "steps", "peak_bytes"):
+            assert key in row
+        assert row["peak_bytes"] <= 4 * GiB
+
+
+def test_plan_numbers_are_the_planners(capsys):
+    _, out = run_json(
+        capsys, "--model", "sd15", "--width", "1024", "--height", "768", "--batch", "2", "--budget", "1GiB",
+        "--dtype", "fp32", "--kernel", "einsum", "--strategy", "invokeai",
+    )  # fmt: skip
+    row = next(r for r in out["layers"] if r["site"] == "unet.level0.self")
+    assert (row["batch_heads"], row["q_tokens"], row["k_tokens"]) == (32, 128 * 96, 128 * 96)
+    site = next(s for s in BUILTIN["sd15"].sites if s.name == "unet.level0.self")
+    expected = plan_attention(site.shape(1024, 768, batch=2), GiB, strategy="invokeai", kernel="einsum")
+    assert (row["head_chunk"], row["query_chunk"], row["steps"]) == (
+        expected.head_chunk,
+        expected.query_chunk,
+        expected.steps,
+    )
+
+
+def test_plan_that_does_not_fit_exits_1_and_names_the_largest_size(capsys):
+    code, out = run_json(capsys, "--model", "sdxl", "--width", "4096", "--height", "4096", "--budget", "64MiB",
+                         "--kernel", "einsum", "--dtype", "fp32")  # fmt: skip
+    assert code == 1 and out["fits"] is False
+    assert 0 < out["max_square_resolution"] < 4096
+    bad = [r for r in out["layers"] if not r["fits"]]
+    assert bad and all("not enough memory" in r["reason"] for r in bad)
+    # the size it names does fit
+    side = str(out["max_square_resolution"])
+    code, again = run_json(capsys, "--model", "sdxl", "--width", side, "--height", side, "--budget", "64MiB",
+                           "--kernel", "einsum", "--dtype", "fp32")  # fmt: skip
+    assert code == 0 and again["fits"]
+
+
+def test_plan_text_output(capsys):
+    assert cli.main(["plan", "--model", "sd2", "--width", "768", "--height", "768", "--budget", "2GiB"]) == 0
+    text = capsys.readouterr().out
+    assert "unet.level0.self" in text and "largest square size that fits" in text
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("4GiB", 4 * GiB), ("512MiB", 512 * MiB), ("1.5G", int(1.5 * GiB)), ("4GB", 4 * 10**9), ("1024", 1024)],
+)
+def test_sizes(text, value):
+    assert cli.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "4XB", "-1GiB", "0", "GiB", "1e30"])
+def test_bad_sizes(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--width", "0"], ["--batch", "-1"], ["--model", "sd9"], ["--budget", "lots"], ["--slice-cap", "abc"]],
+)
+def test_bad_arguments_are_clear_errors(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["plan", *args])
+    assert info.value.code != 0
+
+
+def test_planning_for_an_absent_device_needs_a_budget(capsys):
+    if cli.best_device() == "cuda":
+        pytest.skip("a CUDA device is present")
+    assert cli.main(["plan", "--device", "cuda"]) == 2
+    assert "--budget" in capsys.readouterr().err
+
+
+def test_doctor_reports_what_the_issue_asks(capsys):
+    assert cli.main(["doctor", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for key in ("device", "torch", "sdpa", "kernel_per_dtype_and_head_dim", "free_bytes", "automatic_picks", "plans"):
+        assert key in info
+    assert info["kernel_per_dtype_and_head_dim"]["float32 d40"] == "fused"  # the CPU's 4-D fused kernel
+    assert info["probe_cost_us"] > 0
+    assert cli.main(["doctor"]) == 0
+    assert "fused SDPA kernel runs for" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run(
+        [sys.executable, "-m", "lib_memslice", "plan", "--budget", "1GiB", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["fits"] is True

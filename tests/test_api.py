@@ -1,0 +1,158 @@
+"""The HTTP routes, through a real FastAPI app (webui 1.10.1 pins: fastapi 0.94, pydantic 1.10) and the fake webui."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from .test_webui import TITLES, select
+
+
+@pytest.fixture
+def client(webui):
+    app = FastAPI()
+    webui.script_callbacks.app_started_callback(None, app)  # --nowebui passes demo=None
+    webui.script_callbacks.app_started_callback(None, app)  # twice (Reload UI on the same app): no duplicates
+    with TestClient(app) as c:
+        c.webui = webui
+        yield c
+
+
+def test_routes_are_added_once(client):
+    paths = [r.path for r in client.app.routes]
+    assert paths.count("/memslice/v1/status") == 1 and paths.count("/memslice/v1/plan") == 1
+
+
+def test_status_reports_device_budget_entry_settings_and_recent_plans(client):
+    webui = client.webui
+    select(webui, TITLES["doggettx"])
+    webui.shared.opts.set("memslice_budget_gb", 1 / 1024)
+    layer = webui.ldm_attention.CrossAttention(query_dim=64, heads=4, dim_head=16)
+    with torch.no_grad():
+        layer(torch.randn(2, 300, 64))
+    body = client.get("/memslice/v1/status", params={"limit": 5}).json()
+    assert body["device_kind"] == "cpu" and body["active"] == TITLES["doggettx"]
+    assert body["budget_bytes"] == 1 << 20 and "fixed" in body["budget_source"]
+    assert body["settings"]["memslice_budget_gb"] == 1 / 1024
+    last = body["recent"][-1]
+    for key in ("site", "batch_heads", "q_tokens", "k_tokens", "steps", "peak_bytes", "timestamp", "retries"):
+        assert key in last
+    assert last["steps"] > 1 and last["peak_bytes"] <= 1 << 20
+    assert body["totals"]["calls"] >= 1
+
+
+def test_plan_matches_the_cli_for_a_named_model(client, capsys):
+    import json
+
+    from lib_memslice import cli
+
+    client.webui.shared.opts.set("memslice_budget_gb", 2.0)
+    client.webui.devices.dtype = torch.float32
+    api = client.get("/memslice/v1/plan", params=dict(width=1024, height=1024, batch=2, model="sd15")).json()
+    cli.main(["plan", "--model", "sd15", "--width", "1024", "--height", "1024", "--batch", "2", "--budget", "2GiB",
+              "--dtype", "fp32", "--json"])  # fmt: skip
+    local = json.loads(capsys.readouterr().out)
+    keys = ("site", "batch_heads", "q_tokens", "k_tokens", "head_chunk", "query_chunk", "steps", "peak_bytes")
+    assert [[row[k] for k in keys] for row in api["layers"]] == [[row[k] for k in keys] for row in local["layers"]]
+    assert api["fits"] == local["fits"] and api["max_square_resolution"] == local["max_square_resolution"]
+
+
+def test_plan_previews_unsaved_slider_values(client):
+    client.webui.devices.dtype = torch.float32
+    base = client.get("/memslice/v1/plan", params=dict(width=2048, height=2048, budget_gb=1)).json()
+    tighter = client.get("/memslice/v1/plan", params=dict(width=2048, height=2048, budget_gb=0.25)).json()
+    assert tighter["budget_bytes"] == 1 << 28 and base["budget_bytes"] == 1 << 30
+    assert tighter["max_square_resolution"] < base["max_square_resolution"]
+    capped = client.get("/memslice/v1/plan", params=dict(width=2048, height=2048, budget_gb=1, slice_cap=2)).json()
+    assert capped["slice_cap"] == 2 and capped["max_steps"] <= 2
+    assert client.webui.shared.opts.memslice_budget_gb == 0.0  # preview only: nothing saved
+
+
+def test_plan_uses_the_loaded_model_when_model_is_omitted(client, ldm):
+    _, _, openaimodel = ldm
+    unet = openaimodel.UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1],
+        num_res_blocks=1, channel_mult=[1, 2], num_head_channels=8, use_spatial_transformer=True,
+        transformer_depth=1, context_dim=32, legacy=False,
+    )  # fmt: skip
+    model = type("M", (), {"model": type("W", (), {"diffusion_model": unet})(), "is_sdxl": False, "is_sd2": True})()
+    body = client.get("/memslice/v1/plan").json()
+    assert body["model_source"].startswith("default")
+    client.webui.script_callbacks.model_loaded_callback(model)
+    body = client.get("/memslice/v1/plan").json()
+    assert body["model_source"] == "loaded" and body["model"] == "sd2"
+    assert {row["site"] for row in body["layers"]} == {"unet.level0.self", "unet.level0.cross", "unet.mid.self",
+                                                       "unet.mid.cross"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"width": 0},
+        {"width": 100000},
+        {"height": -8},
+        {"batch": 0},
+        {"batch": 10**9},
+        {"width": "abc"},
+        {"model": "sd9"},
+        {"model": "x" * 1000},
+        {"strategy": "fastest"},
+        {"safety_factor": 0.5},
+        {"safety_factor": "nan"},
+        {"safety_factor": "inf"},
+        {"slice_cap": 0},
+        {"slice_cap": 10**12},
+        {"budget_gb": -1},
+        {"budget_gb": "nan"},
+    ],
+)
+def test_malformed_and_oversized_parameters_are_4xx(client, params):
+    response = client.get("/memslice/v1/plan", params=params)
+    assert 400 <= response.status_code < 500, (params, response.status_code)
+    assert response.json()["detail"]
+
+
+@pytest.mark.parametrize("limit", [-1, 100000, "x"])
+def test_status_limit_is_bounded(client, limit):
+    assert 400 <= client.get("/memslice/v1/status", params={"limit": limit}).status_code < 500
+
+
+def test_the_largest_request_is_bounded_work(client, monkeypatch):
+    """The worst request the validation admits plans a fixed, small number of times (no timing assert)."""
+    from lib_memslice import plan
+
+    calls = []
+    real = plan._choose
+    monkeypatch.setattr(plan, "_choose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    body = client.get(
+        "/memslice/v1/plan", params=dict(width=16384, height=16384, batch=64, model="sdxl", slice_cap=4096)
+    ).json()
+    assert body["fits"] in (True, False)
+    assert 0 < len(calls) < 1000  # sites x (plan + binary searches), independent of the size asked for
+
+
+def test_status_does_not_wait_for_a_running_generation(client):
+    """A generation holds the webui's queue lock; the status route must not take it."""
+    from modules import call_queue
+
+    release = threading.Event()
+
+    def generation():
+        with call_queue.queue_lock:
+            release.wait(10)
+
+    worker = threading.Thread(target=generation)
+    worker.start()
+    try:
+        while not call_queue.queue_lock.locked():
+            time.sleep(0.01)
+        assert client.get("/memslice/v1/status").status_code == 200
+        assert client.get("/memslice/v1/plan").status_code == 200
+    finally:
+        release.set()
+        worker.join()

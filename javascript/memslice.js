@@ -1,0 +1,207 @@
+// memslice: a live planner in Settings > Memory slicing, and a one-line slicing summary under each generation.
+// Loaded by the webui as a classic script; uses its onUiLoaded()/gradioApp() and talks only to this server's
+// /memslice/v1 routes. No external assets.
+(function () {
+    "use strict";
+
+    var API = "memslice/v1/";
+    var KEYS = ["memslice_safety_factor", "memslice_slice_cap", "memslice_budget_gb"];
+    var BATCHES = [1, 2, 4];
+    var sequence = 0;
+
+    function app() {
+        return typeof gradioApp === "function" ? gradioApp() : document;
+    }
+
+    function formatBytes(n) {
+        var units = [["GiB", 1073741824], ["MiB", 1048576], ["KiB", 1024]];
+        for (var i = 0; i < units.length; i++) {
+            if (Math.abs(n) >= units[i][1]) return (n / units[i][1]).toFixed(1) + " " + units[i][0];
+        }
+        return Math.round(n) + " B";
+    }
+
+    function numberIn(id) {
+        var el = app().querySelector("#" + id + " input[type=number]") || app().querySelector("#" + id + " input");
+        if (!el || el.value === "") return null;
+        var value = Number(el.value);
+        return isFinite(value) ? value : null;
+    }
+
+    function query(params) {
+        var parts = [];
+        Object.keys(params).forEach(function (key) {
+            if (params[key] !== null && params[key] !== undefined) {
+                parts.push(encodeURIComponent(key) + "=" + encodeURIComponent(params[key]));
+            }
+        });
+        return parts.join("&");
+    }
+
+    function getJSON(path, params) {
+        return fetch(API + path + "?" + query(params || {}), {credentials: "same-origin"}).then(function (r) {
+            return r.json().then(function (body) {
+                if (!r.ok) throw new Error(body.detail ? JSON.stringify(body.detail) : "HTTP " + r.status);
+                return body;
+            });
+        });
+    }
+
+    function element(tag, attrs, text) {
+        var el = document.createElement(tag);
+        Object.keys(attrs || {}).forEach(function (key) {
+            el.setAttribute(key, attrs[key]);
+        });
+        if (text !== undefined) el.textContent = text;
+        return el;
+    }
+
+    // --- the planner panel --------------------------------------------------------------------------------
+
+    function panel() {
+        var existing = app().querySelector("#memslice_planner");
+        if (existing) return existing;
+        var column = app().querySelector("#column_settings_memslice") || app().querySelector("#settings_memslice");
+        if (!column) return null;
+        var box = element("div", {id: "memslice_planner", "class": "memslice-planner"});
+        box.appendChild(element("h3", {}, "memslice planner (unsaved values included)"));
+        box.appendChild(element("div", {"class": "memslice-budget"}, "..."));
+        var table = element("table", {"class": "memslice-table"});
+        var head = element("tr");
+        head.appendChild(element("th", {}, "batch"));
+        head.appendChild(element("th", {}, "largest square size that fits"));
+        table.appendChild(head);
+        BATCHES.forEach(function (batch) {
+            var row = element("tr", {"data-batch": String(batch)});
+            row.appendChild(element("td", {}, String(batch)));
+            row.appendChild(element("td", {"class": "memslice-max"}, "..."));
+            table.appendChild(row);
+        });
+        box.appendChild(table);
+        box.appendChild(element("div", {"class": "memslice-current"}, "..."));
+        box.appendChild(element("div", {"class": "memslice-error"}, ""));
+        column.insertBefore(box, column.firstChild);
+        return box;
+    }
+
+    function planParams() {
+        return {
+            safety_factor: numberIn("setting_memslice_safety_factor"),
+            slice_cap: numberIn("setting_memslice_slice_cap"),
+            budget_gb: numberIn("setting_memslice_budget_gb"),
+        };
+    }
+
+    function refreshPlanner() {
+        var box = panel();
+        if (!box) return Promise.resolve();
+        var mine = ++sequence;
+        var base = planParams();
+        var width = numberIn("txt2img_width") || 512;
+        var height = numberIn("txt2img_height") || 512;
+        var batch = numberIn("txt2img_batch_size") || 1;
+        var requests = [getJSON("plan", Object.assign({width: width, height: height, batch: batch}, base))];
+        BATCHES.forEach(function (b) {
+            requests.push(getJSON("plan", Object.assign({width: 512, height: 512, batch: b}, base)));
+        });
+        return Promise.all(requests).then(function (results) {
+            if (mine !== sequence) return; // a newer refresh is under way
+            var current = results[0];
+            box.querySelector(".memslice-error").textContent = "";
+            box.querySelector(".memslice-budget").textContent =
+                "budget " + current.budget + " (" + current.budget_source + "), slice cap " + current.slice_cap +
+                ", model: " + current.model + " (" + current.model_source + ")";
+            BATCHES.forEach(function (b, i) {
+                var side = results[i + 1].max_square_resolution;
+                box.querySelector("tr[data-batch='" + b + "'] .memslice-max").textContent =
+                    side > 0 ? side + " x " + side : "nothing fits";
+            });
+            box.querySelector(".memslice-current").textContent =
+                "txt2img " + width + " x " + height + ", batch " + batch + ": " +
+                (current.fits ? current.max_steps + " slices at most" : "does not fit; lower the size");
+            box.setAttribute("data-fits", String(current.fits));
+            box.setAttribute("data-max-steps", String(current.max_steps));
+        }).catch(function (error) {
+            if (mine === sequence) box.querySelector(".memslice-error").textContent = "memslice: " + error.message;
+        });
+    }
+
+    function debounce(fn, ms) {
+        var timer = null;
+        return function () {
+            clearTimeout(timer);
+            timer = setTimeout(fn, ms);
+        };
+    }
+
+    // --- the status line under each generation ------------------------------------------------------------
+
+    function compact(job) {
+        return "memslice: " + job.max_steps + " slice" + (job.max_steps === 1 ? "" : "s") + " max, predicted peak " +
+            formatBytes(job.max_peak_bytes) + ", " + job.retries + " retr" + (job.retries === 1 ? "y" : "ies");
+    }
+
+    function showStatus(tab) {
+        var info = app().querySelector("#html_info_" + tab);
+        if (!info || !info.textContent.trim()) return Promise.resolve();
+        return getJSON("status", {limit: 0}).then(function (status) {
+            var line = app().querySelector("#memslice_status_" + tab);
+            if (!status.active || !status.last_job || !status.last_job.calls) {
+                if (line) line.remove();
+                return;
+            }
+            if (!line) {
+                line = element("div", {id: "memslice_status_" + tab, "class": "memslice-status"});
+                info.parentNode.insertBefore(line, info.nextSibling);
+            }
+            line.textContent = compact(status.last_job);
+            line.title = status.last_job.line;
+        }).catch(function () {});
+    }
+
+    function watchOutputs() {
+        ["txt2img", "img2img"].forEach(function (tab) {
+            var info = app().querySelector("#html_info_" + tab);
+            if (!info || info.getAttribute("data-memslice-watched")) return;
+            info.setAttribute("data-memslice-watched", "1");
+            var update = debounce(function () {
+                showStatus(tab);
+            }, 150);
+            new MutationObserver(update).observe(info, {childList: true, subtree: true, characterData: true});
+        });
+    }
+
+    // gradio renders a tab's content when it first opens: build the panel and watchers whenever they are missing
+    function ensure() {
+        var column = app().querySelector("#column_settings_memslice") || app().querySelector("#settings_memslice");
+        if (column && !app().querySelector("#memslice_planner")) refreshPlanner();
+        watchOutputs();
+    }
+
+    function setup() {
+        var refresh = debounce(refreshPlanner, 250);
+        // typed values count before Apply: listen to the inputs inside the watched components
+        var watched = KEYS.map(function (key) { return "#setting_" + key; })
+            .concat(["#txt2img_width", "#txt2img_height", "#txt2img_batch_size"]).join(", ");
+        ["input", "change"].forEach(function (type) {
+            app().addEventListener(type, function (event) {
+                var target = event.target;
+                if (target && target.closest && target.closest(watched)) refresh();
+            }, true);
+        });
+        if (typeof onAfterUiUpdate === "function") {
+            onAfterUiUpdate(ensure);
+        } else {
+            new MutationObserver(debounce(ensure, 200)).observe(app(), {childList: true, subtree: true});
+        }
+        ensure();
+    }
+
+    window.memslice = {refreshPlanner: refreshPlanner, showStatus: showStatus, formatBytes: formatBytes};
+
+    if (typeof onUiLoaded === "function") {
+        onUiLoaded(setup);
+    } else {
+        document.addEventListener("DOMContentLoaded", setup);
+    }
+})();

@@ -228,7 +228,7 @@ def make_cross_attention_forward(strategy: str, host: Host) -> Callable[..., Ten
                 site=name,
                 geometry=geometry,
             )
-        out = self.to_out(out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]))
+        out = self.to_out(out.transpose(1, 2).reshape(batch, out.shape[2], out.shape[1] * out.shape[3]))
         return out[:, prefix:] if prefix else out
 
     forward.__memslice__ = strategy  # type: ignore[attr-defined]

@@ -152,7 +152,7 @@ def attend(
         query_chunk=plan.query_chunk,
         steps=plan.steps,
         peak_bytes=plan.peak_bytes,
-        budget_bytes=plan.budget_bytes,
+        budget_bytes=budget.bytes,
         retries=retries,
     )
     host.record(record)
@@ -169,7 +169,7 @@ def attend(
             plan.head_chunk,
             plan.query_chunk,
             format_bytes(plan.peak_bytes),
-            format_bytes(plan.budget_bytes),
+            format_bytes(budget.bytes),
             budget.explanation,
             f", {retries} OOM retries" if retries else "",
         )

@@ -58,16 +58,58 @@ def fused_sdpa_available(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = 
 _observed: dict[tuple[str, torch.dtype, int, str], tuple[str, int]] = {}
 
 
+_SDP_FLAG_FNS = tuple(
+    getattr(torch.backends.cuda, name)
+    for name in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled")
+    if hasattr(torch.backends.cuda, name)
+)
+
+
+def _sdp_flags() -> tuple[bool, ...]:
+    """torch's global SDPA backend switches (also set by ``sdpa_kernel``/``sdp_kernel`` contexts)."""
+    return tuple(fn() for fn in _SDP_FLAG_FNS)
+
+
+_resolved: dict[tuple, tuple[str, int]] = {}
+_RESOLVED_SIZE = 256
+
+
 def resolve_kernel(
     setting: str, q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype, mask: Tensor | None = None
 ) -> tuple[str, int]:
     """The planner's kernel kind for this call and the fused kernel's hidden workspace in bytes.
 
     ``setting`` is ``auto`` (fused SDPA where it runs, else einsum, whose memory is predictable), ``sdpa``
-    (always SDPA; its math fallback when nothing fused applies) or ``einsum``.
+    (always SDPA; its math fallback when nothing fused applies) or ``einsum``. Answers are cached per shape,
+    dtypes, layout and torch's backend switches, so a generation asks torch once per distinct layer.
     """
     if setting == "einsum" or not _HAS_SDPA:
         return "einsum", 0
+    key = (
+        setting,
+        q.device,
+        q.dtype,
+        compute_dtype,
+        tuple(q.shape),
+        k.shape[2],
+        v.shape[-1],
+        (q.stride(-1), k.stride(-1), v.stride(-1)),
+        None if mask is None else (mask.dtype, tuple(mask.shape)),
+        torch.get_num_threads(),
+        _sdp_flags(),
+    )
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolve(setting, q, k, v, compute_dtype, mask)
+        if len(_resolved) >= _RESOLVED_SIZE:
+            _resolved.clear()
+        _resolved[key] = found
+    return found
+
+
+def _resolve(
+    setting: str, q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype, mask: Tensor | None
+) -> tuple[str, int]:
     probe = [t[:1, :1, :1] for t in (q, k, v)]
     if compute_dtype != q.dtype:
         probe = [t.to(compute_dtype) for t in probe]
@@ -171,7 +213,8 @@ def run_plan(
         # no queries: nothing to do; no keys: the empty weighted sum is zero (as ldm's einsum gives)
         return q.new_zeros(batch, q_tokens, heads, dv).permute(0, 2, 1, 3)
     if not plan.sliced:
-        return _chunk(q, k, v, kind, scale, bias, dtype).to(q.dtype)
+        out = _chunk(q, k, v, kind, scale, bias, dtype)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
     out = torch.empty(batch, q_tokens, heads, dv, dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
     qc = plan.query_chunk
     for b0, b1, h0, h1 in head_ranges(batch, heads, plan.head_chunk):

@@ -226,3 +226,29 @@ def test_bad_shapes_are_rejected_clearly():
         AttentionShape(10, 1, 1, 1, heads=3)
     with pytest.raises(ValueError, match="strategy"):
         plan_attention(SD15_SELF, GiB, strategy="nope")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=shapes,
+    budgets=st.lists(st.integers(1, 8 * MiB), min_size=2, max_size=6),
+    strategy=st.sampled_from(STRATEGY_NAMES),
+    kernel=st.sampled_from(KERNEL_KINDS),
+)
+def test_reused_plans_equal_fresh_ones(shape, budgets, strategy, kernel):
+    """The per-layer plan cache must never change an answer, whatever order budgets arrive in."""
+    from lib_memslice import plan as plan_module
+
+    for budget in budgets:
+        try:
+            cached = plan_attention(shape, budget, strategy=strategy, kernel=kernel)
+        except NotEnoughMemory:
+            cached = None
+        saved = dict(plan_module._first_choices)
+        plan_module._first_choices.clear()
+        try:
+            fresh = plan_attention(shape, budget, strategy=strategy, kernel=kernel)
+        except NotEnoughMemory:
+            fresh = None
+        assert cached == fresh
+        plan_module._first_choices.update(saved)  # keep the warm cache for the next budget

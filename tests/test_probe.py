@@ -52,26 +52,27 @@ def test_unknown_backends_fall_back_and_say_so(device, caplog):
     assert sum("assuming" in r.getMessage() for r in caplog.records) == 1  # said once, not per call
 
 
-@pytest.mark.parametrize("garbage", [-1, 0, float("nan"), None, "lots", RuntimeError("driver gone")])
-def test_garbage_probe_results_fall_back(monkeypatch, garbage):
+def lying_cpu_probe(monkeypatch, garbage):
+    """Make the CPU probe raise ``garbage`` (an exception) or return it as the free byte count."""
+
     def fake():
         if isinstance(garbage, Exception):
             raise garbage
         return probe.FreeMemory(garbage, "fake")
 
     monkeypatch.setattr(probe, "cpu_free", fake)
+
+
+@pytest.mark.parametrize("garbage", [-1, 0, float("nan"), None, "lots", RuntimeError("driver gone")])
+def test_garbage_probe_results_fall_back(monkeypatch, garbage):
+    lying_cpu_probe(monkeypatch, garbage)
     found = probe.free_memory(torch.device("cpu"))
     assert found.bytes == probe.FALLBACK_FREE and not found.trusted
 
 
 @pytest.mark.parametrize("garbage", [-1, 0, float("nan"), RuntimeError("boom")])
 def test_attention_stays_correct_when_the_probe_lies(monkeypatch, garbage):
-    def fake():
-        if isinstance(garbage, Exception):
-            raise garbage
-        return probe.FreeMemory(garbage, "fake")
-
-    monkeypatch.setattr(probe, "cpu_free", fake)
+    lying_cpu_probe(monkeypatch, garbage)
     q, k, v = projected_qkv(2, 4, 128, 128, 16)
     out = attend(q, k, v, scale=0.25, strategy="auto", host=BasicHost())
     assert (out.double() - reference(q, k, v, 0.25)).abs().max() < 1e-5

@@ -118,7 +118,7 @@
             });
             box.querySelector(".memslice-current").textContent =
                 "txt2img " + width + " x " + height + ", batch " + batch + ": " +
-                (current.fits ? current.max_steps + " slices at most" : "does not fit; lower the size");
+                (current.fits ? plural(current.max_steps, "slice") + " at most" : "does not fit; lower the size");
             box.setAttribute("data-fits", String(current.fits));
             box.setAttribute("data-max-steps", String(current.max_steps));
         }).catch(function (error) {
@@ -136,9 +136,14 @@
 
     // --- the status line under each generation ------------------------------------------------------------
 
+    function plural(n, word) {
+        if (n === 1) return n + " " + word;
+        return n + " " + (word.slice(-1) === "y" ? word.slice(0, -1) + "ies" : word + "s");
+    }
+
     function compact(job) {
-        return "memslice: " + job.max_steps + " slice" + (job.max_steps === 1 ? "" : "s") + " max, predicted peak " +
-            formatBytes(job.max_peak_bytes) + ", " + job.retries + " retr" + (job.retries === 1 ? "y" : "ies");
+        return "memslice: " + plural(job.max_steps, "slice") + " max, predicted peak " +
+            formatBytes(job.max_peak_bytes) + ", " + plural(job.retries, "retry");
     }
 
     function showStatus(tab) {
@@ -146,7 +151,8 @@
         if (!info || !info.textContent.trim()) return Promise.resolve();
         return getJSON("status", {limit: 0}).then(function (status) {
             var line = app().querySelector("#memslice_status_" + tab);
-            if (!status.active || !status.last_job || !status.last_job.calls) {
+            var failed = status.current_job && status.current_job.failures > 0; // a job that stopped with an error
+            if (!status.active || (!failed && (!status.last_job || !status.last_job.calls))) {
                 if (line) line.remove();
                 return;
             }
@@ -154,8 +160,14 @@
                 line = element("div", {id: "memslice_status_" + tab, "class": "memslice-status"});
                 info.parentNode.insertBefore(line, info.nextSibling);
             }
-            line.textContent = compact(status.last_job);
-            line.title = status.last_job.line;
+            if (failed) {
+                line.textContent = "memslice: " + plural(status.current_job.failures, "attention call") +
+                    " did not fit the budget; see the error for the largest size that fits";
+                line.title = "";
+            } else {
+                line.textContent = compact(status.last_job);
+                line.title = status.last_job.line;
+            }
         }).catch(function () {});
     }
 

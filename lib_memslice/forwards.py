@@ -19,7 +19,7 @@ from . import kernels, probe
 from .models import LATENT_DOWNSCALE, site_of
 from .plan import AttentionShape, Geometry, NotEnoughMemory, SlicePlan, format_bytes, plan_attention
 from .settings import Settings
-from .stats import CallRecord, Stats
+from .stats import CallRecord, Stats, plural
 
 log = logging.getLogger("memslice")
 
@@ -158,14 +158,14 @@ def attend(
     host.record(record)
     if settings.log == "every call":
         log.info(
-            "memslice: %s %s [%d x %d x %d, d %d] %d slices (%d heads x %d queries), peak %s of %s (%s)%s",
+            "memslice: %s %s [%d x %d x %d, d %d] %s (%d heads x %d queries), peak %s of %s (%s)%s",
             site,
             strategy,
             shape.batch_heads,
             q_tokens,
             shape.k_tokens,
             head_dim,
-            plan.steps,
+            plural(plan.steps, "slice"),
             plan.head_chunk,
             plan.query_chunk,
             format_bytes(plan.peak_bytes),
@@ -246,7 +246,9 @@ def make_attnblock_forward(
         h_ = self.norm(x)
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         b, c, h, w = q.shape
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (q, k, v))  # [b, 1, hw, c] views
+        # [b, 1, hw, c], contiguous: the CPU fused kernel refuses a strided last dim (it would fall back to einsum,
+        # whose two score matrices are the largest allocation of a VAE decode)
+        q, k, v = (t.reshape(b, c, h * w).transpose(1, 2).contiguous().unsqueeze(1) for t in (q, k, v))
         upcast = host.upcast()
         name, geometry = site_of(self, "vae.mid", Geometry(LATENT_DOWNSCALE, True))
         with host.without_autocast() if upcast else contextlib.nullcontext():

@@ -193,7 +193,8 @@ _warned: set[tuple[str, str]] = set()
 _WARN_MEMORY = 512
 
 
-def _warn_once(key: str, raw: Any, problem: str) -> None:
+def warn_once(key: str, raw: Any, problem: str) -> None:
+    """Log a bad value once per key and value (values are re-read on every attention call)."""
     shown = repr(raw)
     if len(shown) > 80:
         shown = shown[:77] + "..."
@@ -212,7 +213,7 @@ def coerce_all(raw: Mapping[str, Any]) -> Settings:
     for spec in SPECS:
         value, problem = coerce(spec, raw.get(spec.key, MISSING))
         if problem is not None:
-            _warn_once(spec.key, raw.get(spec.key), problem)
+            warn_once(spec.key, raw.get(spec.key), problem)
         values[spec.field] = value
     return Settings(**values)
 

@@ -15,6 +15,13 @@ from typing import Any
 from .plan import format_bytes
 
 
+def plural(n: int, word: str) -> str:
+    """``1 slice``, ``8 slices``; ``retry`` becomes ``retries``."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
+
+
 @dataclass(frozen=True)
 class CallRecord:
     """One attention call as planned and run."""
@@ -60,18 +67,21 @@ class JobSummary:
 
     def infotext(self) -> str:
         """The value of the ``Memslice`` infotext field, e.g. ``doggettx, max 8 slices``."""
-        text = f"{self.strategy}, max {self.max_steps} slice{'s' if self.max_steps != 1 else ''}"
+        text = f"{self.strategy}, max {plural(self.max_steps, 'slice')}"
         if self.retries:
-            text += f", {self.retries} OOM retr{'ies' if self.retries != 1 else 'y'}"
+            text += f", {plural(self.retries, 'OOM retry')}"
         return text
 
     def line(self) -> str:
         """The one-line console/UI summary."""
-        return (
-            f"memslice: {self.strategy}, {self.max_steps} slices max over {self.calls} attention calls "
-            f"({self.sliced_calls} sliced), predicted peak {format_bytes(self.max_peak_bytes)}, "
-            f"{self.retries} retries"
+        text = (
+            f"memslice: {self.strategy}, {plural(self.max_steps, 'slice')} max over "
+            f"{plural(self.calls, 'attention call')} ({self.sliced_calls} sliced), "
+            f"predicted peak {format_bytes(self.max_peak_bytes)}, {plural(self.retries, 'retry')}"
         )
+        if self.failures:
+            text += f", {plural(self.failures, 'call')} did not fit"
+        return text
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,7 +23,7 @@ from .forwards import make_attnblock_forward, make_cross_attention_forward
 from .models import BUILTIN, MODEL_NAMES, ModelSpec, sites_from_modules
 from .plan import STRATEGY_NAMES, NotEnoughMemory, format_bytes
 from .planner import Request, plan_model
-from .settings import CATEGORY_ID, SECTION, SPECS, Settings, read_settings
+from .settings import CATEGORY_ID, SECTION, SPECS, Settings, coerce, read_settings, warn_once
 from .stats import CallRecord, Stats
 
 log = logging.getLogger("memslice")
@@ -179,13 +179,39 @@ def _component(spec: Any) -> tuple[Any, dict[str, Any] | None]:
     return None, None  # bool: the webui picks a Checkbox
 
 
+def _repairer(spec: Any) -> Any:
+    """An ``onchange`` that replaces an invalid stored value with its clamped or default form.
+
+    The webui feeds stored values straight into gradio components (a string in a Number box stops the settings
+    page from being built at startup) and into the pydantic model of ``GET /sdapi/v1/options``. The webui calls
+    ``onchange`` after every UI or API change, before config.json is saved; per-request ``override_settings``
+    skip it and are validated where they are read.
+    """
+
+    def repair() -> None:
+        data = getattr(shared.opts, "data", None)
+        if not isinstance(data, dict) or spec.key not in data:
+            return
+        raw = data[spec.key]
+        value, problem = coerce(spec, raw)
+        if problem is not None:
+            warn_once(spec.key, raw, problem)
+        if problem is not None or type(value) is not type(raw):  # "0.005" is a fine budget, stored as 0.005
+            data[spec.key] = value
+
+    return repair
+
+
 def on_ui_settings() -> None:
+    """Register the Memory slicing section; repair hand-edited config.json values before components are built."""
     for spec in SPECS:
         component, args = _component(spec)
+        repair = _repairer(spec)
         info = shared.OptionInfo(
-            spec.default, spec.label, component, args, section=SECTION, category_id=CATEGORY_ID
+            spec.default, spec.label, component, args, onchange=repair, section=SECTION, category_id=CATEGORY_ID
         ).info(spec.info)
         shared.opts.add_option(spec.key, info)
+        repair()
 
 
 # --- model sites -----------------------------------------------------------------------------------------
@@ -283,6 +309,7 @@ def status(limit: int = 32) -> dict[str, Any]:
             "not_enough_memory": STATS.total_failures,
         },
         "last_job": last.as_dict() | {"line": last.line(), "infotext": last.infotext()} if last else None,
+        "current_job": STATS.current_job().as_dict(),
         "recent": [r.as_dict() for r in STATS.recent(limit)],
     }
 

@@ -48,6 +48,24 @@ def build_page(env):
         opts.set("memslice_budget_gb", 2.0)
         return "<p>" + processed.infotexts[0].replace("\n", "<br>") + "</p>"
 
+    def run_failing_generation():
+        """Like the webui's wrap_gradio_call: a failed job's error text lands in the info box."""
+        select(env, TITLES["auto"])
+        opts.set("memslice_budget_gb", 1 / 1024 / 1024)  # 1 KiB: nothing fits
+        layer = env.ldm_attention.CrossAttention(query_dim=64, heads=4, dim_head=16)
+
+        def sample(p):
+            with torch.no_grad():
+                layer(torch.randn(2, 300, 64))
+
+        try:
+            generate(env, sample)
+        except Exception as e:
+            return f"<div class='error'>{type(e).__name__}: {e}</div>"
+        finally:
+            opts.set("memslice_budget_gb", 2.0)
+        return "<p>unexpectedly fitted</p>"
+
     with gr.Blocks(analytics_enabled=False, title="fake webui") as demo:
         with gr.Tabs(elem_id="tabs"):
             with gr.TabItem("txt2img", elem_id="tab_txt2img"):
@@ -56,6 +74,7 @@ def build_page(env):
                 gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="txt2img_height", interactive=True)
                 gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size", interactive=True)
                 button = gr.Button("Generate", elem_id="txt2img_generate")
+                failing = gr.Button("Generate too large", elem_id="generate_too_large")
                 info = gr.HTML(elem_id="html_info_txt2img")
             with (
                 gr.TabItem("Settings", elem_id="tab_settings"),
@@ -70,6 +89,7 @@ def build_page(env):
                     args = dict(option.component_args or {}, interactive=True)  # inputs of Apply in the webui
                     component(label=option.label, value=getattr(opts, key), elem_id=f"setting_{key}", **args)
         button.click(fn=run_generation, outputs=[info])
+        failing.click(fn=run_failing_generation, outputs=[info])
     return demo
 
 
@@ -227,3 +247,13 @@ def test_status_line_after_a_generation(page):
     # the only foreign requests are gradio 3.41's own (fonts, iframe resizer): memslice.js asks nothing elsewhere
     gradio_assets = ("https://fonts.googleapis.com/", "https://cdnjs.cloudflare.com/ajax/libs/iframe-resizer/")
     assert all(u.startswith(gradio_assets) for u in page.outside), page.outside
+
+
+def test_status_line_after_a_job_that_did_not_fit(page):
+    page.click("#txt2img_generate")
+    wait_for_text(page, "#memslice_status_txt2img", lambda t: "slices max" in t, timeout=60)
+    page.click("#generate_too_large")
+    line = wait_for_text(page, "#memslice_status_txt2img", lambda t: "did not fit" in t, timeout=60)
+    assert line.startswith("memslice: 1 attention call did not fit the budget")
+    assert "not enough memory" in page.inner_text("#html_info_txt2img")
+    assert not page.js_errors

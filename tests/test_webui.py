@@ -398,3 +398,48 @@ def test_install_py_installs_nothing_and_is_quiet():
         assert forbidden not in text
     done = subprocess.run([sys.executable, f"{ROOT}/install.py"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == ""
+
+
+def test_vae_attention_gets_the_fused_kernel_the_preview_promises(webui):
+    """The VAE's q/k/v must reach SDPA last-dim contiguous, or the CPU runs einsum while the planner said fused."""
+    from lib_memslice import kernels
+
+    block = webui.ldm_model.AttnBlock(512).eval()
+    select(webui, TITLES["auto"])
+    with torch.no_grad():
+        block(torch.randn(1, 512, 16, 16))
+    record = webui.memslice.STATS.recent()[-1]
+    assert record.site == "vae.mid" and record.kernel == "fused"
+    preview = kernels.expected_kernel("cpu", torch.float32, 512, "auto")[0]
+    assert preview == record.kernel
+
+
+@pytest.mark.parametrize("garbage", ["0.005", "abc", [1, 2], {"a": 1}, None, float("nan"), -3, 1e308, True])
+def test_stored_garbage_is_repaired_to_the_types_the_webui_needs(webui, garbage):
+    """A hand-edited config.json or a POST /sdapi/v1/options value must not break the settings page (gradio
+    rounds Number values) or GET /sdapi/v1/options (pydantic checks each value against its default's type)."""
+
+    opts = webui.shared.opts
+    for spec in settings_module.SPECS:
+        opts.data[spec.key] = garbage  # as loaded from config.json at startup
+    webui.script_callbacks.ui_settings_callback()  # registration repairs before any component is built
+    for spec in settings_module.SPECS:
+        value = opts.data[spec.key]
+        assert type(value) is type(spec.default), (spec.key, value)
+        info = opts.data_labels[spec.key]
+        if info.component is not None:  # what the settings page does with the stored value
+            component = info.component(value=value, **(info.component_args or {}))
+            component.postprocess(value)
+    for spec in settings_module.SPECS:
+        opts.set(spec.key, garbage, is_api=True)  # POST /sdapi/v1/options runs onchange, then saves
+        assert type(opts.data[spec.key]) is type(spec.default), spec.key
+    opts.set("memslice_budget_gb", "0.005", is_api=True)
+    assert opts.data["memslice_budget_gb"] == 0.005
+
+
+def test_console_wording_is_singular_for_one(webui):
+    from lib_memslice.stats import JobSummary
+
+    job = JobSummary(strategy="auto", calls=1, max_steps=1, retries=1)
+    assert "1 slice max over 1 attention call" in job.line() and "1 retry" in job.line()
+    assert job.infotext() == "auto, max 1 slice, 1 OOM retry"

@@ -114,6 +114,7 @@ def attend(
         device_kind=device_kind,
         geometry=geometry,
         site=site,
+        input_copies=kernels.fused_input_copies(q, k, v, compute_dtype) if kind == "fused" else None,
     )
     budget = probe.device_budget(q.device, settings)
 
@@ -132,7 +133,7 @@ def attend(
                 raise
             # the fused kernel's fixed workspace can exceed a tiny budget that fine einsum slices still meet
             kind = "einsum"
-            options.update(kernel=kind, workspace_bytes=0)
+            options.update(kernel=kind, workspace_bytes=0, input_copies=None)
             plan = replan()
         out, plan, retries = kernels.run_with_retry(
             q, k, v, plan, replan, kind, scale, bias, compute_dtype, retry=settings.oom_retry

@@ -151,6 +151,16 @@ def expected_kernel(
     return ("sdpa-math" if setting == "sdpa" else "einsum"), 0
 
 
+def fused_input_copies(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype) -> int:
+    """How many copies of a chunk's q/k/v a fused call makes: the cast to the compute dtype, and a contiguous or
+    padded copy when the last dim is strided or (on accelerators) not a multiple of 8. The CPU kernel reads
+    last-dim-contiguous 4-D views in place."""
+    copies = int(compute_dtype != q.dtype)
+    strided = q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1
+    padded = q.device.type != "cpu" and (q.shape[-1] % 8 != 0 or v.shape[-1] % 8 != 0)
+    return copies + int(strided or padded)
+
+
 def keep_mask_to_bias(mask: Tensor, batch: int, k_tokens: int, dtype: torch.dtype) -> Tensor:
     """ldm's boolean keep-mask (``[B, ...]`` flattening to ``[B, k_tokens]``) as an additive ``[B,1,1,K]`` bias.
 

@@ -172,8 +172,19 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def chunk_bytes(shape: AttentionShape, head_chunk: int, query_chunk: int, kernel: str, workspace: int = 0) -> int:
-    """Bytes allocated while one chunk runs, excluding the preallocated output (upper bound, per kernel)."""
+def chunk_bytes(
+    shape: AttentionShape,
+    head_chunk: int,
+    query_chunk: int,
+    kernel: str,
+    workspace: int = 0,
+    input_copies: int | None = None,
+) -> int:
+    """Bytes allocated while one chunk runs, excluding the preallocated output (upper bound, per kernel).
+
+    ``input_copies`` is how many copies of the chunk's q/k/v the fused kernel's caller makes (a cast to the compute
+    dtype, a contiguous or padded copy); ``None`` assumes the worst: one, two when casting.
+    """
     ces = shape.element_size
     d, dv, nk = shape.head_dim, shape.v_dim, shape.k_tokens
     q_c = head_chunk * query_chunk * d
@@ -182,9 +193,9 @@ def chunk_bytes(shape: AttentionShape, head_chunk: int, query_chunk: int, kernel
     s_c = head_chunk * query_chunk * nk
     cast = ces != shape.io_element_size
     if kernel == "fused":
-        # output + float32 log-sum-exp per row + the kernel's own workspace; one copy of the chunk's inputs
-        # (contiguity or head-dim padding), two when they are also cast to the compute dtype
-        return o_c * ces + head_chunk * query_chunk * 4 + workspace + (2 if cast else 1) * (q_c + kv_c) * ces
+        # output + float32 log-sum-exp per row + the kernel's own workspace + any copies of the chunk's inputs
+        copies = (2 if cast else 1) if input_copies is None else input_copies
+        return o_c * ces + head_chunk * query_chunk * 4 + workspace + copies * (q_c + kv_c) * ces
     if kernel == "sdpa-math":
         mes = max(ces, 4)  # torch computes half precision in float32 on this path
         return 2 * s_c * mes + 3 * (q_c + kv_c) * mes + o_c * (mes + ces)
@@ -194,14 +205,21 @@ def chunk_bytes(shape: AttentionShape, head_chunk: int, query_chunk: int, kernel
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNEL_KINDS}")
 
 
-def peak_bytes(shape: AttentionShape, head_chunk: int, query_chunk: int, kernel: str, workspace: int = 0) -> int:
+def peak_bytes(
+    shape: AttentionShape,
+    head_chunk: int,
+    query_chunk: int,
+    kernel: str,
+    workspace: int = 0,
+    input_copies: int | None = None,
+) -> int:
     """Predicted peak of the whole attention call for this chunking (the first chunk is the largest)."""
     if shape.empty:
         return shape.output_bytes
     head_chunk = min(head_chunk, shape.batch_heads)
     query_chunk = min(query_chunk, shape.q_tokens)
     one_step = head_chunk >= shape.batch_heads and query_chunk >= shape.q_tokens
-    chunk = chunk_bytes(shape, head_chunk, query_chunk, kernel, workspace)
+    chunk = chunk_bytes(shape, head_chunk, query_chunk, kernel, workspace, input_copies)
     if one_step:
         # the kernel's own output is returned; a cast back to the io dtype adds one output copy
         cast = shape.element_size != shape.io_element_size
@@ -231,6 +249,7 @@ class _Rules:
     workspace: int
     min_steps: int
     mps: bool
+    input_copies: int | None = None
 
     def query_chunk(self, query_steps: int) -> int:
         qc = _ceil_div(self.shape.q_tokens, max(query_steps, 1))
@@ -247,7 +266,7 @@ class _Rules:
         return head_steps, _ceil_div(s.q_tokens, query_chunk)
 
     def peak(self, head_chunk: int, query_chunk: int) -> int:
-        return peak_bytes(self.shape, head_chunk, query_chunk, self.kernel, self.workspace)
+        return peak_bytes(self.shape, head_chunk, query_chunk, self.kernel, self.workspace, self.input_copies)
 
     def mps_ok(self, head_chunk: int, query_chunk: int) -> bool:
         s = self.shape
@@ -399,6 +418,7 @@ def _rules(
     workspace_bytes: int = 0,
     device_kind: str = "cpu",
     min_steps: int = 1,
+    input_copies: int | None = None,
 ) -> _Rules:
     if strategy not in _STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGY_NAMES}")
@@ -413,6 +433,7 @@ def _rules(
         max(0, int(workspace_bytes)),
         max(1, int(min_steps)),
         mps,
+        None if input_copies is None else max(0, int(input_copies)),
     )
 
 
@@ -450,6 +471,7 @@ def plan_attention(
     min_steps: int = 1,
     geometry: Geometry | None = None,
     site: str = "",
+    input_copies: int | None = None,
 ) -> SlicePlan:
     """Choose how to slice one attention call so its predicted peak stays within ``budget_bytes``.
 
@@ -463,8 +485,9 @@ def plan_attention(
         workspace_bytes=workspace_bytes,
         device_kind=device_kind,
         min_steps=min_steps,
+        input_copies=input_copies,
     )
-    key = (shape, strategy, slice_cap, kernel, workspace_bytes, device_kind)
+    key = (shape, strategy, slice_cap, kernel, workspace_bytes, device_kind, input_copies)
     budget = _clean_budget(budget_bytes)
     cached = _first_choices.get(key) if min_steps <= 1 else None
     if cached is not None and cached.peak_bytes <= budget:

@@ -35,12 +35,17 @@ class Request:
 
 def _kwargs(req: Request, site: Site, kernel_for: KernelFor) -> dict[str, Any]:
     kind, workspace = kernel_for(site, req.element_size)
+    copies = None
+    if kind == "fused":  # the forwards hand the kernel last-dim-contiguous views: copies only to cast or pad
+        cast = req.io_element_size not in (0, req.element_size)
+        copies = int(cast) + int(req.device_kind != "cpu" and site.head_dim % 8 != 0)
     return dict(
         strategy=req.strategy,
         slice_cap=req.slice_cap,
         kernel=kind,
         workspace_bytes=workspace,
         device_kind=req.device_kind,
+        input_copies=copies,
     )
 
 

@@ -36,7 +36,10 @@ def run(q, k, v, budget, strategy, setting="auto", cap=4096, compute_dtype=None,
     compute_dtype = compute_dtype or q.dtype
     kind, workspace = kernels.resolve_kernel(setting, q, k, v, compute_dtype, bias)
     shape = shape_of(q, k, v, compute_dtype)
-    plan = plan_attention(shape, budget, strategy=strategy, kernel=kind, slice_cap=cap, workspace_bytes=workspace)
+    copies = kernels.fused_input_copies(q, k, v, compute_dtype) if kind == "fused" else None
+    plan = plan_attention(
+        shape, budget, strategy=strategy, kernel=kind, slice_cap=cap, workspace_bytes=workspace, input_copies=copies
+    )
     scale = q.shape[-1] ** -0.5
     with PeakTracker() as tracker:
         out = kernels.run_plan(q, k, v, plan, kind, scale, bias, compute_dtype)
@@ -110,7 +113,9 @@ def test_fused_cpu_workspace_is_covered_by_the_prediction():
     kind, workspace = kernels.resolve_kernel("auto", q, k, v, q.dtype)
     assert kind == "fused"
     shape = shape_of(q, k, v, q.dtype)
-    plan = plan_attention(shape, 1 << 40, kernel=kind, workspace_bytes=workspace)
+    copies = kernels.fused_input_copies(q, k, v, q.dtype)
+    assert copies == 0  # projections viewed as [B, H, N, d] are read in place
+    plan = plan_attention(shape, 1 << 40, kernel=kind, workspace_bytes=workspace, input_copies=copies)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         kernels.run_plan(q, k, v, plan, kind, 40**-0.5)
     allocated = max(e.cpu_memory_usage for e in prof.key_averages() if "scaled_dot_product" in e.key)
@@ -122,10 +127,12 @@ def test_sliced_fused_kernel_is_exact_and_within_prediction(min_steps):
     q, k, v = projected_qkv(2, 3, 300, 231, 40)
     kind, workspace = kernels.resolve_kernel("sdpa", q, k, v, q.dtype)
     shape = shape_of(q, k, v, q.dtype)
+    copies = kernels.fused_input_copies(q, k, v, q.dtype)
     for strategy in STRATEGY_NAMES:
         plan = plan_attention(
-            shape, 1 << 40, strategy=strategy, kernel=kind, workspace_bytes=workspace, min_steps=min_steps
-        )
+            shape, 1 << 40, strategy=strategy, kernel=kind, workspace_bytes=workspace, min_steps=min_steps,
+            input_copies=copies,
+        )  # fmt: skip
         with PeakTracker() as tracker:
             out = kernels.run_plan(q, k, v, plan, kind, 40**-0.5)
         assert plan.steps >= min_steps and tracker.peak <= plan.peak_bytes
@@ -259,3 +266,12 @@ def test_attend_records_plans_and_honours_budget_setting():
     rec = host.stats.recent()[-1]
     assert rec.steps > 1 and rec.peak_bytes <= 4 * MiB and rec.site == "t"
     assert (out.double() - reference(q, k, v, 0.25)).abs().max() < 1e-5
+
+
+def test_input_copies_follow_the_layout():
+    q, k, v = projected_qkv(1, 2, 16, 16, 8)
+    assert kernels.fused_input_copies(q, k, v, q.dtype) == 0
+    assert kernels.fused_input_copies(q.half(), k.half(), v.half(), torch.float32) == 1  # the cast
+    strided = q.transpose(-1, -2)[..., :8, :]
+    assert kernels.fused_input_copies(strided, k, v, q.dtype) == 1  # a contiguous copy
+    assert kernels.fused_input_copies(strided.half(), k.half(), v.half(), torch.float32) == 2

@@ -32,7 +32,7 @@ class PeakTracker(TorchDispatchMode):
         self._live: dict[int, int] = {}
         self._lock = threading.Lock()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         inputs = {s.data_ptr() for s in _storages((args, kwargs))}
         for storage in _storages(out):

@@ -10,7 +10,7 @@ checked against the same model, so a returned plan always fits its budget.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 KiB = 1 << 10
@@ -540,7 +540,7 @@ def _fits(shape: AttentionShape, budget: float, **kwargs: object) -> bool:
     return _choose(_rules(shape, budget, **kwargs), strategy)[0] is not None  # type: ignore[arg-type]
 
 
-def _largest(lo: int, hi: int, ok) -> int:
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     """Largest n in [lo, hi] with ok(n), assuming ok is monotone decreasing; lo - 1 if none."""
     if not ok(lo):
         return lo - 1

@@ -5,6 +5,8 @@ The extension folder is on sys.path only while this file runs, so lib_memslice i
 
 from __future__ import annotations
 
+from typing import Any
+
 from modules import scripts  # type: ignore[import-not-found]
 
 try:
@@ -30,10 +32,10 @@ class MemsliceScript(scripts.Script):
     def ui(self, is_img2img: bool) -> list:
         return []
 
-    def process(self, p, *args) -> None:
+    def process(self, p: Any, *args: Any) -> None:
         if memslice is not None:
             memslice.on_job_start(p)
 
-    def postprocess(self, p, processed, *args) -> None:
+    def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
         if memslice is not None:
             memslice.on_job_end(p, processed)

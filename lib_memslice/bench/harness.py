@@ -9,6 +9,7 @@ timed (median of repeats after warm-up) and, in a separate run, its peak transie
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -475,6 +476,10 @@ def measure(run: CaseRun, contender: Contender, regime: Regime, policy: TimingPo
             sdpa_times, times = time_calls([sdpa_call, prepared.call], run.device, paired, warmed=1)
             run.timings[sdpa_work] = (sdpa_times, f"{SDPA} ({regime.name})")
             sdpa_row.update(summarize(sdpa_times))
+            # the same rounds side by side: drift and busy neighbours cancel in each round's ratio
+            paired_ratio = statistics.median(a / b for a, b in zip(times, sdpa_times, strict=True))
+            row["paired_ratio_sdpa"] = paired_ratio
+            row["notes"].append(f"median per-round ratio to plain SDPA {paired_ratio:.3f}x")
             sdpa_row["notes"].append("timed interleaved with memslice-auto")
             row["notes"].append("timed interleaved with plain SDPA")
             run.timings[work] = (times, f"{contender.name} ({regime.name})")

@@ -170,7 +170,7 @@ def unet_section(unet: dict[str, Any]) -> list[str]:
             f"| {r['contender']} | {med} | {span} | {_ratio(r.get('ratio_sdpa'))} "
             f"| {_ratio(r.get('ratio_doggettx_ref'))} | {_bytes(r.get('measured_peak_bytes'))} "
             f"| {r.get('max_steps', '-')} | {_err(r.get('max_abs_error'))} "
-            f"| {'' if ok else r['status'] + ': ' + r['message']} |"
+            f"| {r.get('notes', '') if ok else r['status'] + ': ' + r['message']} |"
         )
     return [*lines, ""]
 

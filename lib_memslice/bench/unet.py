@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,6 +38,7 @@ from .harness import (
     summarize,
     synchronize,
     time_call,
+    time_calls,
 )
 
 Tensor = torch.Tensor
@@ -280,6 +282,8 @@ def run_unet(
         rows.append(row)
         text = f"{row['median_ms'] / 1e3:7.2f} s" if row["status"] == "ok" else row["status"]
         log(f"    UNet {name:<18} {text} [{time.perf_counter() - begin:.1f} s]")
+    if not timed_peak_run:
+        _pair_with_sdpa(unet, (x, t, context), contenders, rows, device, runs + 1, log)
     medians = {r["contender"]: r.get("median_ms") for r in rows if r["status"] == "ok"}
     for r in rows:
         m = r.get("median_ms")
@@ -300,6 +304,38 @@ def run_unet(
         "memslice_settings": "defaults: probed free memory / safety factor 3.3",
         "results": rows,
     }
+
+
+def _pair_with_sdpa(
+    unet: torch.nn.Module,
+    inputs: tuple[Tensor, Tensor, Tensor],
+    contenders: list[tuple[str, Callable[..., Tensor], Callable[..., Tensor], Any]],
+    rows: list[dict[str, Any]],
+    device: torch.device,
+    rounds: int,
+    log: Callable[[str], None],
+) -> None:
+    """Plain SDPA and memslice-auto forwards in alternating rounds: a 10 s forward drifts by more than the
+    difference being measured, and each round's ratio cancels that drift."""
+    crosses = {name: cross for name, cross, _block, _host in contenders}
+    by_name = {r["contender"]: r for r in rows if r["status"] == "ok"}
+    if SDPA not in by_name or MEMSLICE_AUTO not in by_name:
+        return
+    x, t, context = inputs
+
+    def forward_with(cross: Callable[..., Tensor]) -> Callable[[], Tensor]:
+        def call() -> Tensor:
+            with patched(cross), torch.no_grad():
+                return unet(x, t, context=context)
+
+        return call
+
+    policy = TimingPolicy(warmup=0, repeats=rounds, min_repeats=rounds, min_time_s=0.0, max_time_s=0.0)
+    sdpa_t, auto_t = time_calls([forward_with(crosses[SDPA]), forward_with(crosses[MEMSLICE_AUTO])], device, policy)
+    ratio = statistics.median(a / b for a, b in zip(auto_t, sdpa_t, strict=True))
+    by_name[MEMSLICE_AUTO]["paired_ratio_sdpa"] = ratio
+    by_name[MEMSLICE_AUTO]["notes"] = f"{rounds} rounds interleaved with SDPA: median per-round ratio {ratio:.3f}x"
+    log(f"    UNet memslice-auto vs SDPA, {rounds} interleaved rounds: median per-round ratio {ratio:.3f}x")
 
 
 def policy_once() -> TimingPolicy:

@@ -180,8 +180,7 @@ def keep_mask_to_bias(mask: Tensor, batch: int, k_tokens: int, dtype: torch.dtyp
 
 def _chunk(q: Tensor, k: Tensor, v: Tensor, kind: str, scale: float, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     """Attention for one chunk in ``dtype``; returns ``[b, h, n, dv]``."""
-    if q.dtype != dtype:
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # no-ops unless upcasting
     if kind != "einsum":
         if _HAS_SCALE:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
@@ -228,7 +227,7 @@ def run_plan(
     out = torch.empty(batch, q_tokens, heads, dv, dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
     qc = plan.query_chunk
     for b0, b1, h0, h1 in head_ranges(batch, heads, plan.head_chunk):
-        kk, vv = k[b0:b1, h0:h1], v[b0:b1, h0:h1]
+        kk, vv = k[b0:b1, h0:h1].to(dtype), v[b0:b1, h0:h1].to(dtype)  # cast once per head range, not per slice
         bb = None if bias is None else bias[b0:b1]
         for n0 in range(0, q_tokens, qc):
             n1 = min(n0 + qc, q_tokens)

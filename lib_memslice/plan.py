@@ -273,14 +273,13 @@ class _Rules:
         biggest = head_chunk * query_chunk * max(s.k_tokens, s.v_dim, s.head_dim)
         return biggest < MPS_MAX_ELEMENTS and biggest * max(s.element_size, 4) <= MPS_MAX_BYTES
 
-    def fits(self, head_chunk: int, query_chunk: int) -> tuple[bool, int]:
+    def fits(self, head_chunk: int, query_chunk: int) -> bool:
         head_steps, query_steps = self.steps(head_chunk, query_chunk)
-        total = head_steps * query_steps
-        peak = self.peak(head_chunk, query_chunk)
-        ok = self.min_steps <= total <= self.cap and peak <= self.budget
-        if ok and self.mps:
-            ok = self.mps_ok(head_chunk, query_chunk)
-        return ok, peak
+        if not self.min_steps <= head_steps * query_steps <= self.cap:
+            return False
+        if self.peak(head_chunk, query_chunk) > self.budget:
+            return False
+        return not self.mps or self.mps_ok(head_chunk, query_chunk)
 
     def make(self, head_chunk: int, query_chunk: int, strategy: str, reason: str) -> SlicePlan:
         head_steps, query_steps = self.steps(head_chunk, query_chunk)
@@ -299,11 +298,11 @@ class _Rules:
         """Smallest query-step count for this head chunk whose plan fits, or None."""
         hi = min(self.shape.q_tokens, self.cap // head_steps)
         lo = max(1, _ceil_div(self.min_steps, head_steps))
-        if lo > hi or not self.fits(head_chunk, self.query_chunk(hi))[0]:
+        if lo > hi or not self.fits(head_chunk, self.query_chunk(hi)):
             return None
         while lo < hi:  # fits() is monotone in the query-step count
             mid = (lo + hi) // 2
-            if self.fits(head_chunk, self.query_chunk(mid))[0]:
+            if self.fits(head_chunk, self.query_chunk(mid)):
                 hi = mid
             else:
                 lo = mid + 1
@@ -377,7 +376,7 @@ def _mps(r: _Rules) -> Iterator[tuple[int, int, str]]:
         steps = lo
         while steps <= hi:
             qc = r.query_chunk(steps)
-            if r.fits(s.batch_heads, qc)[0]:
+            if r.fits(s.batch_heads, qc):
                 yield s.batch_heads, qc, "query slices within Metal's tensor limits"
                 break
             steps = max(steps + 1, int(steps * 1.25))
@@ -447,7 +446,7 @@ def _choose(r: _Rules, strategy: str) -> tuple[SlicePlan | None, bool]:
         plan = SlicePlan(max(s.batch_heads, 1), max(s.q_tokens, 1), 1, 1, s.output_bytes, r.kernel, strategy, "empty")
         return plan, True
     for i, (head_chunk, query_chunk, reason) in enumerate(_STRATEGIES[strategy](r)):
-        if r.fits(head_chunk, query_chunk)[0]:
+        if r.fits(head_chunk, query_chunk):
             return r.make(head_chunk, query_chunk, strategy, reason), i == 0
     found = r.fewest_steps()
     if found is not None:

@@ -197,9 +197,11 @@ def test_invokeai_cuda_rule_is_free_over_3_3():
     assert c.slices(info(2, 2048, 1024, 4, free)) == 1  # 16 MiB of scores
     assert c.slices(info(2, 2048, 2048, 4, free)) == 2  # 32 MiB
     assert c.slices(info(2, 2048, 2048, 4, free * 2)) == 1
-    edge = 3.3 * 32 * (1 << 20)  # 32 MiB of scores fit exactly; 1 % less free memory and they do not
-    assert c.slices(info(2, 2048, 2048, 4, edge)) == 1
-    assert c.slices(info(2, 2048, 2048, 4, edge * 0.99)) == 2
+    # 32 MiB of scores: the divisor is 1 << int(31 / limit).bit_length(), so a limit above 31 MiB still runs
+    # one chunk (through the sliced path), one below 31 MiB two
+    assert W.invokeai_tensor_plan(2, 2048, 2048, 4, 31.5) == ("heads", 2)
+    assert c.slices(info(2, 2048, 2048, 4, 3.3 * 31.5 * (1 << 20))) == 1
+    assert c.slices(info(2, 2048, 2048, 4, 3.3 * 30.9 * (1 << 20))) == 2
     q, k, v, _ = projections(1, 2, 2048, 2048, 4)
     assert counted("InvokeAI-cuda", lambda: c.cross_attention(q, k, v, 2, 0.5, free))[1] == 2
 

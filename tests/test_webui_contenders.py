@@ -18,6 +18,7 @@ from .conftest import projected_qkv, reference
 NAMES = ["sdp", "sdp-no-mem", "Doggettx", "InvokeAI-cpu", "InvokeAI-cuda", "sub-quadratic", "V1"]
 CONTENDERS = {c.name: c for c in W.reimplemented()}
 AMPLE = 1 << 40
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def info(bh, nq, nk, d, free, *, es=4, vae=False, device="cpu"):
@@ -79,33 +80,94 @@ def test_names_labels_and_entry_points():
 CROSS_SHAPES = [(2, 3, 50, 23, 8, None), (1, 5, 1100, 77, 8, None), (2, 2, 33, 33, 16, 12)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("shape", CROSS_SHAPES, ids=lambda s: "x".join(str(x) for x in s))
 @pytest.mark.parametrize("tightness", [None, 3, 12, 2000])
-def test_cross_attention_is_exact(name, shape, tightness):
+def test_cross_attention_is_exact(device, name, shape, tightness):
     """fp32 output within 1e-5 of fp64 attention, with ample free memory and with free memory that slices."""
     batch, heads, nq, nk, d, dv = shape
     q, k, v, ref = projections(batch, heads, nq, nk, d, v_dim=dv)
+    q, k, v = (t.to(device) for t in (q, k, v))
     free = AMPLE if tightness is None else score_bytes(batch * heads, nq, nk) // tightness
     if name == "Doggettx" and tightness == 2000:
         with pytest.raises(RuntimeError, match="more than 64"):
             CONTENDERS[name].cross_attention(q, k, v, heads, d**-0.5, free)
         return
     out = CONTENDERS[name].cross_attention(q, k, v, heads, d**-0.5, free)
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    assert (out.double() - ref).abs().max().item() < 1e-5
+    assert out.shape == ref.shape and out.dtype == torch.float32 and out.device.type == device
+    assert (out.double().cpu() - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["sdp", "sdp-no-mem", "Doggettx", "sub-quadratic"])
 @pytest.mark.parametrize("hw", [(6, 8), (6, 7), (40, 30)])
 @pytest.mark.parametrize("tightness", [None, 3, 100, 10**6])
-def test_attn_block_is_exact(name, hw, tightness):
+def test_attn_block_is_exact(device, name, hw, tightness):
     q, k, v, ref = conv_outputs(1, 16, *hw)
+    q, k, v = (t.to(device) for t in (q, k, v))
     n = hw[0] * hw[1]
     free = AMPLE if tightness is None else max(1, score_bytes(1, n, n) // tightness)
     out = CONTENDERS[name].attn_block(q, k, v, free)
-    assert out.shape == ref.shape
-    assert (out.double() - ref).abs().max().item() < 1e-5
+    assert out.shape == ref.shape and out.device.type == device
+    assert (out.double().cpu() - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", NAMES)
+def test_half_precision_is_close(device, name):
+    """fp16 in, fp16 out, within fp16 rounding of fp64 attention (Doggettx then budgets x3 per score byte)."""
+    q, k, v, ref = projections(1, 4, 300, 77, 16)
+    q, k, v = (t.to(device, torch.float16) for t in (q, k, v))
+    out = CONTENDERS[name].cross_attention(q, k, v, 4, 0.25, score_bytes(4, 300, 77, es=2))
+    assert out.dtype == torch.float16
+    assert (out.double().cpu() - ref).abs().max().item() < 5e-3
+    c = CONTENDERS[name]
+    if c.attn_block is not None:
+        q, k, v, ref = conv_outputs(1, 16, 6, 8)
+        q, k, v = (t.to(device, torch.float16) for t in (q, k, v))
+        out = c.attn_block(q, k, v, score_bytes(1, 48, 48, es=2))
+        assert out.dtype == torch.float16
+        assert (out.double().cpu() - ref).abs().max().item() < 5e-3
+
+
+def sdpa_inputs(call):
+    """The q, k, v a contender hands to ``scaled_dot_product_attention``."""
+    seen = []
+
+    class Capture(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                seen.append(args[:3])
+            return func(*args, **(kwargs or {}))
+
+    with Capture():
+        call()
+    assert len(seen) == 1
+    return seen[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sdp_vae_path_never_gets_a_fused_kernel(device, dtype):
+    """The webui's sdp passes 3-D ``[b, hw, c]`` tensors in the VAE: torch's fused kernels need 4-D, so the math
+    path runs; its UNet path passes 4-D views and gets one."""
+    from torch.nn.attention import SDPBackend
+
+    if not hasattr(torch, "_fused_sdp_choice"):
+        pytest.skip("this torch cannot say which SDPA backend it would pick")
+    q, k, v, _ = conv_outputs(1, 512, 16, 16)
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    block = sdpa_inputs(lambda: CONTENDERS["sdp"].attn_block(q, k, v, AMPLE))
+    assert block[0].dim() == 3
+    assert torch._fused_sdp_choice(*block) == SDPBackend.MATH.value
+    # the same attention as one head of a 4-D batch is fused
+    assert torch._fused_sdp_choice(*(t.unsqueeze(1) for t in block)) != SDPBackend.MATH.value
+    q, k, v, _ = projections(2, 8, 256, 77, 40)
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    unet = sdpa_inputs(lambda: CONTENDERS["sdp"].cross_attention(q, k, v, 8, 40**-0.5, AMPLE))
+    assert unet[0].dim() == 4
+    assert torch._fused_sdp_choice(*unet) != SDPBackend.MATH.value
 
 
 def test_scale_is_used_where_the_webui_uses_it():

@@ -19,7 +19,10 @@ What each contender does with ``free_bytes`` (the webui's behaviour per device i
   in the UNet and on 3-D ``[b, hw, c]`` tensors in the VAE; torch's fused kernels need 4-D inputs, so the
   webui's VAE attention always takes the math path (which holds the whole score matrix), on CPU and CUDA alike.
   ``sdp-no-mem`` runs under ``torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=True,
-  enable_mem_efficient=False)``, which only affects CUDA.
+  enable_mem_efficient=False)``, which only affects CUDA. Seen with torch 2.11 on an H200: 3-D inputs get the math
+  path in fp16, bf16 and fp32; under ``sdp-no-mem`` fp32 UNet attention and the VAE's head size 512 (4-D or not)
+  fall to math as well (flash needs half precision and head sizes up to 256), while fp16/bf16 UNet attention takes
+  cuDNN, which ``sdp_kernel`` leaves enabled (the webui's pinned torch 2.1.2 has no cuDNN backend).
 - ``Doggettx``: UNet (``split_cross_attention_forward``): the score tensor ``batch*heads x q x k x element``
   times 3 (2-byte elements) or 2.5 (others) is compared with free memory as is; steps = the next power of two of
   the ratio; more than 64 steps raises ``RuntimeError``; query slices of ``q // steps`` tokens plus a remainder

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import copy
 import inspect
+import os
+from typing import Any
 
 import pytest
 
@@ -83,3 +87,249 @@ def test_builtin_entries_have_the_1_10_1_titles_and_priorities(webui):
     assert entries["sub-quadratic"].priority == 10
     base = webui.sd_hijack_optimizations.SdOptimization
     assert (base.name, base.label, base.cmd_opt, base.priority) == (None, None, None, 0)
+
+
+def test_builtin_entries_complete_the_1_10_1_list(webui):
+    entries = {e.name: e for e in webui.sd_hijack.optimizers}
+    assert "xformers" not in entries  # unavailable without xformers
+    assert entries["sdp-no-mem"].title() == "sdp-no-mem - scaled dot product without memory efficient attention"
+    assert entries["sdp-no-mem"].priority == 80
+    assert entries["V1"].title() == "V1 - original v1" and entries["V1"].priority == 10
+    builtin = [e.name for e in webui.sd_hijack.optimizers if not e.name.startswith("memslice")]
+    assert builtin == ["InvokeAI", "Doggettx", "sdp-no-mem", "sdp", "sub-quadratic", "V1"]  # stable sort
+
+
+# --- against the real source (WEBUI_DIR) --------------------------------------------------------------------
+#
+# Parsed with ``ast``, never imported. Every function, class and method a fake defines must exist in the real
+# file with the same parameters (names, order, defaults, kinds; annotations are not compared) and decorators;
+# classes with the same bases and the same constant class attributes; SdOptimization entries with the same
+# ``priority`` properties and the same assignments in ``apply()``. Fake-only helpers and deliberate
+# simplifications are listed below with their reasons, and the test fails when one of them stops being true.
+
+WEBUI_DIR = os.environ.get("WEBUI_DIR", "")
+FAKES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakes")
+SGM_REPO = os.path.join("repositories", "generative-models")  # where the webui clones Stability-AI's sgm
+
+#: defined by a fake only, for the tests
+FAKE_ONLY = {
+    "modules/devices.py": {"without_autocast_calls": "log of without_autocast() calls for assertions"},
+    "modules/script_callbacks.py": {"_run": "the fake's one runner behind the *_callback functions"},
+    "modules/sd_hijack.py": {
+        "register_builtin_optimizers": "what modules/initialize.py does after loading extension scripts (checked "
+        "by test_register_builtin_optimizers_is_what_initialize_does)"
+    },
+    "modules/processing.py": {"StableDiffusionProcessing.__init__": "the real class is a dataclass"},
+}
+
+#: same name as the real one, different signature or decorators on purpose
+DELIBERATE = {
+    "modules/processing.py": {
+        "StableDiffusionProcessing": "a plain class taking only what memslice reads, not the 60-field dataclass",
+        "Processed.__init__": "built from the infotexts alone: no images are made",
+        "create_infotext": "per image index, from extra_generation_params: no prompts or seeds",
+        "process_images": "takes the sampling step as a callable: there is no model",
+    },
+    "modules/hypernetworks/hypernetwork.py": {"Hypernetwork.__init__": "takes its layers, does not load a file"},
+}
+
+
+def fake_files() -> list[tuple[str, str]]:
+    """(path under tests/fakes, path under WEBUI_DIR) for every fake module but the package markers."""
+    pairs = []
+    for root, _, files in os.walk(FAKES):
+        for name in sorted(files):
+            if not name.endswith(".py") or name == "__init__.py":
+                continue
+            rel = os.path.relpath(os.path.join(root, name), FAKES).replace(os.sep, "/")
+            pairs.append((rel, rel if rel.startswith("modules/") else f"{SGM_REPO}/{rel}".replace(os.sep, "/")))
+    return sorted(pairs)
+
+
+def real_path(real_rel: str) -> str:
+    if not WEBUI_DIR:
+        pytest.skip("WEBUI_DIR is not set: point it at a stable-diffusion-webui 1.10.1 checkout to check the fakes")
+    path = os.path.join(WEBUI_DIR, real_rel)
+    if real_rel.startswith(SGM_REPO) and not os.path.isfile(path):
+        pytest.skip(f"{real_rel} is not in WEBUI_DIR: sgm is cloned there on the webui's first launch")
+    assert os.path.isfile(path), f"WEBUI_DIR={WEBUI_DIR} has no {real_rel}: not a webui 1.10.1 checkout?"
+    return path
+
+
+def parse(path: str) -> ast.Module:
+    with open(path, encoding="utf8") as f:
+        return ast.parse(f.read(), path)
+
+
+def parameters(fn: ast.FunctionDef) -> str:
+    """The parameter list as source, without annotations: names, order, defaults and kinds (/, *, **)."""
+    args = copy.deepcopy(fn.args)
+    for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg):
+        if a is not None:
+            a.annotation = None
+    return f"({ast.unparse(args)})"
+
+
+def decorators(node: ast.FunctionDef | ast.ClassDef) -> list[str]:
+    return [ast.unparse(d).removeprefix("dataclasses.") for d in node.decorator_list]
+
+
+def surface(tree: ast.Module, imports: bool = True) -> dict[str, tuple[str, Any]]:
+    """Qualified name -> (kind, what is compared) for what a module defines at top level and in its classes
+    (and, with ``imports``, the names it imports)."""
+    found: dict[str, tuple[str, Any]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            found[node.name] = ("function", (parameters(node), decorators(node)))
+        elif isinstance(node, ast.ClassDef):
+            found[node.name] = ("class", ([ast.unparse(b) for b in node.bases], decorators(node)))
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    found[f"{node.name}.{item.name}"] = ("function", (parameters(item), decorators(item)))
+                elif isinstance(item, ast.Assign):
+                    for t in item.targets:
+                        if isinstance(t, ast.Name):
+                            found[f"{node.name}.{t.id}"] = ("attribute", ast.unparse(item.value))
+                elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    value = None if item.value is None else ast.unparse(item.value)
+                    found[f"{node.name}.{item.target.id}"] = ("attribute", value)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(t, ast.Name):
+                    found[t.id] = ("name", None)
+        elif imports and isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                found[(alias.asname or alias.name).split(".")[0]] = ("name", None)
+    return found
+
+
+def method(tree: ast.Module, qualname: str) -> ast.FunctionDef | None:
+    cls, name = qualname.split(".")
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    return item
+    return None
+
+
+@pytest.mark.parametrize("fake_rel,real_rel", fake_files(), ids=[f for f, _ in fake_files()])
+def test_fake_matches_the_real_source(fake_rel, real_rel):
+    real_tree = parse(real_path(real_rel))
+    fake_tree = parse(os.path.join(FAKES, fake_rel))
+    fake, real = surface(fake_tree, imports=False), surface(real_tree)
+    fake_only, deliberate = FAKE_ONLY.get(fake_rel, {}), DELIBERATE.get(fake_rel, {})
+    problems = []
+    for name, (kind, value) in fake.items():
+        if name in fake_only:
+            if name in real:
+                problems.append(f"{name} is listed as fake-only but the real file defines it: check it instead")
+            continue
+        if name not in real:
+            problems.append(f"{name}: defined by the fake, not by {real_rel}")
+            continue
+        if kind == "name" or (kind == "attribute" and real[name][0] != "attribute"):
+            continue  # module-level names, and a class attribute the real class computes: existence only
+        same = real[name] == (kind, value)
+        if name in deliberate:
+            if same:
+                problems.append(f"{name} is listed as a deliberate difference but now matches: drop it from the list")
+        elif not same:
+            problems.append(f"{name}: fake {kind} {value!r} != real {real[name][0]} {real[name][1]!r}")
+    # SdOptimization entries: the priority rules and what apply() patches, with which forward
+    for name, (kind, _) in fake.items():
+        if kind != "function" or not name.endswith((".priority", ".apply")) or name not in real:
+            continue
+        body = [ast.unparse(s) for s in method(fake_tree, name).body if not isinstance(s, ast.Expr)]
+        real_body = [ast.unparse(s) for s in method(real_tree, name).body if not isinstance(s, ast.Expr)]
+        if (name.endswith(".priority") or name.split(".")[0].startswith("SdOptimization")) and body != real_body:
+            problems.append(f"{name}: fake body {body} != real {real_body}")
+    assert not problems, "\n".join(problems)
+
+
+def test_fake_lists_the_real_builtin_optimizers_in_order():
+    def listed(tree: ast.Module) -> list[str]:
+        fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "list_optimizers")
+        return [ast.unparse(c.func) for c in ast.walk(fn) if isinstance(c, ast.Call) and not c.args and not c.keywords]
+
+    real = listed(parse(real_path("modules/sd_hijack_optimizations.py")))
+    fake = listed(parse(os.path.join(FAKES, "modules/sd_hijack_optimizations.py")))
+    assert fake == real and len(real) == 7
+
+
+def test_register_builtin_optimizers_is_what_initialize_does():
+    calls = [ast.unparse(n) for n in ast.walk(parse(real_path("modules/initialize.py"))) if isinstance(n, ast.Call)]
+    assert "script_callbacks.on_list_optimizers(sd_hijack_optimizations.list_optimizers)" in calls
+
+
+def real_options() -> dict[str, dict[str, Any]]:
+    """Every option of modules/shared_options.py: default, label, section and category as options_section sets them."""
+    options: dict[str, dict[str, Any]] = {}
+    for node in ast.walk(parse(real_path("modules/shared_options.py"))):
+        if not (isinstance(node, ast.Call) and ast.unparse(node.func) == "options_section" and len(node.args) == 2):
+            continue
+        ident, table = node.args
+        if not isinstance(table, ast.Dict):
+            continue
+        ident = ast.literal_eval(ident)
+        for key, value in zip(table.keys, table.values, strict=True):
+            while isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute):
+                value = value.func.value  # OptionInfo(...).info(...).link(...) and the like
+            if isinstance(value, ast.Call) and ast.unparse(value.func) == "OptionInfo":
+                options[ast.literal_eval(key)] = option_info(value, ident)  # (OptionHTML texts are not options)
+    return options
+
+
+def option_info(call: ast.Call, ident: tuple | None = None) -> dict[str, Any]:
+    names = ["default", "label", "component", "component_args", "onchange", "section", "refresh"]
+    given = {names[i]: a for i, a in enumerate(call.args)} | {k.arg: k.value for k in call.keywords}
+    info = {
+        "default": literal(given["default"]) if "default" in given else None,
+        "label": literal(given["label"]) if "label" in given else "",
+        "section": literal(given["section"]) if "section" in given else None,
+        "category_id": literal(given["category_id"]) if "category_id" in given else None,
+    }
+    if ident is not None:  # options_section overrides section (and category_id for 3-tuples)
+        info["section"] = tuple(ident[:2])
+        if len(ident) == 3:
+            info["category_id"] = ident[2]
+    return info
+
+
+def test_fake_options_match_the_real_ones():
+    real = real_options()
+    tree = parse(os.path.join(FAKES, "modules/shared.py"))
+    table = next(
+        n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "options_templates"
+    )
+    assert isinstance(table, ast.Dict) and table.keys
+    for key, value in zip(table.keys, table.values, strict=True):
+        key = ast.literal_eval(key)
+        assert key in real, key
+        assert option_info(value) == real[key], key
+
+
+def literal(node: ast.expr) -> Any:
+    """A literal's value, else its source (a default computed at import, e.g. a path)."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return ast.unparse(node)
+
+
+def test_fake_cmd_opts_are_real_flags_with_their_defaults():
+    flags = {}
+    for node in ast.walk(parse(real_path("modules/cmd_args.py"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args:
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and str(first.value).startswith("--"):
+                kw = {k.arg: k.value for k in node.keywords}
+                default = literal(kw["default"]) if "default" in kw else None
+                if "action" in kw and ast.literal_eval(kw["action"]) == "store_true":
+                    default = False
+                flags[first.value.lstrip("-").replace("-", "_")] = default
+    tree = parse(os.path.join(FAKES, "modules/shared.py"))
+    call = next(n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "cmd_opts")
+    fake = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    assert fake.pop("opt_memslice") is False  # memslice's own flag, added by its preload.py
+    assert fake == {k: flags[k] for k in fake}, {k: flags.get(k, "missing") for k in fake}

@@ -1,7 +1,9 @@
-"""Fake of modules/sd_hijack_optimizations.py: SdOptimization and built-in entries with the 1.10.1 metadata.
+"""Fake of modules/sd_hijack_optimizations.py: SdOptimization and the seven built-in entries with the 1.10.1
+metadata (names, labels, flags, priorities, class hierarchy, which attributes each apply() patches and with which
+forward's name).
 
-The built-ins' forwards are simple stand-ins (plain SDPA / einsum); what matters to memslice is how the entries are
-named, prioritised, applied and undone.
+The built-ins' forwards are simple stand-ins (plain SDPA / the unoptimized einsum / ldm's stock AttnBlock); what
+matters to memslice is how the entries are named, prioritised, applied and undone.
 """
 
 from __future__ import annotations
@@ -78,16 +80,80 @@ def cross_attention_attnblock_forward(self, x):
     return diffusionmodules_model_AttnBlock_forward(self, x)
 
 
-class SdOptimizationSdp(SdOptimization):
-    name = "sdp"
-    label = "scaled dot product"
-    cmd_opt = "opt_sdp_attention"
-    priority = 70
+def scaled_dot_product_no_mem_attention_forward(self, x, context=None, mask=None, **kwargs):
+    return scaled_dot_product_attention_forward(self, x, context, mask)
+
+
+def sdp_no_mem_attnblock_forward(self, x):
+    return sdp_attnblock_forward(self, x)
+
+
+def split_cross_attention_forward_v1(self, x, context=None, mask=None, **kwargs):
+    return hypernetwork.attention_CrossAttention_forward(self, x, context, mask)
+
+
+def split_cross_attention_forward_invokeAI(self, x, context=None, mask=None, **kwargs):
+    return hypernetwork.attention_CrossAttention_forward(self, x, context, mask)
+
+
+def sub_quad_attention_forward(self, x, context=None, mask=None, **kwargs):
+    return hypernetwork.attention_CrossAttention_forward(self, x, context, mask)
+
+
+def sub_quad_attnblock_forward(self, x):
+    return diffusionmodules_model_AttnBlock_forward(self, x)
+
+
+def xformers_attention_forward(self, x, context=None, mask=None, **kwargs):
+    return scaled_dot_product_attention_forward(self, x, context, mask)
+
+
+def xformers_attnblock_forward(self, x):
+    return sdp_attnblock_forward(self, x)
+
+
+class SdOptimizationXformers(SdOptimization):
+    name = "xformers"
+    cmd_opt = "xformers"
+    priority = 100
+
+    def is_available(self):
+        return shared.cmd_opts.force_enable_xformers or (
+            shared.xformers_available
+            and torch.cuda.is_available()
+            and (6, 0) <= torch.cuda.get_device_capability(shared.device) <= (9, 0)
+        )
+
+    def apply(self):
+        ldm.modules.attention.CrossAttention.forward = xformers_attention_forward
+        ldm.modules.diffusionmodules.model.AttnBlock.forward = xformers_attnblock_forward
+        sgm.modules.attention.CrossAttention.forward = xformers_attention_forward
+        sgm.modules.diffusionmodules.model.AttnBlock.forward = xformers_attnblock_forward
+
+
+class SdOptimizationSdpNoMem(SdOptimization):
+    name = "sdp-no-mem"
+    label = "scaled dot product without memory efficient attention"
+    cmd_opt = "opt_sdp_no_mem_attention"
+    priority = 80
 
     def is_available(self):
         return hasattr(torch.nn.functional, "scaled_dot_product_attention") and callable(
             torch.nn.functional.scaled_dot_product_attention
         )
+
+    def apply(self):
+        ldm.modules.attention.CrossAttention.forward = scaled_dot_product_no_mem_attention_forward
+        ldm.modules.diffusionmodules.model.AttnBlock.forward = sdp_no_mem_attnblock_forward
+        sgm.modules.attention.CrossAttention.forward = scaled_dot_product_no_mem_attention_forward
+        sgm.modules.diffusionmodules.model.AttnBlock.forward = sdp_no_mem_attnblock_forward
+
+
+class SdOptimizationSdp(SdOptimizationSdpNoMem):
+    name = "sdp"
+    label = "scaled dot product"
+    cmd_opt = "opt_sdp_attention"
+    priority = 70
 
     def apply(self):
         ldm.modules.attention.CrossAttention.forward = scaled_dot_product_attention_forward
@@ -105,8 +171,21 @@ class SdOptimizationSubQuad(SdOptimization):
         return 1000 if shared.device.type == "mps" else 10
 
     def apply(self):
-        ldm.modules.attention.CrossAttention.forward = split_cross_attention_forward
-        sgm.modules.attention.CrossAttention.forward = split_cross_attention_forward
+        ldm.modules.attention.CrossAttention.forward = sub_quad_attention_forward
+        ldm.modules.diffusionmodules.model.AttnBlock.forward = sub_quad_attnblock_forward
+        sgm.modules.attention.CrossAttention.forward = sub_quad_attention_forward
+        sgm.modules.diffusionmodules.model.AttnBlock.forward = sub_quad_attnblock_forward
+
+
+class SdOptimizationV1(SdOptimization):
+    name = "V1"
+    label = "original v1"
+    cmd_opt = "opt_split_attention_v1"
+    priority = 10
+
+    def apply(self):
+        ldm.modules.attention.CrossAttention.forward = split_cross_attention_forward_v1
+        sgm.modules.attention.CrossAttention.forward = split_cross_attention_forward_v1
 
 
 class SdOptimizationInvokeAI(SdOptimization):
@@ -118,8 +197,8 @@ class SdOptimizationInvokeAI(SdOptimization):
         return 1000 if shared.device.type != "mps" and not torch.cuda.is_available() else 10
 
     def apply(self):
-        ldm.modules.attention.CrossAttention.forward = split_cross_attention_forward
-        sgm.modules.attention.CrossAttention.forward = split_cross_attention_forward
+        ldm.modules.attention.CrossAttention.forward = split_cross_attention_forward_invokeAI
+        sgm.modules.attention.CrossAttention.forward = split_cross_attention_forward_invokeAI
 
 
 class SdOptimizationDoggettx(SdOptimization):
@@ -135,4 +214,14 @@ class SdOptimizationDoggettx(SdOptimization):
 
 
 def list_optimizers(res):
-    res.extend([SdOptimizationSdp(), SdOptimizationSubQuad(), SdOptimizationInvokeAI(), SdOptimizationDoggettx()])
+    res.extend(
+        [
+            SdOptimizationXformers(),
+            SdOptimizationSdpNoMem(),
+            SdOptimizationSdp(),
+            SdOptimizationSubQuad(),
+            SdOptimizationV1(),
+            SdOptimizationInvokeAI(),
+            SdOptimizationDoggettx(),
+        ]
+    )

@@ -9,7 +9,9 @@ import torch
 from modules.options import OptionInfo, Options
 
 options_templates = {
-    "upcast_attn": OptionInfo(False, "Upcast cross attention layer to float32", section=("sd", "Stable Diffusion")),
+    "upcast_attn": OptionInfo(
+        False, "Upcast cross attention layer to float32", section=("sd", "Stable Diffusion"), category_id="sd"
+    ),
     "cross_attention_optimization": OptionInfo(
         "Automatic", "Cross attention optimization", section=("optimizations", "Optimizations"), category_id="sd"
     ),
@@ -21,11 +23,14 @@ cmd_opts = argparse.Namespace(
     force_enable_xformers=False,
     opt_split_attention=False,
     opt_sdp_attention=False,
+    opt_sdp_no_mem_attention=False,
+    opt_split_attention_v1=False,
     opt_sub_quad_attention=False,
     opt_split_attention_invokeai=False,
     disable_opt_split_attention=False,
     opt_memslice=False,
 )
 device = torch.device("cpu")
+xformers_available = False
 loaded_hypernetworks: list = []
 sd_model = None

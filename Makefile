@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 SDKIT := stable-diffusion-sdkit==2.1.5
 PIP := $(PY) -m pip install --disable-pip-version-check --no-input -q
 
-.PHONY: test bench bench-quick lint format lock clean venv
+.PHONY: test bench bench-quick lint format lock clean venv test-webui-stack
 
 venv: $(STAMP)
 
@@ -47,3 +47,31 @@ lock: $(STAMP)
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .ruff_cache .hypothesis
+
+# The webui's own stack (Python 3.10, torch 2.1.2, gradio 3.41.2, pydantic 1.10, numpy 1.26): the same tests/ suite,
+# no ruff, in a second venv. requirements-webui-stack.txt says which CUDA packages PyPI's torch 2.1.2 needs and why.
+WEBUI_VENV := .venv-webui
+WEBUI_PY := $(WEBUI_VENV)/bin/python
+WEBUI_STAMP := $(WEBUI_VENV)/.installed
+WEBUI_TORCH := torch==2.1.2
+WEBUI_PIP := $(WEBUI_PY) -m pip install --disable-pip-version-check --no-input -q
+# pyenv's newest 3.10 if installed, else python3.10 on PATH; empty if neither
+PYTHON310 ?= $(shell p=$$(ls -d "$$(pyenv root 2>/dev/null)"/versions/3.10.*/bin/python 2>/dev/null | sort -V | tail -n 1); \
+	[ -n "$$p" ] || p=$$(command -v python3.10); echo "$$p")
+
+$(WEBUI_STAMP): requirements-webui-stack.txt Makefile
+	@[ -n "$(PYTHON310)" ] || echo "no Python 3.10 (pyenv or python3.10 on PATH): building $(WEBUI_VENV) with $(PYTHON), which torch 2.1.2 must have wheels for (3.8-3.11)"
+	$(or $(PYTHON310),$(PYTHON)) -m venv $(WEBUI_VENV)
+	$(WEBUI_PIP) --upgrade pip
+	# torch first, pinned and without its requirements (triton and two unused CUDA packages stay out)
+	$(WEBUI_PIP) --no-deps $(WEBUI_TORCH)
+	$(WEBUI_PIP) --no-deps $(SDKIT)
+	# fully pinned, so --no-deps: nothing resolves to anything newer than the webui's stack
+	$(WEBUI_PIP) --no-deps -r requirements-webui-stack.txt
+	$(WEBUI_PY) -c "import torch; assert torch.__version__.startswith('2.1.2'), torch.__version__; torch.ones(2) @ torch.ones(2)"
+	touch $(WEBUI_STAMP)
+
+test-webui-stack: $(WEBUI_STAMP)
+	@$(WEBUI_PY) -c "import sys, torch, gradio, pydantic, numpy; print('webui stack: python', sys.version.split()[0], \
+	'torch', torch.__version__, 'gradio', gradio.__version__, 'pydantic', pydantic.VERSION, 'numpy', numpy.__version__)"
+	$(WEBUI_PY) -m pytest

@@ -16,6 +16,26 @@ if ROOT not in sys.path:
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# torch 2.1 (the webui's pin, `make test-webui-stack`) against the current torch (`make test`): decided by probing.
+OOM_ERROR = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError: 2.2+
+
+
+def _cpu_half_attention_error() -> str | None:
+    """Why float16 attention cannot run on this torch's CPU (torch 2.1 has no Half matmul or softmax), or None."""
+    x = torch.ones(1, 2, 2, dtype=torch.float16)
+    try:
+        torch.bmm(x, x).softmax(-1)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+CPU_HALF_ERROR = _cpu_half_attention_error()
+CPU_HALF = CPU_HALF_ERROR is None
+requires_cpu_half = pytest.mark.skipif(
+    not CPU_HALF, reason=f"torch {torch.__version__} cannot run float16 attention on CPU: {CPU_HALF_ERROR}"
+)
+
 
 def import_ldm():
     """Import the real ldm modules (sdkit prints a note about xformers on import)."""

@@ -9,7 +9,7 @@ from lib_memslice.forwards import BasicHost, attend, make_attnblock_forward, mak
 from lib_memslice.plan import STRATEGY_NAMES
 from lib_memslice.settings import Settings
 
-from .conftest import reference
+from .conftest import reference, requires_cpu_half
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 HOSTS = {
@@ -28,7 +28,9 @@ def check(q, k, v, strategy="auto", settings=HOSTS["tight"], upcast=False):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, pytest.param(torch.float16, marks=requires_cpu_half), torch.bfloat16]
+)
 @pytest.mark.parametrize("host", HOSTS)
 def test_dtypes(dtype, host):
     g = torch.Generator().manual_seed(0)

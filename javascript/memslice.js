@@ -118,9 +118,9 @@
             });
             box.querySelector(".memslice-current").textContent =
                 "txt2img " + width + " x " + height + ", batch " + batch + ": " +
-                (current.fits ? plural(current.max_steps, "slice") + " at most" : "does not fit; lower the size");
+                (current.fits ? plural(current.max_slices, "slice") + " at most" : "does not fit; lower the size");
             box.setAttribute("data-fits", String(current.fits));
-            box.setAttribute("data-max-steps", String(current.max_steps));
+            box.setAttribute("data-max-slices", String(current.max_slices));
         }).catch(function (error) {
             if (mine === sequence) box.querySelector(".memslice-error").textContent = "memslice: " + error.message;
         });
@@ -142,7 +142,7 @@
     }
 
     function compact(job) {
-        return "memslice: " + plural(job.max_steps, "slice") + " max, predicted peak " +
+        return "memslice: " + plural(job.max_slices, "slice") + " max, predicted peak " +
             formatBytes(job.max_peak_bytes) + ", " + plural(job.retries, "retry");
     }
 

@@ -13,22 +13,30 @@ from typing import Any
 import torch
 
 from . import __version__, kernels, probe
+from .costs import KernelChoice, format_bytes
+from .model_plan import DTYPE_BYTES, Request, plan_model
 from .models import BUILTIN, MODEL_NAMES
-from .plan import STRATEGY_NAMES, format_bytes
-from .planner import DTYPE_BYTES, Request, plan_model
 from .settings import KERNELS, SPEC_BY_KEY, Settings, coerce
+from .slicing import STRATEGY_NAMES
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20}
-_UNITS |= {"g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+#: binary units only: every memory number memslice prints is in GiB/MiB (2^30 / 2^20 bytes)
+_UNITS = {"": 1 << 30, "gib": 1 << 30, "g": 1 << 30, "mib": 1 << 20, "m": 1 << 20, "kib": 1 << 10, "tib": 1 << 40}
+_DECIMAL = {"gb", "mb", "kb", "tb", "b"}
 
 
 def parse_size(text: str) -> int:
-    """``4GiB``, ``512MiB``, ``1.5G`` (binary), ``4GB`` (decimal) or plain bytes."""
+    """``4GiB``, ``512MiB``, ``1.5G`` or a plain number of GiB. Decimal units are refused: ``4GB`` would be
+    3.73 GiB, and every number memslice prints is binary."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4GiB, 512MiB or a byte count)")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if not 0 < value < 1 << 60:
+    unit = match.group(2).lower() if match else ""
+    if match and unit in _DECIMAL:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: memslice counts in binary units; write {match.group(1)}GiB (or {match.group(1)}MiB)"
+        )
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4GiB, 512MiB, or 4 for 4 GiB)")
+    value = float(match.group(1)) * _UNITS[unit]
+    if not 1 <= value < 1 << 60:
         raise argparse.ArgumentTypeError(f"size out of range: {text!r}")
     return int(value)
 
@@ -79,15 +87,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.dtype == "bf16" and not args.upcast:
         compute_dtype = torch.bfloat16
     if args.budget is not None:
-        budget = probe.Budget(args.budget, None, f"--budget {format_bytes(args.budget)}")
+        if args.safety_factor is not None:
+            print(
+                "warning: --safety-factor has no effect with --budget (a fixed budget is not divided)", file=sys.stderr
+            )
+        budget = probe.Budget(args.budget, None, f"--budget {format_bytes(args.budget)}", fixed=True)
     elif device_kind == best_device() or device_kind == "cpu":
         budget = probe.device_budget(torch.device(device_kind), settings)
     else:
         print(f"error: no {device_kind} device here to measure; pass --budget (e.g. --budget 4GiB)", file=sys.stderr)
         return 2
 
-    def kernel_for(site: Any, element_size: int) -> tuple[str, int]:
-        return kernels.expected_kernel(device_kind, compute_dtype, site.head_dim, settings.kernel, ask_device=True)
+    def kernels_for(site: Any, element_size: int) -> tuple[KernelChoice, ...]:
+        dtype = compute_dtype if element_size == DTYPE_BYTES[args.dtype] or args.upcast else torch.float32
+        return kernels.expected_kernels(device_kind, dtype, site.head_dim, settings.kernel, ask_device=True)
 
     request = Request(
         BUILTIN[args.model],
@@ -102,8 +115,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         device_kind=device_kind,
         prompt_chunks=args.prompt_chunks,
         include_vae=not args.no_vae,
+        fixed_budget=budget.fixed,
+        free_bytes=None if budget.free is None else budget.free.bytes,
+        safety_factor=budget.safety_factor,
+        vae_element_size=4 if args.no_half_vae else 0,
     )
-    result = plan_model(request, kernel_for)
+    result = plan_model(request, kernels_for)
     result["budget_source"] = budget.explanation
     result["device"] = device_kind
     if args.json:
@@ -114,7 +131,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{args.dtype}{' upcast to fp32' if args.upcast else ''}, strategy {args.strategy}, device {device_kind}"
     )
     print(f"attention budget {format_bytes(budget.bytes)} ({budget.explanation}), slice cap {settings.slice_cap}")
-    header = ("site", "layers", "B*H", "q", "k", "d", "kernel", "heads/slice", "queries/slice", "slices", "peak")
+    header = ("site", "layers", "B*H", "q", "k", "d", "kernel used", "heads/slice", "queries/slice", "slices", "peak")
     rows = [header]
     for row in result["layers"]:
         rows.append(
@@ -125,10 +142,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 str(row["q_tokens"]),
                 str(row["k_tokens"]),
                 str(row["head_dim"]),
-                row["kernel"],
-                str(row["head_chunk"]) if row["fits"] else "-",
-                str(row["query_chunk"]) if row["fits"] else "-",
-                str(row["steps"]) if row["fits"] else "no fit",
+                row["kernel_used"],
+                str(row["heads_per_slice"]) if row["fits"] else "-",
+                str(row["queries_per_slice"]) if row["fits"] else "-",
+                str(row["slices"]) if row["fits"] else "no fit",
                 format_bytes(row["peak_bytes"]),
             )
         )
@@ -154,9 +171,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     values = {}
     for field, raw in (("safety_factor", args.safety_factor), ("slice_cap", args.slice_cap), ("kernel", args.kernel)):
         if raw is not None:
-            value, problem = coerce(SPEC_BY_KEY[f"memslice_{field}"], raw)
+            spec = SPEC_BY_KEY[f"memslice_{field}"]
+            value, problem = coerce(spec, raw)
             if problem:
-                raise SystemExit(f"error: --{field.replace('_', '-')} {raw!r} is {problem}")
+                allowed = f"a number in {spec.lo:g}..{spec.hi:g}" if spec.lo is not None else ", ".join(spec.choices)
+                raise SystemExit(f"error: --{field.replace('_', '-')} {raw!r} is not usable: expected {allowed}")
             values[field] = value
     return Settings(**values)
 
@@ -194,20 +213,29 @@ def doctor(device_name: str | None = None) -> dict[str, Any]:
     fused = {}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in (40, 64, 80, 160, 512):
-            kernel, _ = kernels.expected_kernel(kind, dtype, head_dim, "auto", ask_device=True)
-            fused[f"{str(dtype).removeprefix('torch.')} d{head_dim}"] = kernel
+            kernel = kernels.expected_kernel(kind, dtype, head_dim, "auto", ask_device=True)
+            fused[f"{str(dtype).removeprefix('torch.')} d{head_dim}"] = kernel.kind
     picks = {}
     for model, side in (("sd15", 512), ("sd15", 1024), ("sdxl", 1024)):
         request = Request(
-            BUILTIN[model], side, side, 1, budget.bytes, element_size=2 if kind == "cuda" else 4, device_kind=kind
+            BUILTIN[model],
+            side,
+            side,
+            1,
+            budget.bytes,
+            element_size=2 if kind == "cuda" else 4,
+            device_kind=kind,
+            free_bytes=free.bytes,
+            safety_factor=budget.safety_factor,
         )
         dtype = torch.float16 if kind == "cuda" else torch.float32
         result = plan_model(
-            request, lambda s, e, dtype=dtype: kernels.expected_kernel(kind, dtype, s.head_dim, "auto", ask_device=True)
+            request,
+            lambda s, e, dtype=dtype: kernels.expected_kernels(kind, dtype, s.head_dim, "auto", ask_device=True),
         )
         picks[f"{model} {side}px"] = {
             "fits": result["fits"],
-            "max_steps": result["max_steps"],
+            "max_slices": result["max_slices"],
             "max_square_resolution": result["max_square_resolution"],
         }
     automatic = {
@@ -259,7 +287,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for name, plan in info["plans"].items():
         fit = "fits" if plan["fits"] else "does not fit"
         print(
-            f"  {name}: {fit}, at most {plan['max_steps']} slices; largest square: {plan['max_square_resolution']} px"
+            f"  {name}: {fit}, at most {plan['max_slices']} slices; largest square: {plan['max_square_resolution']} px"
         )
     return 0
 
@@ -273,18 +301,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     plan = sub.add_parser("plan", help="plan every attention site of a model at a size: what fits, how sliced")
-    plan.add_argument("--model", choices=MODEL_NAMES, default="sd15")
-    plan.add_argument("--width", type=_bounded_int(8, 65536), default=512)
-    plan.add_argument("--height", type=_bounded_int(8, 65536), default=512)
-    plan.add_argument("--batch", type=_bounded_int(1, 1024), default=1)
-    plan.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp16")
+    plan.add_argument("--model", choices=MODEL_NAMES, default="sd15", help="which published config (default sd15)")
+    plan.add_argument("--width", type=_bounded_int(8, 65536), default=512, help="image width in pixels (default 512)")
+    plan.add_argument("--height", type=_bounded_int(8, 65536), default=512, help="image height in pixels (default 512)")
+    plan.add_argument("--batch", type=_bounded_int(1, 1024), default=1, help="images per batch (default 1)")
+    plan.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp16", help="model precision (default fp16)")
     plan.add_argument("--upcast", action="store_true", help="plan for 'Upcast cross attention layer to float32'")
-    plan.add_argument("--budget", type=parse_size, help="fixed attention budget, e.g. 4GiB (default: probe)")
-    plan.add_argument("--strategy", choices=STRATEGY_NAMES, default="auto")
-    plan.add_argument("--safety-factor", dest="safety_factor", help="free memory / this = budget (default 3.3)")
-    plan.add_argument("--slice-cap", dest="slice_cap", help="most slices per attention call (default 64)")
-    plan.add_argument("--kernel", choices=KERNELS, default=None)
-    plan.add_argument("--device", choices=("cuda", "mps", "xpu", "cpu", "unknown"), default=best_device())
+    plan.add_argument("--no-half-vae", dest="no_half_vae", action="store_true", help="the VAE runs in fp32")
+    plan.add_argument(
+        "--budget",
+        type=parse_size,
+        help="fixed attention budget in GiB or with a unit: 4, 4GiB, 512MiB (default: probe)",
+    )
+    plan.add_argument("--strategy", choices=STRATEGY_NAMES, default="auto", help="which memslice entry (default auto)")
+    plan.add_argument(
+        "--safety-factor",
+        dest="safety_factor",
+        help="probed free memory / this = budget (default 3.3; not with --budget)",
+    )
+    plan.add_argument("--slice-cap", dest="slice_cap", help="most slices per attention call (default 4096)")
+    plan.add_argument("--kernel", choices=KERNELS, default=None, help="the 'Kernel per slice' setting (default auto)")
+    plan.add_argument(
+        "--device",
+        choices=("cuda", "mps", "xpu", "cpu", "unknown"),
+        default=best_device(),
+        help="the device to plan for (default: the best one here); others need --budget",
+    )
     plan.add_argument(
         "--prompt-chunks",
         dest="prompt_chunks",
@@ -293,12 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="75-token prompt chunks (77 keys each)",
     )
     plan.add_argument("--no-vae", dest="no_vae", action="store_true", help="leave out the VAE's attention")
-    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (exit code 1 when it does not fit)")
     plan.set_defaults(func=cmd_plan)
 
     doc = sub.add_parser("doctor", help="device, torch, SDPA backends, memory, and what memslice would pick")
-    doc.add_argument("--device", default=None)
-    doc.add_argument("--json", action="store_true")
+    doc.add_argument("--device", default=None, help="a torch device name (default: the best one here)")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
     doc.set_defaults(func=cmd_doctor)
 
     bench = sub.add_parser("bench", help="side-by-side benchmark (see --help of the bench itself)", add_help=False)

@@ -3,22 +3,28 @@
 Nothing here imports the webui: what a forward needs from it (settings, hypernetworks, the upcast flag, an
 autocast-off context, a stats sink) comes through a :class:`Host`. Tests and the benchmark pass
 :class:`BasicHost`; ``webui.py`` passes one built from ``modules.*``.
+
+One attention call is a short pipeline (:func:`attend`): describe the call -> plan it (choose the kernel, read
+the budget, plan the slices; :func:`plan_call`) -> run it, handling out-of-memory (:func:`run_call`) -> record it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 
 from . import kernels, probe
+from .costs import AttentionShape, KernelChoice, format_bytes
 from .models import LATENT_DOWNSCALE, site_of
-from .plan import AttentionShape, Geometry, NotEnoughMemory, SlicePlan, format_bytes, plan_attention
 from .settings import Settings
+from .slicing import Geometry, NotEnoughMemory, Room, SlicePlan, not_enough_memory, plan_attention, strategy_room
 from .stats import CallRecord, Stats, plural
 
 log = logging.getLogger("memslice")
@@ -71,6 +77,311 @@ class BasicHost:
         self.stats.record_failure()
 
 
+# --- 1. describe ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One attention call as planned: the tensors, their shape in the planner's terms, and what governs it."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: kernels.KeepMask | None
+    shape: AttentionShape
+    compute_dtype: torch.dtype
+    device_kind: str
+    strategy: str
+    settings: Settings
+    site: str
+    geometry: Geometry | None
+
+
+def describe(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    strategy: str,
+    settings: Settings,
+    mask: Tensor | None = None,
+    upcast: bool = False,
+    site: str = "attention",
+    geometry: Geometry | None = None,
+) -> Call:
+    batch, heads, q_tokens, head_dim = q.shape
+    compute_dtype = torch.float32 if upcast and q.dtype in _HALF else q.dtype
+    prepared = None if mask is None else kernels.keep_mask(mask, batch, k.shape[2], compute_dtype)
+    shape = AttentionShape(
+        batch_heads=batch * heads,
+        q_tokens=q_tokens,
+        k_tokens=k.shape[2],
+        head_dim=head_dim,
+        v_dim=v.shape[-1],
+        element_size=torch.finfo(compute_dtype).bits // 8,
+        io_element_size=q.element_size(),
+        heads=max(heads, 1),
+    )
+    kind = probe.device_kind(q.device)
+    return Call(q, k, v, prepared, shape, compute_dtype, kind, strategy, settings, site, geometry)
+
+
+# --- 2. plan ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A call's plan and what it was planned against."""
+
+    plan: SlicePlan
+    budget: probe.Budget
+    strategy_budget: int  # what the strategy planned against (see slicing.strategy_room)
+    retries: int = 0
+
+
+def _kernels_to_try(call: Call) -> tuple[KernelChoice, ...]:
+    """Fastest first: the fused kernel where torch runs it, then (``kernel = auto``) memslice's einsum kernel."""
+    first = kernels.choose_kernel(call.settings.kernel, call.q, call.k, call.v, call.compute_dtype, _bias(call))
+    if call.mask is None:
+        kernels.observe(call.q.device.type, call.compute_dtype, call.shape.head_dim, call.settings.kernel, first)
+    if first.kind == "fused" and call.settings.kernel == "auto":
+        return first, kernels.einsum_kernel(call.q.device.type, call.compute_dtype)
+    return (first,)
+
+
+def _bias(call: Call) -> Tensor | None:
+    return None if call.mask is None else call.mask.bias
+
+
+def _room(call: Call, budget: probe.Budget) -> Room:
+    """The call's budget at any size of its layer: the probe read free memory after this call's inputs existed."""
+    free = None if budget.free is None else budget.free.bytes
+    return strategy_room(call.strategy, budget.bytes, fixed=budget.fixed, free_bytes=free,
+                         safety_factor=budget.safety_factor, inputs_bytes=call.shape.input_bytes)  # fmt: skip
+
+
+def _plan_with(call: Call, choices: tuple[KernelChoice, ...], budget: probe.Budget, min_slices: int) -> Planned | None:
+    room = _room(call, budget).budget(call.shape)
+    for kernel in choices:
+        plan = plan_attention(
+            call.shape,
+            room,
+            strategy=call.strategy,
+            slice_cap=call.settings.slice_cap,
+            kernel=kernel,
+            device_kind=call.device_kind,
+            min_slices=min_slices,
+        )
+        if plan is not None:
+            return Planned(plan, budget, room)
+    return None
+
+
+def _refused(call: Call, choices: tuple[KernelChoice, ...], budget: probe.Budget, min_slices: int = 1,
+             detail: str = "") -> NotEnoughMemory:  # fmt: skip
+    if budget.free is not None and budget.free.bytes <= 0 and not budget.fixed:
+        nothing = f"the memory probe reports nothing free ({budget.free.source}); 'Memory budget (GiB)' overrides it"
+        detail = "; ".join(filter(None, (detail, nothing)))
+    return not_enough_memory(
+        call.shape,
+        _room(call, budget),
+        choices,
+        strategy=call.strategy,
+        slice_cap=call.settings.slice_cap,
+        device_kind=call.device_kind,
+        min_slices=min_slices,
+        geometry=call.geometry,
+        site=call.site,
+        detail=detail,
+    )
+
+
+@dataclass
+class _Memo:
+    settings: Settings
+    choices: tuple[KernelChoice, ...]
+    planned: Planned | None = None
+    probed_at: float = 0.0
+
+
+#: Plans are reused without probing while they left this much headroom in a budget read this recently.
+FAST_PATH_HEADROOM = 4
+FAST_PATH_MAX_AGE_S = 0.25
+_memo: dict[tuple[Any, ...], _Memo] = {}
+_MEMO_SIZE = 512
+
+
+def _memo_key(call: Call) -> tuple[Any, ...]:
+    q, k, v = call.q, call.k, call.v
+    return (
+        q.shape,
+        k.shape[2],
+        v.shape[-1],
+        q.dtype,
+        call.compute_dtype,
+        q.device,
+        q.stride(-1),
+        k.stride(-1),
+        v.stride(-1),
+        call.strategy,
+        id(call.settings),
+        torch.get_num_threads(),
+        kernels.sdp_flags(),
+    )
+
+
+def _reusable(memo: _Memo) -> bool:
+    """The last plan of this layer still stands: it is the strategy's first choice at any budget above its peak,
+    and the budget is fixed or was read recently with room to spare."""
+    last = memo.planned
+    if last is None or not last.plan.stable:
+        return False
+    if last.budget.fixed:
+        return True
+    ample = last.budget.bytes >= FAST_PATH_HEADROOM * last.plan.peak_bytes
+    return ample and time.perf_counter() - memo.probed_at < FAST_PATH_MAX_AGE_S
+
+
+def _plan_call(call: Call) -> Planned:
+    memo = None
+    if call.mask is None:
+        key = _memo_key(call)
+        memo = _memo.get(key)
+        if memo is None or memo.settings is not call.settings:
+            if len(_memo) >= _MEMO_SIZE:
+                _memo.clear()
+            memo = _memo[key] = _Memo(call.settings, _kernels_to_try(call))
+        if _reusable(memo):
+            return memo.planned  # type: ignore[return-value]  # the same layer again, with plenty of memory
+        choices = memo.choices
+    else:
+        choices = _kernels_to_try(call)
+    device = call.q.device
+    budget = probe.device_budget(device, call.settings)
+    planned = _plan_with(call, choices, budget, 1)
+    if (planned is None or planned.plan.sliced) and call.device_kind == "cuda" and not budget.fixed:
+        # the cheap probe ignores torch's cached-but-free blocks: count them before slicing or refusing
+        budget = probe.device_budget(device, call.settings, precise=True)
+        planned = _plan_with(call, choices, budget, 1)
+    if planned is None:
+        raise _refused(call, choices, budget)
+    if memo is not None:
+        memo.planned, memo.probed_at = planned, time.perf_counter()
+    return planned
+
+
+#: Planning and probing read files and Python state: keep them out of ``torch.compile`` graphs.
+plan_call: Callable[[Call], Planned] = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)(_plan_call)
+
+
+# --- 3. run -----------------------------------------------------------------------------------------------------
+
+
+def _after_oom(call: Call, planned: Planned, fused_retried: bool) -> tuple[Planned, bool]:
+    """The plan to try after an out-of-memory error, or NotEnoughMemory when there is none.
+
+    Einsum and SDPA-math plans double their slices up to the cap. A fused plan is retried sliced at most once,
+    and only when slicing shrinks it (it copies its inputs); a sliced fused call never needs less than its output,
+    so after that the einsum kernel takes over if it fits.
+    """
+    plan = planned.plan
+    cap = call.settings.slice_cap
+    if plan.kernel.kind == "fused":
+        if not fused_retried and plan.kernel.input_copies and plan.slices * 2 <= cap:
+            again = _plan_with(call, (plan.kernel,), planned.budget, plan.slices * 2)
+            if again is not None:
+                return replace(again, retries=planned.retries + 1), True
+        einsum = kernels.einsum_kernel(call.q.device.type, call.compute_dtype)
+        if call.settings.kernel == "auto":
+            fallback = _plan_with(call, (einsum,), planned.budget, 1)
+            if fallback is not None:
+                return replace(fallback, retries=planned.retries + 1), True
+        raise _refused(
+            call,
+            (plan.kernel,),
+            planned.budget,
+            detail=f"the fused kernel ran out of memory although it holds little more than its output "
+            f"({format_bytes(call.shape.output_bytes)}): the output itself does not fit",
+        )
+    again = _plan_with(call, (plan.kernel,), planned.budget, plan.slices * 2)
+    if again is None:
+        raise _refused(call, (plan.kernel,), planned.budget, min_slices=plan.slices * 2)
+    return replace(again, retries=planned.retries + 1), fused_retried
+
+
+def run_call(call: Call, planned: Planned, scale: float) -> tuple[Tensor, Planned]:
+    """Run the plan; on out-of-memory drop everything the attempt held and follow :func:`_after_oom`.
+
+    A failed attempt's partial output is never returned: each attempt writes a fresh buffer.
+    """
+    fused_retried = False
+    while True:
+        try:
+            out = kernels.run_plan(call.q, call.k, call.v, planned.plan, scale, call.mask, call.compute_dtype)
+            return out, planned
+        except Exception as exc:
+            if not call.settings.oom_retry or not kernels.is_oom(exc):
+                raise
+            # keep only the text: the traceback's frames hold the slice tensors
+            failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            exc.__traceback__ = None
+            del exc
+        kernels.release_after_oom(call.q.device)
+        before = planned.plan
+        planned, fused_retried = _after_oom(call, planned, fused_retried)
+        log.info(
+            "memslice: out of memory at %s on the %s kernel (%s); retrying with %s on the %s kernel",
+            plural(before.slices, "slice"),
+            before.kernel.kind,
+            failed,
+            plural(planned.plan.slices, "slice"),
+            planned.plan.kernel.kind,
+        )
+
+
+# --- 4. record --------------------------------------------------------------------------------------------------
+
+
+def record(call: Call, planned: Planned, host: Host) -> None:
+    plan, shape = planned.plan, call.shape
+    host.record(
+        CallRecord(
+            site=call.site,
+            strategy=call.strategy,
+            kernel_used=plan.kernel.kind,
+            batch_heads=shape.batch_heads,
+            q_tokens=shape.q_tokens,
+            k_tokens=shape.k_tokens,
+            head_dim=shape.head_dim,
+            heads_per_slice=plan.heads_per_slice,
+            queries_per_slice=plan.queries_per_slice,
+            slices=plan.slices,
+            peak_bytes=plan.peak_bytes,
+            budget_bytes=planned.strategy_budget,
+            retries=planned.retries,
+        )
+    )
+    if call.settings.log == "every call":
+        log.info(
+            "memslice: %s %s [%d x %d x %d, d %d] %s (%d heads x %d queries each) on the %s kernel, "
+            "peak %s of %s (%s)%s",
+            call.site,
+            call.strategy,
+            shape.batch_heads,
+            shape.q_tokens,
+            shape.k_tokens,
+            shape.head_dim,
+            plural(plan.slices, "slice"),
+            plan.heads_per_slice,
+            plan.queries_per_slice,
+            plan.kernel.kind,
+            format_bytes(plan.peak_bytes),
+            format_bytes(planned.strategy_budget),
+            planned.budget.explanation,
+            f", {plural(planned.retries, 'OOM retry')}" if planned.retries else "",
+        )
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -86,95 +397,22 @@ def attend(
 ) -> Tensor:
     """Plan and run one attention call over ``[B, H, N, d]`` tensors; returns ``[B, H, Nq, dv]`` in q's dtype.
 
-    Raises :class:`NotEnoughMemory` when no plan under the slice cap fits (also after OOM retries).
+    Raises :class:`NotEnoughMemory` when no plan under the slice cap fits (also after out-of-memory retries).
     """
-    settings = host.settings()
-    batch, heads, q_tokens, head_dim = q.shape
-    compute_dtype = torch.float32 if upcast and q.dtype in _HALF else q.dtype
-    bias = None
-    if mask is not None:
-        bias = kernels.keep_mask_to_bias(mask, batch, k.shape[2], compute_dtype)
-    kind, workspace = kernels.resolve_kernel(settings.kernel, q, k, v, compute_dtype, bias)
-    shape = AttentionShape(
-        batch_heads=batch * heads,
-        q_tokens=q_tokens,
-        k_tokens=k.shape[2],
-        head_dim=head_dim,
-        v_dim=v.shape[-1],
-        element_size=torch.finfo(compute_dtype).bits // 8,
-        io_element_size=q.element_size(),
-        heads=max(heads, 1),
+    call = describe(
+        q, k, v, strategy=strategy, settings=host.settings(), mask=mask, upcast=upcast, site=site, geometry=geometry
     )
-    device_kind = probe.device_kind(q.device)
-    options = dict(
-        strategy=strategy,
-        slice_cap=settings.slice_cap,
-        kernel=kind,
-        workspace_bytes=workspace,
-        device_kind=device_kind,
-        geometry=geometry,
-        site=site,
-        input_copies=kernels.fused_input_copies(q, k, v, compute_dtype) if kind == "fused" else None,
-    )
-    budget = probe.device_budget(q.device, settings)
-
-    def replan(min_steps: int = 1) -> SlicePlan:
-        return plan_attention(shape, budget.bytes, min_steps=min_steps, **options)
-
     try:
-        try:
-            plan = replan()
-            if plan.sliced and device_kind == "cuda" and settings.budget_gb <= 0:
-                # the cheap probe ignores torch's cached-but-free blocks; count them before slicing for nothing
-                budget = probe.device_budget(q.device, settings, precise=True)
-                plan = replan()
-        except NotEnoughMemory:
-            if not (kind == "fused" and settings.kernel == "auto"):
-                raise
-            # the fused kernel's fixed workspace can exceed a tiny budget that fine einsum slices still meet
-            kind = "einsum"
-            options.update(kernel=kind, workspace_bytes=0, input_copies=None)
-            plan = replan()
-        out, plan, retries = kernels.run_with_retry(
-            q, k, v, plan, replan, kind, scale, bias, compute_dtype, retry=settings.oom_retry
-        )
+        planned = plan_call(call)
+        out, planned = run_call(call, planned, scale)
     except NotEnoughMemory as error:
         host.record_failure(error)
         raise
-    record = CallRecord(
-        site=site,
-        strategy=strategy,
-        kernel=kind,
-        batch_heads=shape.batch_heads,
-        q_tokens=q_tokens,
-        k_tokens=shape.k_tokens,
-        head_dim=head_dim,
-        head_chunk=plan.head_chunk,
-        query_chunk=plan.query_chunk,
-        steps=plan.steps,
-        peak_bytes=plan.peak_bytes,
-        budget_bytes=budget.bytes,
-        retries=retries,
-    )
-    host.record(record)
-    if settings.log == "every call":
-        log.info(
-            "memslice: %s %s [%d x %d x %d, d %d] %s (%d heads x %d queries), peak %s of %s (%s)%s",
-            site,
-            strategy,
-            shape.batch_heads,
-            q_tokens,
-            shape.k_tokens,
-            head_dim,
-            plural(plan.steps, "slice"),
-            plan.head_chunk,
-            plan.query_chunk,
-            format_bytes(plan.peak_bytes),
-            format_bytes(budget.bytes),
-            budget.explanation,
-            f", {retries} OOM retries" if retries else "",
-        )
+    record(call, planned, host)
     return out
+
+
+# --- the forwards ------------------------------------------------------------------------------------------------
 
 
 def _heads_view(t: Tensor, batch: int, heads: int) -> Tensor:
@@ -247,8 +485,7 @@ def make_attnblock_forward(
         h_ = self.norm(x)
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         b, c, h, w = q.shape
-        # [b, 1, hw, c], contiguous: the CPU fused kernel refuses a strided last dim (it would fall back to einsum,
-        # whose two score matrices are the largest allocation of a VAE decode)
+        # [b, 1, hw, c], contiguous: the CPU fused kernel refuses a strided last dim (it would fall back to einsum)
         q, k, v = (t.reshape(b, c, h * w).transpose(1, 2).contiguous().unsqueeze(1) for t in (q, k, v))
         upcast = host.upcast()
         name, geometry = site_of(self, "vae.mid", Geometry(LATENT_DOWNSCALE, True))

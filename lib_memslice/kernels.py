@@ -1,26 +1,37 @@
-"""Run q, k, v through a SlicePlan: head and query chunks into a preallocated output, retrying on OOM.
+"""Run q, k, v through a SlicePlan: the kernel choice, the slices, and what counts as out-of-memory.
 
 Tensors are ``[B, H, N, d]`` (any strides, typically the free ``view(B, N, H, d).transpose(1, 2)`` of a
 projection). That layout matters on CPU, where ``scaled_dot_product_attention`` takes its fused kernel only for
 4-D inputs; slicing a 4-D view along heads or queries keeps it 4-D.
+
+Two ways to run a slice:
+- ``fused`` / ``sdpa-math``: one ``scaled_dot_product_attention`` per rectangle of the slice;
+- ``einsum``: memslice's own kernel for where no fused kernel runs. One score buffer per call, reused by every
+  slice: scores are written into it (``baddbmm_``), soft-maxed in place, and multiplied straight into the
+  preallocated output (``bmm(out=)``). Nothing is allocated per slice, so the speed does not depend on the C
+  allocator (glibc maps and page-faults every fresh tensor of 32 MiB or more), and slices sized to the cache run
+  close to the fused kernel on CPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .plan import NotEnoughMemory, SlicePlan
+from . import workspace as workspace_model
+from .costs import EINSUM, KernelChoice
+from .slicing import SlicePlan
 
 log = logging.getLogger("memslice")
 
 Tensor = torch.Tensor
-
-#: Bytes of per-thread scratch the fused CPU kernel allocates outside torch's dispatcher (measured ~0.6 MiB).
-CPU_FUSED_WORKSPACE_PER_THREAD = 1 << 20
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _sdpa_has_scale() -> bool:
@@ -35,27 +46,30 @@ def _sdpa_has_scale() -> bool:
 _HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
 _HAS_SCALE = _HAS_SDPA and _sdpa_has_scale()
 
+#: torch's SDPBackend numbering, as ``torch._fused_sdp_choice`` answers it
+_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
-def fused_sdpa_available(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> bool:
-    """Whether SDPA would pick a fused kernel (flash / memory-efficient / cuDNN) for these inputs.
 
-    Asks torch's own dispatcher choice (``torch._fused_sdp_choice``, 0 = math) so backend flags and dtype or
-    head-dim limits are honoured exactly. Older torch without it: assume fused only on CUDA half precision.
+def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> str:
+    """The SDPA backend torch would pick for these inputs: "flash", "efficient", "cudnn", "math"; "" if unknown.
+
+    Asks torch's own dispatcher choice (``torch._fused_sdp_choice``), so backend switches and dtype or head-dim
+    limits are honoured exactly. Older torch without it: assume a fused kernel only on CUDA half precision.
     """
     if not _HAS_SDPA:
-        return False
+        return "math"
     choose = getattr(torch, "_fused_sdp_choice", None)
     if choose is not None:
         try:
-            return int(choose(q, k, v, attn_mask=mask)) > 0
+            return _BACKENDS.get(int(choose(q, k, v, attn_mask=mask)), "")
         except Exception:  # unknown signature or unsupported input: be conservative
-            return False
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            return "math"
+    return "" if q.is_cuda and q.dtype in _HALF else "math"
 
 
-#: What resolve_kernel answered per (device type, compute dtype, head dim, setting): lets the planner API and
-#: UI preview the kernel a generation really uses without touching the device themselves.
-_observed: dict[tuple[str, torch.dtype, int, str], tuple[str, int]] = {}
+def fused_sdpa_available(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> bool:
+    """Whether SDPA would run a fused kernel (no score matrix) for these inputs."""
+    return sdpa_backend(q, k, v, mask) != "math"
 
 
 _SDP_FLAG_FNS = tuple(
@@ -65,90 +79,9 @@ _SDP_FLAG_FNS = tuple(
 )
 
 
-def _sdp_flags() -> tuple[bool, ...]:
-    """torch's global SDPA backend switches (also set by ``sdpa_kernel``/``sdp_kernel`` contexts)."""
+def sdp_flags() -> tuple[bool, ...]:
+    """torch's global SDPA backend switches (also set by ``sdpa_kernel`` / ``sdp_kernel`` contexts)."""
     return tuple(fn() for fn in _SDP_FLAG_FNS)
-
-
-_resolved: dict[tuple, tuple[str, int]] = {}
-_RESOLVED_SIZE = 256
-
-
-def resolve_kernel(
-    setting: str, q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype, mask: Tensor | None = None
-) -> tuple[str, int]:
-    """The planner's kernel kind for this call and the fused kernel's hidden workspace in bytes.
-
-    ``setting`` is ``auto`` (fused SDPA where it runs, else einsum, whose memory is predictable), ``sdpa``
-    (always SDPA; its math fallback when nothing fused applies) or ``einsum``. Answers are cached per shape,
-    dtypes, layout and torch's backend switches, so a generation asks torch once per distinct layer.
-    """
-    if setting == "einsum" or not _HAS_SDPA:
-        return "einsum", 0
-    key = (
-        setting,
-        q.device,
-        q.dtype,
-        compute_dtype,
-        tuple(q.shape),
-        k.shape[2],
-        v.shape[-1],
-        (q.stride(-1), k.stride(-1), v.stride(-1)),
-        None if mask is None else (mask.dtype, tuple(mask.shape)),
-        torch.get_num_threads(),
-        _sdp_flags(),
-    )
-    found = _resolved.get(key)
-    if found is None:
-        found = _resolve(setting, q, k, v, compute_dtype, mask)
-        if len(_resolved) >= _RESOLVED_SIZE:
-            _resolved.clear()
-        _resolved[key] = found
-    return found
-
-
-def _resolve(
-    setting: str, q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype, mask: Tensor | None
-) -> tuple[str, int]:
-    probe = [t[:1, :1, :1] for t in (q, k, v)]
-    if compute_dtype != q.dtype:
-        probe = [t.to(compute_dtype) for t in probe]
-    small_mask = None if mask is None else mask[:1, :, :1]
-    if fused_sdpa_available(*probe, mask=small_mask):
-        workspace = CPU_FUSED_WORKSPACE_PER_THREAD * torch.get_num_threads() if q.device.type == "cpu" else 0
-        found = "fused", workspace
-    else:
-        found = ("sdpa-math" if setting == "sdpa" else "einsum"), 0
-    if mask is None:
-        key = (q.device.type, compute_dtype, q.shape[-1], setting)
-        if key not in _observed and len(_observed) < 256:
-            _observed[key] = found
-    return found
-
-
-def expected_kernel(
-    device_kind: str, dtype: torch.dtype, head_dim: int, setting: str = "auto", ask_device: bool = False
-) -> tuple[str, int]:
-    """The kernel a call would get, for previews: what a real call answered, else the CPU (or, with
-    ``ask_device``, a present accelerator) asked with tiny tensors, else a conservative assumption: fused SDPA on
-    CUDA for head dims up to 256 in multiples of 8, einsum elsewhere. Without ``ask_device`` it never touches an
-    accelerator, so the HTTP API can call it while a generation runs.
-    """
-    if setting == "einsum" or not _HAS_SDPA:
-        return "einsum", 0
-    seen = _observed.get((device_kind, dtype, head_dim, setting))
-    if seen is not None:
-        return seen
-    if device_kind == "cpu" or (ask_device and device_kind in ("cuda", "mps", "xpu")):
-        try:
-            t = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device_kind)
-        except Exception:  # that device is not present here (torch raises AssertionError for CUDA)
-            pass
-        else:
-            return resolve_kernel(setting, t, t, t, dtype)
-    if device_kind == "cuda" and head_dim % 8 == 0 and head_dim <= 256:
-        return "fused", 0
-    return ("sdpa-math" if setting == "sdpa" else "einsum"), 0
 
 
 def fused_input_copies(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype) -> int:
@@ -161,12 +94,161 @@ def fused_input_copies(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dty
     return copies + int(strided or padded)
 
 
-def keep_mask_to_bias(mask: Tensor, batch: int, k_tokens: int, dtype: torch.dtype) -> Tensor:
-    """ldm's boolean keep-mask (``[B, ...]`` flattening to ``[B, k_tokens]``) as an additive ``[B,1,1,K]`` bias.
+def fused_costs(
+    device_type: str,
+    backend: str,
+    head_dim: int,
+    v_dim: int,
+    dtype: torch.dtype,
+    kv_tokens: int | None = None,
+    batch_heads: int | None = None,
+) -> tuple[int, int, int]:
+    """``(workspace bytes, accumulator bytes per output element, extra input copies)`` of a fused SDPA call.
 
-    Dropped keys get ``-finfo.max`` like ldm's ``masked_fill``, so a row that masks every key averages ``v``
-    instead of turning into NaN.
+    CPU: per-thread scratch, and on AMX CPUs packed K/V copies that grow with the inputs (counted as one more
+    input copy), both measured (:mod:`lib_memslice.workspace`). CUDA's memory-efficient kernel in half precision
+    with value dims over 128 allocates a float32 output accumulator (twice a half output).
     """
+    element = torch.finfo(dtype).bits // 8
+    if device_type == "cpu":
+        threads = torch.get_num_threads()
+        workspace = workspace_model.cpu_fused_workspace(
+            head_dim, v_dim, element, threads, kv_tokens=kv_tokens, batch_heads=batch_heads, dtype=dtype
+        )
+        packs = workspace_model.cpu_fused_can_pack(element, dtype) and workspace_model.cpu_fused_pack_copies(
+            batch_heads or 1, kv_tokens or 512, head_dim, element, threads, dtype=dtype
+        )
+        return workspace, 0, int(bool(packs))
+    if device_type == "cuda" and backend in ("efficient", "") and dtype in _HALF and v_dim > 128:
+        return 0, 4, 0
+    return 0, 0, 0
+
+
+def einsum_kernel(device_type: str, dtype: torch.dtype) -> KernelChoice:
+    """memslice's einsum kernel on this device. On CPU it allocates nothing per slice (checked with the profiler's
+    in-op events); elsewhere ``bmm(out=)`` may go through a contiguous temporary of one slice's output and the
+    softmax runs as elementwise ops with two row statistics: counted as one element plus one byte per output."""
+    if device_type == "cpu":
+        return EINSUM
+    return KernelChoice("einsum", accumulator=torch.finfo(dtype).bits // 8 + 1)
+
+
+def choose_kernel(
+    setting: str, q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype, mask: Tensor | None = None
+) -> KernelChoice:
+    """The kernel for this call under the ``kernel`` setting: ``auto`` (fused SDPA where torch runs it, else
+    memslice's einsum kernel), ``sdpa`` (always SDPA; its math path where nothing fused applies) or ``einsum``.
+    Asks torch with one-element views of the inputs, so it costs microseconds."""
+    if setting == "einsum" or not _HAS_SDPA:
+        return einsum_kernel(q.device.type, compute_dtype)
+    probe = [t[:1, :1, :1] for t in (q, k, v)]
+    if compute_dtype != q.dtype:
+        probe = [t.to(compute_dtype) for t in probe]
+    small_mask = None if mask is None else mask[:1, :, :1]
+    backend = sdpa_backend(*probe, mask=small_mask)
+    if backend == "math":
+        return (
+            KernelChoice("sdpa-math", backend="math")
+            if setting == "sdpa"
+            else einsum_kernel(q.device.type, compute_dtype)
+        )
+    batch_heads = q.shape[0] * q.shape[1]
+    workspace, accumulator, packed = fused_costs(
+        q.device.type, backend, q.shape[-1], v.shape[-1], compute_dtype, k.shape[2], batch_heads
+    )
+    copies = fused_input_copies(q, k, v, compute_dtype) + packed
+    return KernelChoice("fused", workspace, accumulator, copies, backend)
+
+
+#: What choose_kernel answered per (device type, compute dtype, head dim, setting) in real calls: lets the planner
+#: API and UI preview the kernel a generation really uses without touching the device themselves.
+_observed: dict[tuple[str, torch.dtype, int, str], KernelChoice] = {}
+
+
+def observe(device_type: str, dtype: torch.dtype, head_dim: int, setting: str, kernel: KernelChoice) -> None:
+    key = (device_type, dtype, head_dim, setting)
+    if key not in _observed and len(_observed) < 256:
+        _observed[key] = kernel
+
+
+def expected_kernel(
+    device_kind: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    setting: str = "auto",
+    ask_device: bool = False,
+    v_dim: int | None = None,
+) -> KernelChoice:
+    """The kernel a call would get, for previews: what a real call answered, else the CPU (or, with
+    ``ask_device``, a present accelerator) asked with tiny tensors, else torch's rules for CUDA: the fused
+    memory-efficient kernel for head dims that are multiples of 8 (any dtype; flash only up to 256 in half
+    precision, so the VAE's 512 runs memory-efficient, with its float32 accumulator counted), the math path
+    elsewhere. Without ``ask_device`` it never touches an accelerator, so the HTTP API can call it while a
+    generation runs.
+    """
+    v_dim = v_dim or head_dim
+    if setting == "einsum" or not _HAS_SDPA:
+        return einsum_kernel(device_kind, dtype)
+    seen = _observed.get((device_kind, dtype, head_dim, setting))
+    if seen is not None:
+        return seen
+    if device_kind == "cpu" or (ask_device and device_kind in ("cuda", "mps", "xpu")):
+        try:
+            q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device_kind)
+            v = q if v_dim == head_dim else torch.empty(1, 1, 1, v_dim, dtype=dtype, device=device_kind)
+        except Exception:  # that device is not present here (torch raises AssertionError for CUDA)
+            pass
+        else:
+            found = choose_kernel(setting, q, q, v, dtype)
+            if found.kind != "fused":
+                return found
+            # sized for any call (the tiny probe tensors would understate the block-sized scratch)
+            workspace, accumulator, packed = fused_costs(device_kind, found.backend, head_dim, v_dim, dtype)
+            return replace(found, workspace=workspace, accumulator=accumulator, input_copies=packed)
+    if device_kind == "cuda" and head_dim % 8 == 0 and v_dim % 8 == 0:
+        backend = "flash" if dtype in _HALF and max(head_dim, v_dim) <= 128 else "efficient"
+        workspace, accumulator, _ = fused_costs("cuda", backend, head_dim, v_dim, dtype)
+        return KernelChoice("fused", workspace, accumulator, 0, backend)
+    return KernelChoice("sdpa-math", backend="math") if setting == "sdpa" else einsum_kernel(device_kind, dtype)
+
+
+def expected_kernels(
+    device_kind: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    setting: str = "auto",
+    ask_device: bool = False,
+    v_dim: int | None = None,
+) -> tuple[KernelChoice, ...]:
+    """The kernels a call may use, fastest first, as :func:`lib_memslice.forwards.plan_call` tries them: the
+    expected kernel, then (``auto`` with a fused kernel) memslice's einsum kernel for budgets the fused one misses."""
+    first = expected_kernel(device_kind, dtype, head_dim, setting, ask_device, v_dim)
+    if first.kind == "fused" and setting == "auto":
+        return first, einsum_kernel(device_kind, dtype)
+    return (first,)
+
+
+# --- masks ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeepMask:
+    """ldm's boolean keep-mask, prepared once per call.
+
+    ``drop``: ``[B, 1, 1, K]`` True where a key is masked out (the einsum kernel fills those scores with
+    ``-finfo.max`` exactly as ldm's ``masked_fill`` does, so a row with every key masked averages ``v``);
+    ``bias``: the same as an additive bias for SDPA; ``dead``: batch items with every key masked (SDPA would give
+    NaN there: their output is set to the mean of ``v``, ldm's result).
+    """
+
+    drop: Tensor
+    bias: Tensor
+    dead: Tensor
+    any_dead: bool
+
+
+def keep_mask(mask: Tensor, batch: int, k_tokens: int, dtype: torch.dtype) -> KeepMask:
+    """Validate ldm's ``[B, ...]`` boolean keep-mask (flattening to ``[B, k_tokens]``) and prepare it."""
     if mask.dtype != torch.bool:
         raise TypeError(f"memslice: attention mask must be a boolean keep-mask (ldm semantics), got {mask.dtype}")
     flat = mask.reshape(mask.shape[0], -1)
@@ -174,34 +256,112 @@ def keep_mask_to_bias(mask: Tensor, batch: int, k_tokens: int, dtype: torch.dtyp
         raise ValueError(
             f"memslice: attention mask of shape {tuple(mask.shape)} does not match batch {batch} x {k_tokens} keys"
         )
-    bias = torch.zeros(batch, 1, 1, k_tokens, dtype=dtype, device=mask.device)
-    return bias.masked_fill_(~flat[:, None, None, :], -torch.finfo(dtype).max)
+    drop = (~flat)[:, None, None, :]
+    bias = torch.zeros(batch, 1, 1, k_tokens, dtype=dtype, device=mask.device).masked_fill_(
+        drop, -torch.finfo(dtype).max
+    )
+    dead = drop.reshape(batch, k_tokens).all(dim=1) if k_tokens else torch.zeros(batch, dtype=torch.bool)
+    return KeepMask(drop, bias, dead, bool(dead.any()))
 
 
-def _chunk(q: Tensor, k: Tensor, v: Tensor, kind: str, scale: float, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Attention for one chunk in ``dtype``; returns ``[b, h, n, dv]``."""
+# --- running a plan ----------------------------------------------------------------------------------------
+
+
+def rectangles(batch: int, heads: int, rows_per_slice: int) -> Iterator[list[tuple[int, int, int, int]]]:
+    """Each slice of ``rows_per_slice`` rows of the flattened batch x heads, as ``(b0, b1, h0, h1)`` rectangles:
+    a slice that starts or ends inside a batch item becomes a partial item, whole items, and a partial item."""
+    total = batch * heads
+    for r0 in range(0, total, rows_per_slice):
+        r1 = min(r0 + rows_per_slice, total)
+        pieces = []
+        r = r0
+        while r < r1:
+            b, h = divmod(r, heads)
+            if h == 0 and r1 - r >= heads:
+                items = (r1 - r) // heads
+                pieces.append((b, b + items, 0, heads))
+                r += items * heads
+            else:
+                end = min(heads, h + (r1 - r))
+                pieces.append((b, b + 1, h, end))
+                r += end - h
+        yield pieces
+
+
+def _softmax_(s: Tensor) -> None:
+    """Softmax over the last dim, in place (the score buffer becomes the probabilities)."""
+    if s.device.type in ("cpu", "cuda"):
+        torch._softmax(s, -1, False, out=s)
+    else:  # elementwise in-place ops only: safe on every backend
+        s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
+        s.div_(s.sum(dim=-1, keepdim=True))
+
+
+def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, mask: KeepMask | None,
+                dtype: torch.dtype, out: Tensor) -> None:  # fmt: skip
+    batch, heads, q_tokens, d = q.shape
+    k_tokens, dv = k.shape[2], v.shape[-1]
+    rows = min(plan.heads_per_slice, heads)
+    qps = min(plan.queries_per_slice, q_tokens)
+    device = q.device
+    # flat storage, viewed per slice as a contiguous [rows, queries, keys] block: the in-place softmax is only
+    # correct on contiguous tensors, and the last slice may be shorter than the others
+    scores = torch.empty(rows * qps * k_tokens, dtype=dtype, device=device)
+    cast = dtype != q.dtype
+    if cast:  # reused buffers for the inputs in the compute dtype, and one slice's output before it is cast back
+        kb = torch.empty(rows, k_tokens, d, dtype=dtype, device=device)
+        vb = torch.empty(rows, k_tokens, dv, dtype=dtype, device=device)
+        qb = torch.empty(rows * qps * d, dtype=dtype, device=device)
+        ob = torch.empty(rows * qps * dv, dtype=dtype, device=device)
+    fill = -torch.finfo(dtype).max
+    for pieces in rectangles(batch, heads, plan.heads_per_slice):
+        for b0, b1, h0, h1 in pieces:
+            n = h1 - h0
+            for b in range(b0, b1):  # one batch item at a time through the same buffer
+                kk, vv = k[b, h0:h1], v[b, h0:h1]
+                if cast:
+                    kk, vv = kb[:n].copy_(kk), vb[:n].copy_(vv)
+                kt = kk.transpose(-1, -2)
+                drop = None if mask is None else mask.drop[b, 0]
+                for n0 in range(0, q_tokens, qps):
+                    m = min(qps, q_tokens - n0)
+                    s = scores[: n * m * k_tokens].view(n, m, k_tokens)
+                    qq = q[b, h0:h1, n0 : n0 + m]
+                    if cast:
+                        qq = qb[: n * m * d].view(n, m, d).copy_(qq)
+                    s.baddbmm_(qq, kt, beta=0, alpha=scale)
+                    if drop is not None:
+                        s.masked_fill_(drop, fill)
+                    _softmax_(s)
+                    target = out[b, h0:h1, n0 : n0 + m]
+                    if cast:
+                        target.copy_(torch.bmm(s, vv, out=ob[: n * m * dv].view(n, m, dv)))
+                    else:
+                        torch.bmm(s, vv, out=target)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # no-ops unless upcasting
-    if kind != "einsum":
-        if _HAS_SCALE:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        return F.scaled_dot_product_attention(q * (scale * q.shape[-1] ** 0.5), k, v, attn_mask=bias)
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))
-    if bias is not None:
-        scores.add_(bias)
-    scores = scores.softmax(dim=-1)
-    return torch.matmul(scores, v)
+    if _HAS_SCALE:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return F.scaled_dot_product_attention(q * (scale * q.shape[-1] ** 0.5), k, v, attn_mask=bias)
 
 
-def head_ranges(batch: int, heads: int, head_chunk: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(b0, b1, h0, h1)`` rectangles: whole items when ``head_chunk >= heads``, else head runs per item."""
-    if head_chunk >= heads:
-        items = max(1, head_chunk // heads)
-        for b0 in range(0, batch, items):
-            yield b0, min(b0 + items, batch), 0, heads
-        return
-    for b in range(batch):
-        for h0 in range(0, heads, head_chunk):
-            yield b, b + 1, h0, min(h0 + head_chunk, heads)
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: one function per device type
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return device_type == "cuda" and bool(torch.is_autocast_enabled())
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast would change the dtype under the plan (CUDA autocast runs ``softmax`` in float32 and matmuls in
+    half): the kernel runs in exactly the dtype it was planned for."""
+    if _autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def run_plan(
@@ -209,9 +369,8 @@ def run_plan(
     k: Tensor,
     v: Tensor,
     plan: SlicePlan,
-    kind: str,
     scale: float,
-    bias: Tensor | None = None,
+    mask: KeepMask | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Execute ``plan``; returns ``[B, H, Nq, dv]`` in ``q.dtype`` (a view of a ``[B, Nq, H, dv]`` buffer)."""
@@ -221,19 +380,32 @@ def run_plan(
     if q.numel() == 0 or k.shape[2] == 0:
         # no queries: nothing to do; no keys: the empty weighted sum is zero (as ldm's einsum gives)
         return q.new_zeros(batch, q_tokens, heads, dv).permute(0, 2, 1, 3)
-    if not plan.sliced:
-        out = _chunk(q, k, v, kind, scale, bias, dtype)
-        return out if out.dtype == q.dtype else out.to(q.dtype)
-    out = torch.empty(batch, q_tokens, heads, dv, dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
-    qc = plan.query_chunk
-    for b0, b1, h0, h1 in head_ranges(batch, heads, plan.head_chunk):
-        kk, vv = k[b0:b1, h0:h1].to(dtype), v[b0:b1, h0:h1].to(dtype)  # cast once per head range, not per slice
-        bb = None if bias is None else bias[b0:b1]
-        for n0 in range(0, q_tokens, qc):
-            n1 = min(n0 + qc, q_tokens)
-            out[b0:b1, h0:h1, n0:n1] = _chunk(q[b0:b1, h0:h1, n0:n1], kk, vv, kind, scale, bb, dtype)
-    return out
+    kind = plan.kernel.kind
+    with _no_autocast(q.device.type):
+        if kind == "einsum":
+            out = torch.empty(batch, q_tokens, heads, dv, dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+            _run_einsum(q, k, v, plan, scale, mask, dtype, out)
+            return out
+        bias = None if mask is None else mask.bias
+        if not plan.sliced:
+            out = _sdpa(q, k, v, scale, bias, dtype)
+            out = out if out.dtype == q.dtype else out.to(q.dtype)
+        else:
+            out = torch.empty(batch, q_tokens, heads, dv, dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+            qps = plan.queries_per_slice
+            for pieces in rectangles(batch, heads, plan.heads_per_slice):
+                for b0, b1, h0, h1 in pieces:
+                    kk, vv = k[b0:b1, h0:h1].to(dtype), v[b0:b1, h0:h1].to(dtype)  # cast once per rectangle
+                    bb = None if bias is None else bias[b0:b1]
+                    for n0 in range(0, q_tokens, qps):
+                        n1 = min(n0 + qps, q_tokens)
+                        out[b0:b1, h0:h1, n0:n1] = _sdpa(q[b0:b1, h0:h1, n0:n1], kk, vv, scale, bb, dtype)
+        if mask is not None and mask.any_dead:  # ldm: every key masked -> uniform weights -> mean of v
+            out[mask.dead] = v[mask.dead].mean(dim=2, keepdim=True).to(out.dtype)
+        return out
 
+
+# --- out of memory -------------------------------------------------------------------------------------------
 
 _OOM_TYPES: tuple[type[BaseException], ...] = tuple(
     t
@@ -248,11 +420,17 @@ _OOM_TEXT = (
     "could not allocate tensor",
     "not enough gpu video memory",
     "defaultcpuallocator",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "hiperroroutofmemory",
 )
 
 
 def is_oom(exc: BaseException) -> bool:
-    """Out-of-memory from any backend: torch's OOM types, MemoryError, or their runtime-error messages."""
+    """Out-of-memory from any backend: torch's OOM types, MemoryError, or their runtime-error messages
+    (cuBLAS and cuDNN report a failed workspace allocation as a status, not as torch's OOM type)."""
+    from .slicing import NotEnoughMemory
+
     if isinstance(exc, NotEnoughMemory):
         return False
     if isinstance(exc, _OOM_TYPES):
@@ -260,43 +438,7 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OOM_TEXT)
 
 
-def run_with_retry(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    plan: SlicePlan,
-    replan: Callable[[int], SlicePlan],
-    kind: str,
-    scale: float,
-    bias: Tensor | None = None,
-    compute_dtype: torch.dtype | None = None,
-    retry: bool = True,
-) -> tuple[Tensor, SlicePlan, int]:
-    """Run ``plan``; on out-of-memory drop everything the attempt held and run ``replan(2 * steps)``.
-
-    ``replan`` raises :class:`NotEnoughMemory` once the doubled step count passes the slice cap. Returns the
-    output, the plan that succeeded and how many retries it took. A failed attempt's partial output is never
-    returned: each attempt writes a fresh buffer.
-    """
-    retries = 0
-    while True:
-        failed = None
-        try:
-            return run_plan(q, k, v, plan, kind, scale, bias, compute_dtype), plan, retries
-        except Exception as exc:
-            if not retry or not is_oom(exc):
-                raise
-            # keep only the text: the traceback's frames hold the chunk tensors
-            failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            exc.__traceback__ = None
-            del exc
-        _empty_cache(q.device)
-        retries += 1
-        log.info("memslice: out of memory at %d slices (%s); retrying with %d", plan.steps, failed, plan.steps * 2)
-        plan = replan(plan.steps * 2)
-
-
-def _empty_cache(device: torch.device) -> None:
+def release_after_oom(device: torch.device) -> None:
     """Return cached blocks after an OOM so the retry sees the memory the failed attempt released."""
     try:
         if device.type == "cuda":

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .plan import AttentionShape, Geometry
+from .costs import AttentionShape
+from .slicing import Geometry
 
 LATENT_DOWNSCALE = 8  # every SD VAE here: 2 ** (len(ch_mult) - 1)
 PROMPT_TOKENS = 77  # one 75-token chunk plus start/end

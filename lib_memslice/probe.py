@@ -1,8 +1,11 @@
 """Free memory per device kind, and the attention budget derived from it.
 
-A probe runs on every attention call, so each one is a handful of microseconds: no ``memory_stats()`` dict
-on CUDA unless slicing is already on the table, and ``/proc/meminfo`` (not psutil) on Linux CPUs. A probe that
-fails or returns nonsense falls back to a stated conservative guess instead of failing the generation.
+A probe runs whenever a call is planned, so each one is a handful of microseconds: no ``memory_stats()`` dict
+on CUDA unless the cheap number would make a plan slice or fail, and ``/proc/meminfo`` (not psutil) on Linux CPUs.
+
+A number is the truth: a reading of 0 or less means nothing is free (a cgroup at its limit, Metal's working set
+overcommitted, CUDA's driver memory exhausted) and planning then refuses cleanly. Only a probe that raises or
+answers something that is not a number is replaced by a stated assumption, warned once per device kind and cause.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .plan import GiB
+from .costs import GiB
 from .settings import Settings
 
 log = logging.getLogger("memslice")
@@ -53,6 +56,7 @@ def _warn_once(key: str, message: str, *args: object) -> None:
 
 _CGROUP_MAX = "/sys/fs/cgroup/memory.max"
 _CGROUP_CURRENT = "/sys/fs/cgroup/memory.current"
+_CGROUP_STAT = "/sys/fs/cgroup/memory.stat"
 _cgroup_limit: int | bool | None = False  # False: not looked up yet
 
 
@@ -64,8 +68,19 @@ def _read(path: str) -> bytes:
         os.close(fd)
 
 
+def _inactive_file() -> int:
+    """Page cache the kernel reclaims before it kills for the cgroup's limit (counted in memory.current)."""
+    try:
+        text = _read(_CGROUP_STAT)
+        start = text.index(b"inactive_file ") + 14
+        return int(text[start : text.index(b"\n", start)])
+    except (OSError, ValueError):
+        return 0
+
+
 def _cgroup_headroom() -> int | None:
-    """Bytes left under a cgroup v2 memory limit (containers), or None where there is no limit."""
+    """Bytes left under a cgroup v2 memory limit (containers), or None where there is no limit. Reclaimable page
+    cache (``inactive_file``) counts as free, as the kernel and kubelet's working set count it."""
     global _cgroup_limit
     if _cgroup_limit is False:
         try:
@@ -76,9 +91,10 @@ def _cgroup_headroom() -> int | None:
     if _cgroup_limit is None:
         return None
     try:
-        return max(0, int(_cgroup_limit) - int(_read(_CGROUP_CURRENT).strip()))
+        used = int(_read(_CGROUP_CURRENT).strip())
     except (OSError, ValueError):
         return None
+    return max(0, int(_cgroup_limit) - used + _inactive_file())
 
 
 def _meminfo_available() -> int | None:
@@ -97,7 +113,7 @@ def cpu_free() -> FreeMemory:
         if available is not None:
             headroom = _cgroup_headroom()
             if headroom is not None and headroom < available:
-                return FreeMemory(headroom, "cgroup memory.max - memory.current")
+                return FreeMemory(headroom, "cgroup memory.max - memory.current + inactive_file")
             return FreeMemory(available, "/proc/meminfo MemAvailable")
     import psutil  # the webui ships it; imported lazily because Linux never needs it
 
@@ -149,9 +165,10 @@ def xpu_free(device: Any) -> FreeMemory:
     return FreeMemory(total - int(xpu.memory_allocated(device)), "xpu total - torch allocated", trusted=False)
 
 
-def _fallback(why: str) -> FreeMemory:
+def _fallback(kind: str, cause: str, why: str) -> FreeMemory:
+    """The stated assumption, warned once per device kind and cause (not per value: readings fluctuate)."""
     _warn_once(
-        why,
+        f"{kind}:{cause}",
         "memslice: %s; assuming %d GiB free. Set 'Memory budget (GiB)' in Settings > Memory slicing for a real number.",
         why,
         FALLBACK_FREE // GiB,
@@ -159,8 +176,20 @@ def _fallback(why: str) -> FreeMemory:
     return FreeMemory(FALLBACK_FREE, f"assumed ({why})", trusted=False)
 
 
+def _as_bytes(value: Any) -> int | None:
+    """An integral byte count from a probe's answer; None for anything that is not a finite number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return int(value)
+    return None
+
+
 def free_memory(device: Any, precise: bool = False) -> FreeMemory:
-    """Free bytes on ``device``. Never raises: a failing or absurd probe becomes a logged fallback."""
+    """Free bytes on ``device``. Never raises. A reading of 0 or less is 0 free (trusted); a probe that raises or
+    answers a non-number becomes the stated assumption."""
     kind = device_kind(device)
     try:
         if kind == "cuda":
@@ -172,33 +201,40 @@ def free_memory(device: Any, precise: bool = False) -> FreeMemory:
         elif kind == "cpu":
             found = cpu_free()
         else:
-            return _fallback(f"no memory probe for device {device}")
+            return _fallback(kind, "no probe", f"no memory probe for device {device}")
     except Exception as exc:  # a probe must never cost a generation
-        return _fallback(f"the {kind} memory probe failed ({type(exc).__name__}: {exc})")
-    value = found.bytes
-    if not isinstance(value, int) or value <= 0:
-        return _fallback(f"the {kind} memory probe returned {value!r}")
-    return found
+        return _fallback(kind, type(exc).__name__, f"the {kind} memory probe failed ({type(exc).__name__}: {exc})")
+    value = _as_bytes(found.bytes)
+    if value is None:
+        return _fallback(kind, "not a number", f"the {kind} memory probe answered {found.bytes!r}")
+    if value <= 0:
+        return FreeMemory(0, f"{found.source} (nothing free)", found.trusted)
+    return (
+        found if value == found.bytes and type(found.bytes) is int else FreeMemory(value, found.source, found.trusted)
+    )
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Bytes one attention call may allocate, and how that number was reached."""
+    """Bytes one attention call may allocate, how that number was reached, and whether the user fixed it."""
 
     bytes: int
     free: FreeMemory | None
     explanation: str
+    fixed: bool = False
+    safety_factor: float = 1.0
 
 
 def budget_for(free: FreeMemory | None, settings: Settings) -> Budget:
     """The user's fixed budget if set, else free memory divided by the safety factor."""
     if settings.budget_gb > 0:
         value = int(settings.budget_gb * GiB)
-        return Budget(value, free, f"fixed budget {settings.budget_gb:g} GiB")
+        return Budget(value, free, f"fixed budget {settings.budget_gb:g} GiB", fixed=True)
     if free is None:
-        free = _fallback("no free-memory number was given")
+        free = _fallback("any", "no number", "no free-memory number was given")
     factor = settings.safety_factor if math.isfinite(settings.safety_factor) else 3.3
-    return Budget(int(free.bytes / max(factor, 1.0)), free, f"{free.source} / safety factor {factor:g}")
+    factor = max(factor, 1.0)
+    return Budget(int(free.bytes / factor), free, f"{free.source} / safety factor {factor:g}", safety_factor=factor)
 
 
 def device_budget(device: Any, settings: Settings, precise: bool = False) -> Budget:

@@ -59,11 +59,11 @@ SPECS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "slice_cap",
         "int",
-        64,
+        4096,
         "Slice cap",
         "most slices one attention call may be split into before memslice reports that it cannot fit",
         lo=1,
-        hi=4096,
+        hi=65536,
         step=1,
     ),
     OptionSpec(
@@ -115,7 +115,7 @@ class Settings:
     """The validated options. Construct from raw values with :func:`read_settings` or :func:`coerce_all`."""
 
     safety_factor: float = 3.3
-    slice_cap: int = 64
+    slice_cap: int = 4096
     budget_gb: float = 0.0
     kernel: str = "auto"
     oom_retry: bool = True

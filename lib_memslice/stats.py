@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .plan import format_bytes
+from .costs import format_bytes
 
 
 def plural(n: int, word: str) -> str:
@@ -28,16 +28,16 @@ class CallRecord:
 
     site: str
     strategy: str
-    kernel: str
+    kernel_used: str  # fused | sdpa-math | einsum: what ran (the ``kernel`` setting is what was asked for)
     batch_heads: int
     q_tokens: int
     k_tokens: int
     head_dim: int
-    head_chunk: int
-    query_chunk: int
-    steps: int
-    peak_bytes: int
-    budget_bytes: int
+    heads_per_slice: int
+    queries_per_slice: int
+    slices: int
+    peak_bytes: int  # predicted peak of the call's attention
+    budget_bytes: int  # the budget the strategy planned against
     retries: int = 0
     timestamp: float = field(default_factory=time.time)
 
@@ -52,7 +52,7 @@ class JobSummary:
     strategy: str = ""
     calls: int = 0
     sliced_calls: int = 0
-    max_steps: int = 0
+    max_slices: int = 0
     max_peak_bytes: int = 0
     retries: int = 0
     failures: int = 0
@@ -60,14 +60,14 @@ class JobSummary:
     def add(self, record: CallRecord) -> None:
         self.strategy = record.strategy
         self.calls += 1
-        self.sliced_calls += record.steps > 1
-        self.max_steps = max(self.max_steps, record.steps)
+        self.sliced_calls += record.slices > 1
+        self.max_slices = max(self.max_slices, record.slices)
         self.max_peak_bytes = max(self.max_peak_bytes, record.peak_bytes)
         self.retries += record.retries
 
     def infotext(self) -> str:
         """The value of the ``Memslice`` infotext field, e.g. ``doggettx, max 8 slices``."""
-        text = f"{self.strategy}, max {plural(self.max_steps, 'slice')}"
+        text = f"{self.strategy}, max {plural(self.max_slices, 'slice')}"
         if self.retries:
             text += f", {plural(self.retries, 'OOM retry')}"
         return text
@@ -75,7 +75,7 @@ class JobSummary:
     def line(self) -> str:
         """The one-line console/UI summary."""
         text = (
-            f"memslice: {self.strategy}, {plural(self.max_steps, 'slice')} max over "
+            f"memslice: {self.strategy}, {plural(self.max_slices, 'slice')} max over "
             f"{plural(self.calls, 'attention call')} ({self.sliced_calls} sliced), "
             f"predicted peak {format_bytes(self.max_peak_bytes)}, {plural(self.retries, 'retry')}"
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import threading
 from typing import Any
 
@@ -19,20 +18,20 @@ import torch
 from modules import script_callbacks, sd_hijack_optimizations, shared  # type: ignore[import-not-found]
 
 from . import __version__, kernels, probe
+from .costs import KernelChoice, format_bytes
 from .forwards import make_attnblock_forward, make_cross_attention_forward
+from .model_plan import Request, plan_model
 from .models import BUILTIN, MODEL_NAMES, ModelSpec, sites_from_modules
-from .plan import STRATEGY_NAMES, NotEnoughMemory, format_bytes
-from .planner import Request, plan_model
 from .settings import CATEGORY_ID, SECTION, SPECS, Settings, coerce, read_settings, warn_once
+from .slicing import STRATEGY_NAMES, NotEnoughMemory
 from .stats import CallRecord, Stats
 
+# Records go through the webui's own logging configuration (it sets the root level from --loglevel or
+# SD_WEBUI_LOG_LEVEL); memslice only asks for INFO on its own logger so the one-line job summary is not dropped
+# by Python's default WARNING threshold, and adds no handler of its own.
 log = logging.getLogger("memslice")
-if not log.handlers:  # the webui does not configure INFO logging; our log lines must still reach the console
-    _handler = logging.StreamHandler(sys.stdout)
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(_handler)
+if log.level == logging.NOTSET:
     log.setLevel(logging.INFO)
-    log.propagate = False
 
 LABELS = {
     "auto": "memslice automatic planner",
@@ -338,12 +337,15 @@ def plan_for(
     from modules import devices  # type: ignore[import-not-found]
 
     dtype = getattr(devices, "dtype", torch.float16)
+    vae_dtype = getattr(devices, "dtype_vae", dtype)  # float32 with --no-half-vae
     upcast = HOST.upcast()
     element = 4 if upcast or dtype == torch.float32 else 2
     compute_dtype = torch.float32 if element == 4 else dtype
+    vae_compute = torch.float32 if upcast or vae_dtype == torch.float32 else vae_dtype
 
-    def kernel_for(site: Any, element_size: int) -> tuple[str, int]:
-        return kernels.expected_kernel(device_kind, compute_dtype, site.head_dim, settings.kernel)
+    def kernels_for(site: Any, element_size: int) -> tuple[KernelChoice, ...]:
+        chosen = vae_compute if site.vae else compute_dtype
+        return kernels.expected_kernels(device_kind, chosen, site.head_dim, settings.kernel)
 
     budget = _budget(settings)
     result = plan_model(
@@ -359,8 +361,13 @@ def plan_for(
             io_element_size=torch.finfo(dtype).bits // 8,
             device_kind=device_kind,
             include_vae=settings.vae,
+            fixed_budget=budget.fixed,
+            free_bytes=None if budget.free is None else budget.free.bytes,
+            safety_factor=budget.safety_factor,
+            vae_element_size=torch.finfo(vae_compute).bits // 8,
+            vae_io_element_size=torch.finfo(vae_dtype).bits // 8,
         ),
-        kernel_for,
+        kernels_for,
     )
     result.update(
         model_source="named" if model else ("loaded" if loaded_spec() else "default (no model loaded yet)"),
@@ -390,7 +397,7 @@ def add_routes(app: Any) -> None:
         model: str | None = Query(None, max_length=16),
         strategy: str | None = Query(None, max_length=16),
         safety_factor: float | None = Query(None, ge=1.0, le=10.0),
-        slice_cap: int | None = Query(None, ge=1, le=4096),
+        slice_cap: int | None = Query(None, ge=1, le=65536),
         budget_gb: float | None = Query(None, ge=0.0, le=4096.0),
     ) -> dict[str, Any]:
         if model is not None and model not in MODEL_NAMES:

@@ -31,18 +31,18 @@ def test_routes_are_added_once(client):
 def test_status_reports_device_budget_entry_settings_and_recent_plans(client):
     webui = client.webui
     select(webui, TITLES["doggettx"])
-    webui.shared.opts.set("memslice_budget_gb", 1 / 1024)
+    webui.shared.opts.set("memslice_budget_gb", 1 / 4096)  # 256 KiB: under the fused kernel's scratch
     layer = webui.ldm_attention.CrossAttention(query_dim=64, heads=4, dim_head=16)
     with torch.no_grad():
         layer(torch.randn(2, 300, 64))
     body = client.get("/memslice/v1/status", params={"limit": 5}).json()
     assert body["device_kind"] == "cpu" and body["active"] == TITLES["doggettx"]
-    assert body["budget_bytes"] == 1 << 20 and "fixed" in body["budget_source"]
-    assert body["settings"]["memslice_budget_gb"] == 1 / 1024
+    assert body["budget_bytes"] == 1 << 18 and "fixed" in body["budget_source"]
+    assert body["settings"]["memslice_budget_gb"] == 1 / 4096
     last = body["recent"][-1]
-    for key in ("site", "batch_heads", "q_tokens", "k_tokens", "steps", "peak_bytes", "timestamp", "retries"):
+    for key in ("site", "batch_heads", "q_tokens", "k_tokens", "slices", "peak_bytes", "timestamp", "retries"):
         assert key in last
-    assert last["steps"] > 1 and last["peak_bytes"] <= 1 << 20
+    assert last["slices"] > 1 and last["peak_bytes"] <= 1 << 18
     assert body["totals"]["calls"] >= 1
 
 
@@ -52,14 +52,40 @@ def test_plan_matches_the_cli_for_a_named_model(client, capsys):
     from lib_memslice import cli
 
     client.webui.shared.opts.set("memslice_budget_gb", 2.0)
-    client.webui.devices.dtype = torch.float32
+    client.webui.devices.dtype = client.webui.devices.dtype_vae = torch.float32
     api = client.get("/memslice/v1/plan", params=dict(width=1024, height=1024, batch=2, model="sd15")).json()
     cli.main(["plan", "--model", "sd15", "--width", "1024", "--height", "1024", "--batch", "2", "--budget", "2GiB",
               "--dtype", "fp32", "--json"])  # fmt: skip
     local = json.loads(capsys.readouterr().out)
-    keys = ("site", "batch_heads", "q_tokens", "k_tokens", "head_chunk", "query_chunk", "steps", "peak_bytes")
+    keys = (
+        "site",
+        "batch_heads",
+        "q_tokens",
+        "k_tokens",
+        "heads_per_slice",
+        "queries_per_slice",
+        "slices",
+        "peak_bytes",
+    )
     assert [[row[k] for k in keys] for row in api["layers"]] == [[row[k] for k in keys] for row in local["layers"]]
     assert api["fits"] == local["fits"] and api["max_square_resolution"] == local["max_square_resolution"]
+
+
+def test_the_vae_is_planned_in_its_own_dtype(client, capsys):
+    """--no-half-vae: the UNet runs in half precision, the VAE in float32; the preview plans each in its own."""
+    import json
+
+    from lib_memslice import cli
+
+    client.webui.shared.opts.set("memslice_budget_gb", 2.0)
+    client.webui.devices.dtype, client.webui.devices.dtype_vae = torch.float16, torch.float32
+    api = client.get("/memslice/v1/plan", params=dict(width=1024, height=1024, model="sd15")).json()
+    sizes = {row["site"]: row["element_size"] for row in api["layers"]}
+    assert sizes["vae.mid"] == 4 and sizes["unet.level0.self"] == 2
+    cli.main(["plan", "--model", "sd15", "--width", "1024", "--height", "1024", "--budget", "2GiB", "--dtype", "fp16",
+              "--no-half-vae", "--json"])  # fmt: skip
+    local = json.loads(capsys.readouterr().out)
+    assert [r["peak_bytes"] for r in api["layers"]] == [r["peak_bytes"] for r in local["layers"]]
 
 
 def test_plan_previews_unsaved_slider_values(client):
@@ -69,7 +95,7 @@ def test_plan_previews_unsaved_slider_values(client):
     assert tighter["budget_bytes"] == 1 << 28 and base["budget_bytes"] == 1 << 30
     assert tighter["max_square_resolution"] < base["max_square_resolution"]
     capped = client.get("/memslice/v1/plan", params=dict(width=2048, height=2048, budget_gb=1, slice_cap=2)).json()
-    assert capped["slice_cap"] == 2 and capped["max_steps"] <= 2
+    assert capped["slice_cap"] == 2 and capped["max_slices"] <= 2
     assert client.webui.shared.opts.memslice_budget_gb == 0.0  # preview only: nothing saved
 
 
@@ -124,11 +150,11 @@ def test_status_limit_is_bounded(client, limit):
 
 def test_the_largest_request_is_bounded_work(client, monkeypatch):
     """The worst request the validation admits plans a fixed, small number of times (no timing assert)."""
-    from lib_memslice import plan
+    from lib_memslice import slicing
 
     calls = []
-    real = plan._choose
-    monkeypatch.setattr(plan, "_choose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = slicing._choose
+    monkeypatch.setattr(slicing, "_choose", lambda *a, **k: calls.append(1) or real(*a, **k))
     body = client.get(
         "/memslice/v1/plan", params=dict(width=16384, height=16384, batch=64, model="sdxl", slice_cap=4096)
     ).json()

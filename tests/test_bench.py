@@ -12,7 +12,7 @@ import json
 import pytest
 
 from lib_memslice.bench.run import main
-from lib_memslice.plan import STRATEGY_NAMES
+from lib_memslice.slicing import STRATEGY_NAMES
 
 STATUSES = {"ok", "does not fit", "unavailable"}
 

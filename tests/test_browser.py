@@ -230,7 +230,7 @@ def test_planner_follows_the_txt2img_size(page):
     wait_for_text(page, ".memslice-current", lambda t: "2048 x 1536" in t)
     text = planner_text(page, ".memslice-current")
     if expected["fits"]:
-        assert f"{expected['max_steps']} slices at most" in text
+        assert f"{expected['max_slices']} slices at most" in text
     else:
         assert "does not fit" in text
 
@@ -239,10 +239,10 @@ def test_status_line_after_a_generation(page):
     page.click("#txt2img_generate")
     line = wait_for_text(page, "#memslice_status_txt2img", lambda t: t.startswith("memslice:"), timeout=60)
     job = page.env.memslice.STATS.last_job
-    assert job.max_steps > 1
-    assert line.startswith(f"memslice: {job.max_steps} slices max, predicted peak ")
+    assert job.max_slices > 1
+    assert line.startswith(f"memslice: {job.max_slices} slices max, predicted peak ")
     assert line.endswith(f", {job.retries} retries")
-    assert f"Memslice: doggettx, max {job.max_steps} slices" in page.inner_text("#html_info_txt2img")
+    assert f"Memslice: doggettx, max {job.max_slices} slices" in page.inner_text("#html_info_txt2img")
     assert not page.js_errors
     # the only foreign requests are gradio 3.41's own (fonts, iframe resizer): memslice.js asks nothing elsewhere
     gradio_assets = ("https://fonts.googleapis.com/", "https://cdnjs.cloudflare.com/ajax/libs/iframe-resizer/")

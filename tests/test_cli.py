@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from lib_memslice import cli
+from lib_memslice.costs import EINSUM, GiB, MiB
 from lib_memslice.models import BUILTIN
-from lib_memslice.plan import GiB, MiB, plan_attention
+from lib_memslice.slicing import plan_attention
 
 from .conftest import ROOT
 
@@ -27,7 +28,8 @@ def test_plan_json_contract(capsys):
     sites = {row["site"] for row in out["layers"]}
     assert {"unet.level0.self", "unet.level0.cross", "unet.mid.self", "vae.mid"} <= sites
     for row in out["layers"]:
-        for key in ("site", "batch_heads", "q_tokens", "k_tokens", "head_chunk", "query_chunk", "steps", "peak_bytes"):
+        for key in ("site", "batch_heads", "q_tokens", "k_tokens", "heads_per_slice", "queries_per_slice", "slices",
+                    "peak_bytes", "kernel_used"):  # fmt: skip
             assert key in row
         assert row["peak_bytes"] <= 4 * GiB
 
@@ -40,11 +42,11 @@ def test_plan_numbers_are_the_planners(capsys):
     row = next(r for r in out["layers"] if r["site"] == "unet.level0.self")
     assert (row["batch_heads"], row["q_tokens"], row["k_tokens"]) == (32, 128 * 96, 128 * 96)
     site = next(s for s in BUILTIN["sd15"].sites if s.name == "unet.level0.self")
-    expected = plan_attention(site.shape(1024, 768, batch=2), GiB, strategy="invokeai", kernel="einsum")
-    assert (row["head_chunk"], row["query_chunk"], row["steps"]) == (
-        expected.head_chunk,
-        expected.query_chunk,
-        expected.steps,
+    expected = plan_attention(site.shape(1024, 768, batch=2), GiB, strategy="invokeai", kernel=EINSUM)
+    assert (row["heads_per_slice"], row["queries_per_slice"], row["slices"]) == (
+        expected.heads_per_slice,
+        expected.queries_per_slice,
+        expected.slices,
     )
 
 
@@ -70,9 +72,9 @@ def test_plan_text_output(capsys):
 
 @pytest.mark.parametrize(
     "text,value",
-    [("4GiB", 4 * GiB), ("512MiB", 512 * MiB), ("1.5G", int(1.5 * GiB)), ("4GB", 4 * 10**9), ("1024", 1024)],
+    [("4GiB", 4 * GiB), ("512MiB", 512 * MiB), ("1.5G", int(1.5 * GiB)), ("4", 4 * GiB), ("0.5", GiB // 2)],
 )
-def test_sizes(text, value):
+def test_sizes_are_binary_and_plain_numbers_are_gib(text, value):
     assert cli.parse_size(text) == value
 
 
@@ -80,6 +82,30 @@ def test_sizes(text, value):
 def test_bad_sizes(text):
     with pytest.raises(argparse.ArgumentTypeError):
         cli.parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["4GB", "512MB", "100b"])
+def test_decimal_units_are_refused_with_the_binary_spelling(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="binary units"):
+        cli.parse_size(text)
+
+
+def test_safety_factor_with_a_fixed_budget_warns(capsys):
+    assert cli.main(["plan", "--budget", "4GiB", "--safety-factor", "2", "--json"]) == 0
+    assert "no effect with --budget" in capsys.readouterr().err
+
+
+def test_out_of_range_settings_exit_with_one_clear_message(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["plan", "--budget", "4GiB", "--slice-cap", "999999"])
+    assert "clamped" not in str(info.value) and "1..65536" in str(info.value)
+
+
+def test_every_plan_option_has_help():
+    parser = cli.build_parser()
+    plan = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["plan"]
+    missing = [a.dest for a in plan._actions if not a.help and a.dest != "help"]
+    assert not missing
 
 
 @pytest.mark.parametrize(

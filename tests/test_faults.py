@@ -11,8 +11,8 @@ import torch
 
 from lib_memslice import kernels
 from lib_memslice.forwards import BasicHost, attend
-from lib_memslice.plan import NotEnoughMemory
 from lib_memslice.settings import Settings
+from lib_memslice.slicing import NotEnoughMemory
 
 from .conftest import ROOT, projected_qkv, reference
 from .test_webui import TITLES, select
@@ -20,7 +20,7 @@ from .test_webui import TITLES, select
 
 def test_core_works_without_the_webui_and_the_glue_says_what_is_missing():
     code = (
-        "import lib_memslice.plan, lib_memslice.kernels, lib_memslice.forwards, lib_memslice.cli, sys\n"
+        "import lib_memslice.slicing, lib_memslice.kernels, lib_memslice.forwards, lib_memslice.cli, sys\n"
         "assert 'modules' not in sys.modules\n"
         "try:\n    import lib_memslice.webui\nexcept ImportError as e:\n    print('glue:', e)\n"
     )
@@ -59,48 +59,100 @@ def test_missing_sgm_patches_ldm_only(webui, monkeypatch):
     assert layer(torch.randn(1, 5, 32)).shape == (1, 5, 32)
 
 
+OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+class Failing:
+    """Fault injection: wrap a kernel step and raise ``error`` on the chosen calls (1-based), else behave."""
+
+    def __init__(self, real, fail_at, error):
+        self.real, self.fail_at, self.error, self.calls = real, set(fail_at), error, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.fail_at:
+            raise self.error
+        return self.real(*args, **kwargs)
+
+
 def test_no_output_when_nothing_fits_after_retries(monkeypatch):
     q, k, v = projected_qkv(1, 2, 64, 64, 8)
-    attempts = []
-
-    def failing(*args, **kwargs):
-        attempts.append(1)
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(kernels, "_chunk", failing)
+    fake = Failing(kernels._softmax_, range(1, 10_000), OOM("CUDA out of memory"))
+    monkeypatch.setattr(kernels, "_softmax_", fake)
     host = BasicHost(Settings(budget_gb=64, slice_cap=8, kernel="einsum"))
     result = None
-    with pytest.raises(NotEnoughMemory):
+    with pytest.raises(NotEnoughMemory, match="retries reached 16 slices"):
         result = attend(q, k, v, scale=1.0, strategy="auto", host=host)
     assert result is None and host.stats.total_failures == 1
-    assert len(attempts) == 4  # 1, 2, 4 and 8 slices were each tried once
-
-
-def failing_at(fail_at, real):
-    calls = []
-
-    def chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == fail_at:
-            raise RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)")
-        return real(*args, **kwargs)
-
-    return chunk
+    assert fake.calls == 3  # 2 (one head per slice), 4 and 8 slices: each attempt fails at its first slice
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_first_middle_last_chunk_oom_through_attend(monkeypatch, where):
+@pytest.mark.parametrize("error", [
+    OOM("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+    RuntimeError("Could not allocate tensor with 1073741824 bytes. There is not enough GPU video memory available!"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    MemoryError(),
+], ids=lambda e: type(e).__name__ + str(len(str(e))))  # fmt: skip
+def test_an_einsum_slice_that_runs_out_of_memory_is_retried_with_twice_the_slices(monkeypatch, where, error):
     q, k, v = projected_qkv(2, 4, 300, 300, 16)
-    host = BasicHost(Settings(budget_gb=1 / 1024, kernel="einsum", slice_cap=256))
+    host = BasicHost(Settings(budget_gb=1 / 1024, kernel="einsum", slice_cap=4096))
     attend(q, k, v, scale=0.25, strategy="auto", host=host)
-    steps = host.stats.recent()[-1].steps
-    assert steps >= 4
-    fail_at = {"first": 1, "middle": steps // 2, "last": steps}[where]
-    monkeypatch.setattr(kernels, "_chunk", failing_at(fail_at, kernels._chunk))
+    slices = host.stats.recent()[-1].slices
+    assert slices >= 4
+    fail_at = {"first": 1, "middle": slices // 2, "last": slices}[where]
+    monkeypatch.setattr(kernels, "_softmax_", Failing(kernels._softmax_, [fail_at], error))
     out = attend(q, k, v, scale=0.25, strategy="auto", host=host)
     record = host.stats.recent()[-1]
-    assert record.retries == 1 and record.steps >= 2 * steps
+    assert record.retries == 1 and record.slices >= 2 * slices and record.kernel_used == "einsum"
     assert (out.double() - reference(q, k, v, 0.25)).abs().max() < 1e-5
+
+
+def test_a_fused_call_that_runs_out_of_memory_goes_to_einsum_after_one_try(monkeypatch):
+    """Slicing a fused call never needs less than its output: no doubling up to the cap, einsum instead."""
+    q, k, v = projected_qkv(2, 4, 300, 300, 16)
+    fake = Failing(kernels._sdpa, range(1, 10_000), OOM("CUDA out of memory"))
+    monkeypatch.setattr(kernels, "_sdpa", fake)
+    host = BasicHost(Settings(budget_gb=1))
+    out = attend(q, k, v, scale=0.25, strategy="auto", host=host)
+    record = host.stats.recent()[-1]
+    assert fake.calls == 1 and record.kernel_used == "einsum" and record.retries == 1
+    assert (out.double() - reference(q, k, v, 0.25)).abs().max() < 1e-5
+
+
+def test_a_fused_call_that_copies_its_inputs_is_retried_sliced_once(monkeypatch):
+    q, k, v = projected_qkv(2, 4, 300, 300, 16, dtype=torch.bfloat16)  # upcast: the fused call casts q, k, v
+    fake = Failing(kernels._sdpa, [1], OOM("CUDA out of memory"))
+    monkeypatch.setattr(kernels, "_sdpa", fake)
+    host = BasicHost(Settings(budget_gb=1))
+    attend(q, k, v, scale=0.25, strategy="auto", host=host, upcast=True)
+    record = host.stats.recent()[-1]
+    assert record.kernel_used == "fused" and record.slices == 2 and record.retries == 1
+
+
+def test_a_fused_call_with_no_einsum_to_go_to_says_the_output_does_not_fit(monkeypatch):
+    q, k, v = projected_qkv(2, 4, 300, 300, 16)
+    monkeypatch.setattr(kernels, "_sdpa", Failing(kernels._sdpa, range(1, 100), OOM("CUDA out of memory")))
+    with pytest.raises(NotEnoughMemory, match="the output itself does not fit"):
+        attend(q, k, v, scale=0.25, strategy="auto", host=BasicHost(Settings(budget_gb=1, kernel="sdpa")))
+
+
+def test_retry_off_reraises_the_original_error(monkeypatch):
+    q, k, v = projected_qkv(1, 2, 64, 64, 8)
+    monkeypatch.setattr(kernels, "_softmax_", Failing(kernels._softmax_, [1], OOM("out of memory")))
+    with pytest.raises(OOM):
+        attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(kernel="einsum", oom_retry=False)))
+
+
+def test_errors_that_are_not_out_of_memory_are_not_retried(monkeypatch):
+    q, k, v = projected_qkv(1, 2, 64, 64, 8)
+    fake = Failing(kernels._softmax_, [1], RuntimeError("shape mismatch"))
+    monkeypatch.setattr(kernels, "_softmax_", fake)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(kernel="einsum")))
+    assert fake.calls == 1
 
 
 def test_concurrent_attention_calls_share_a_host_safely():

@@ -53,7 +53,7 @@ def test_clamps_and_defaults_are_the_sensible_ones():
     assert s.coerce(s.SPEC_BY_KEY["memslice_safety_factor"], float("inf"))[0] == 10.0
     assert s.coerce(s.SPEC_BY_KEY["memslice_safety_factor"], float("nan"))[0] == 3.3
     assert s.coerce(s.SPEC_BY_KEY["memslice_safety_factor"], "5")[0] == 5.0
-    assert s.coerce(s.SPEC_BY_KEY["memslice_slice_cap"], 1e308)[0] == 4096
+    assert s.coerce(s.SPEC_BY_KEY["memslice_slice_cap"], 1e308)[0] == 65536
     assert s.coerce(s.SPEC_BY_KEY["memslice_slice_cap"], -3)[0] == 1
     assert s.coerce(s.SPEC_BY_KEY["memslice_slice_cap"], 64.0) == (64, None)  # gradio sends floats
     assert s.coerce(s.SPEC_BY_KEY["memslice_slice_cap"], 10.6)[0] == 11
@@ -79,7 +79,7 @@ def test_read_settings_is_cached_but_type_sensitive():
     values["memslice_oom_retry"] = True
     assert s.read_settings(lambda k, d: values.get(k, d)) == first  # 1 and True both mean on
     values["memslice_slice_cap"] = [64]
-    assert s.read_settings(lambda k, d: values.get(k, d)).slice_cap == 64  # unhashable: still works
+    assert s.read_settings(lambda k, d: values.get(k, d)).slice_cap == 4096  # unhashable: still works
 
 
 def test_as_options_round_trips():
@@ -95,6 +95,6 @@ def test_specs_match_the_issue():
         "memslice_oom_retry", "memslice_vae", "memslice_log",
     }  # fmt: skip
     assert (keys["memslice_safety_factor"].lo, keys["memslice_safety_factor"].hi) == (1.0, 10.0)
-    assert keys["memslice_safety_factor"].default == 3.3 and keys["memslice_slice_cap"].default == 64
-    assert (keys["memslice_slice_cap"].lo, keys["memslice_slice_cap"].hi) == (1, 4096)
+    assert keys["memslice_safety_factor"].default == 3.3 and keys["memslice_slice_cap"].default == 4096
+    assert (keys["memslice_slice_cap"].lo, keys["memslice_slice_cap"].hi) == (1, 65536)
     assert keys["memslice_log"].choices == ("off", "summary", "every call")

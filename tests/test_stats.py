@@ -7,26 +7,26 @@ import threading
 from lib_memslice.stats import CallRecord, JobSummary, Stats
 
 
-def record(steps=1, retries=0, peak=10, site="s"):
-    return CallRecord(site, "auto", "einsum", 16, 64, 64, 8, 16, 64, steps, peak, 100, retries)
+def record(slices=1, retries=0, peak=10, site="s"):
+    return CallRecord(site, "auto", "einsum", 16, 64, 64, 8, 16, 64, slices, peak, 100, retries)
 
 
 def test_bounded_and_ordered():
     stats = Stats(capacity=5)
     for i in range(12):
-        stats.record(record(steps=i + 1))
+        stats.record(record(slices=i + 1))
     recent = stats.recent()
-    assert [r.steps for r in recent] == [8, 9, 10, 11, 12]
-    assert [r.steps for r in stats.recent(2)] == [11, 12] and stats.recent(0) == []
+    assert [r.slices for r in recent] == [8, 9, 10, 11, 12]
+    assert [r.slices for r in stats.recent(2)] == [11, 12] and stats.recent(0) == []
 
 
 def test_job_summary_and_infotext():
     stats = Stats()
     stats.start_job()
-    for steps, retries in ((1, 0), (8, 1), (4, 1)):
-        stats.record(record(steps=steps, retries=retries, peak=steps * 100))
+    for slices, retries in ((1, 0), (8, 1), (4, 1)):
+        stats.record(record(slices=slices, retries=retries, peak=slices * 100))
     job = stats.finish_job()
-    assert (job.calls, job.sliced_calls, job.max_steps, job.retries, job.max_peak_bytes) == (3, 2, 8, 2, 800)
+    assert (job.calls, job.sliced_calls, job.max_slices, job.retries, job.max_peak_bytes) == (3, 2, 8, 2, 800)
     assert job.infotext() == "auto, max 8 slices, 2 OOM retries"
     assert "8 slices max" in job.line() and "2 retries" in job.line()
     assert stats.last_job == job and stats.current_job() == JobSummary()
@@ -40,7 +40,7 @@ def test_concurrent_writers_and_readers_stay_consistent():
 
     def writer(t):
         for i in range(per_thread):
-            stats.record(record(steps=1 + (i % 7), retries=i % 2, site=f"t{t}"))
+            stats.record(record(slices=1 + (i % 7), retries=i % 2, site=f"t{t}"))
 
     def reader():
         while not stop.is_set():
@@ -62,6 +62,6 @@ def test_concurrent_writers_and_readers_stay_consistent():
     assert stats.total_calls == total == len(stats.recent())
     assert stats.total_retries == n_threads * (per_thread // 2)
     job = stats.finish_job()
-    assert job.calls == total and job.max_steps == 7 and not seen_inconsistent
+    assert job.calls == total and job.max_slices == 7 and not seen_inconsistent
     for t in range(n_threads):
         assert sum(r.site == f"t{t}" for r in stats.recent()) == per_thread

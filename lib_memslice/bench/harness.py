@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import probe
+from ..costs import AttentionShape, MiB, format_bytes
 from ..forwards import BasicHost, attend
 from ..memtrack import peak_tracker
 from ..models import BUILTIN, Site
-from ..plan import STRATEGY_NAMES, AttentionShape, MiB, NotEnoughMemory, format_bytes
 from ..settings import Settings
+from ..slicing import STRATEGY_NAMES, NotEnoughMemory
 from . import doggettx_reference
 
 Tensor = torch.Tensor
@@ -240,14 +241,14 @@ def _memslice(strategy: str) -> Contender:
                 return {}
             r = recent[-1]
             return {
-                "steps": r.steps,
+                "steps": r.slices,
                 "predicted_peak_bytes": r.peak_bytes,
                 "plan_budget_bytes": r.budget_bytes,
-                "kernel": r.kernel,
-                "head_chunk": r.head_chunk,
-                "query_chunk": r.query_chunk,
+                "kernel": r.kernel_used,
+                "head_chunk": r.heads_per_slice,
+                "query_chunk": r.queries_per_slice,
                 "retries": r.retries,
-                "work": ("memslice", r.kernel, r.head_chunk, r.query_chunk),
+                "work": ("memslice", r.kernel_used, r.heads_per_slice, r.queries_per_slice),
             }
 
         return Prepared(call, None, info)

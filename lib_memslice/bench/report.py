@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-from ..plan import format_bytes
+from ..costs import format_bytes
 
 STATUS_PASS, STATUS_FAIL, STATUS_NA = "PASS", "FAIL", "N/A"
 

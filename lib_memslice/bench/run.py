@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .. import kernels, probe
-from ..forwards import BasicHost, attend
-from ..plan import format_bytes
+from .. import probe
+from ..costs import format_bytes
+from ..forwards import describe, plan_call
 from ..settings import Settings
 from . import report as report_mod
 from .harness import (
@@ -254,20 +254,12 @@ def planning_overhead(case: Case, device: torch.device, iterations: int) -> dict
 def attend_without_kernel(q: Tensor, k: Tensor, v: Tensor, case: Case, iterations: int) -> tuple[float, float]:
     """The real ``forwards.attend`` with ``kernels.run_with_retry`` replaced by a stub that returns q: everything
     attend does besides the kernel is timed, whatever it is."""
-    host = BasicHost(Settings())
-    real = kernels.run_with_retry
+    settings = Settings()
 
-    def stub(q: Tensor, k: Tensor, v: Tensor, plan: Any, *args: Any, **kwargs: Any) -> tuple[Tensor, Any, int]:
-        return q, plan, 0
+    def plan_only() -> Any:
+        return plan_call(describe(q, k, v, strategy="auto", settings=settings, site=case.site.name))
 
-    scale = case.shape.head_dim**-0.5
-    kernels.run_with_retry = stub
-    try:
-        return _batches(
-            lambda: attend(q, k, v, scale=scale, strategy="auto", host=host, site=case.site.name), iterations
-        )
-    finally:
-        kernels.run_with_retry = real
+    return _batches(plan_only, iterations)
 
 
 def probe_cost(calls: int, device: torch.device) -> dict[str, Any]:

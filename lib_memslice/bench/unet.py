@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from .. import probe
+from ..costs import GiB, format_bytes
 from ..forwards import BasicHost, make_attnblock_forward, make_cross_attention_forward
 from ..kernels import is_oom
 from ..memtrack import CudaPeak, peak_tracker
-from ..plan import GiB, NotEnoughMemory, format_bytes
 from ..settings import Settings
+from ..slicing import NotEnoughMemory
 from .harness import (
     DOGGETTX_REF,
     MEMSLICE_AUTO,
@@ -206,7 +207,7 @@ def _plan_summary(host: Any) -> dict[str, Any]:
     if not recent:
         return {}
     return {
-        "max_steps": max(r.steps for r in recent),
+        "max_steps": max(r.slices for r in recent),
         "max_predicted_peak_bytes": max(r.peak_bytes for r in recent),
         "attention_calls": len(recent),
     }

@@ -1,0 +1,194 @@
+"""The cost model: bytes one attention call allocates beyond its inputs, per kernel and per chunking.
+
+Every term was measured on the real kernels (live-tensor tracker plus the profiler's in-op events), not copied
+from the seed's multipliers:
+
+- ``fused`` (SDPA flash / memory-efficient / cuDNN): the output, a float32 log-sum-exp per query row, the kernel's
+  own scratch (per thread on CPU, see :mod:`lib_memslice.workspace`), CUDA's memory-efficient kernel's float32
+  output accumulator for half precision head dims over 128, and only the copies of the inputs the call really makes
+  (a cast to the compute dtype, a contiguous or padded copy).
+- ``einsum`` (memslice's own matmul kernel): one score buffer reused by every chunk (scores are computed into it,
+  soft-maxed in place and multiplied into the preallocated output), plus reused cast buffers when computing in a
+  wider dtype than the inputs. A chunk of several batch items is run one item at a time through the same buffer.
+- ``sdpa-math`` (torch's SDPA reference path): the scores twice (scaled scores and softmax), computed in float32
+  for half precision inputs, plus the copies the math path makes.
+
+Pure arithmetic: no torch here, so the planner, the CLI and the HTTP API share it without touching a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+#: What can run one chunk. "fused": SDPA flash / memory-efficient / cuDNN (no score matrix); "sdpa-math": SDPA's
+#: reference path; "einsum": memslice's matmul + in-place softmax + matmul into one reused score buffer.
+KERNEL_KINDS = ("fused", "sdpa-math", "einsum")
+
+LSE_BYTES = 4  # the fused kernels keep one float32 log-sum-exp per query row
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size, e.g. ``1.5 GiB``."""
+    n = float(n)
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One attention call: ``batch_heads`` rows (batch items x heads) of ``q_tokens`` queries against ``k_tokens``
+    keys. ``element_size`` is the compute element size (after upcast), ``io_element_size`` that of q/k/v and the
+    output; ``heads`` is the number of heads per batch item."""
+
+    batch_heads: int
+    q_tokens: int
+    k_tokens: int
+    head_dim: int
+    v_dim: int = 0
+    element_size: int = 4
+    io_element_size: int = 0
+    heads: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_heads", "q_tokens", "k_tokens", "head_dim", "v_dim", "heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"AttentionShape.{name} must be a non-negative int, got {value!r}")
+        for name in ("element_size", "io_element_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > 16:
+                raise ValueError(f"AttentionShape.{name} must be an int in 0..16, got {value!r}")
+        if self.element_size == 0:
+            raise ValueError("AttentionShape.element_size must be positive")
+        if self.v_dim == 0:
+            object.__setattr__(self, "v_dim", self.head_dim)
+        if self.io_element_size == 0:
+            object.__setattr__(self, "io_element_size", self.element_size)
+        if self.heads == 0:
+            object.__setattr__(self, "heads", max(self.batch_heads, 1))
+        elif self.batch_heads % self.heads:
+            raise ValueError(f"AttentionShape.heads ({self.heads}) must divide batch_heads ({self.batch_heads})")
+
+    @property
+    def batch(self) -> int:
+        return self.batch_heads // self.heads if self.batch_heads else 0
+
+    @property
+    def empty(self) -> bool:
+        return self.batch_heads == 0 or self.q_tokens == 0
+
+    @property
+    def cast(self) -> bool:
+        """Whether the call computes in a wider dtype than its inputs (upcast)."""
+        return self.element_size != self.io_element_size
+
+    @property
+    def score_bytes(self) -> int:
+        """Bytes of the full score matrix at the compute element size."""
+        return self.batch_heads * self.q_tokens * self.k_tokens * self.element_size
+
+    @property
+    def output_bytes(self) -> int:
+        return self.batch_heads * self.q_tokens * self.v_dim * self.io_element_size
+
+    @property
+    def input_bytes(self) -> int:
+        """q, k and v as the call receives them (they grow with the image like the output does)."""
+        b, q, k = self.batch_heads, self.q_tokens, self.k_tokens
+        return (b * q * self.head_dim + b * k * (self.head_dim + self.v_dim)) * self.io_element_size
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel that runs a call and the cost terms only it has.
+
+    ``workspace``: bytes of scratch allocated inside the kernel per call (CPU flash: per-thread buffers).
+    ``accumulator``: bytes per element of a slice's output the kernel allocates besides the output (CUDA's
+    memory-efficient kernel: a float32 accumulator in half precision for value dims over 128; the einsum kernel on
+    accelerators: a possible contiguous temporary of the slice's output and the softmax's row statistics).
+    ``input_copies``: copies of a chunk's q/k/v the fused call makes (cast, contiguous or padded copy); ``None``
+    assumes the worst (one, two when casting). ``backend`` names the SDPA backend for reports ("flash",
+    "efficient", "cudnn", "math", or "" when unknown).
+    """
+
+    kind: str
+    workspace: int = 0
+    accumulator: int = 0
+    input_copies: int | None = None
+    backend: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KERNEL_KINDS:
+            raise ValueError(f"unknown kernel {self.kind!r}; expected one of {KERNEL_KINDS}")
+
+
+EINSUM = KernelChoice("einsum")
+FUSED = KernelChoice("fused")
+
+
+def chunk_rows(shape: AttentionShape, heads_per_slice: int, kernel: str) -> int:
+    """Rows of batch x heads one chunk computes at once. The einsum kernel runs a chunk one batch item at a time
+    through one buffer, so its rows never exceed one item's heads."""
+    rows = min(heads_per_slice, shape.batch_heads)
+    return min(rows, shape.heads) if kernel == "einsum" else rows
+
+
+def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: int, kernel: KernelChoice) -> int:
+    """Bytes allocated while one chunk runs, excluding the preallocated output (an upper bound, per kernel)."""
+    ces = shape.element_size
+    d, dv, nk = shape.head_dim, shape.v_dim, shape.k_tokens
+    rows = chunk_rows(shape, heads_per_slice, kernel.kind)
+    q_c = rows * queries_per_slice * d
+    kv_c = rows * nk * (d + dv)
+    o_c = rows * queries_per_slice * dv
+    s_c = rows * queries_per_slice * nk
+    if kernel.kind == "fused":
+        copies = (2 if shape.cast else 1) if kernel.input_copies is None else kernel.input_copies
+        return (
+            o_c * ces
+            + rows * queries_per_slice * LSE_BYTES
+            + o_c * kernel.accumulator
+            + kernel.workspace
+            + copies * (q_c + kv_c) * ces
+        )
+    if kernel.kind == "sdpa-math":
+        mes = max(ces, 4)  # torch computes half precision in float32 on this path
+        return 2 * s_c * mes + 3 * (q_c + kv_c) * mes + o_c * (mes + ces)
+    # einsum: the score buffer; when casting, reused buffers for the cast k, v, q and the chunk's output; on
+    # accelerators a possible contiguous temporary of one slice's output and the softmax's row statistics
+    return s_c * ces + o_c * kernel.accumulator + ((kv_c + q_c + o_c) * ces if shape.cast else 0)
+
+
+def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: int, kernel: KernelChoice) -> int:
+    """Predicted peak of the whole attention call for this chunking: the output plus the largest chunk.
+
+    An SDPA call in one piece returns the kernel's own output (cast back afterwards when computing wider); every
+    other plan writes into an output allocated up front.
+    """
+    if shape.empty:
+        return shape.output_bytes
+    heads_per_slice = min(heads_per_slice, shape.batch_heads)
+    queries_per_slice = min(queries_per_slice, shape.q_tokens)
+    chunk = chunk_bytes(shape, heads_per_slice, queries_per_slice, kernel)
+    whole = heads_per_slice >= shape.batch_heads and queries_per_slice >= shape.q_tokens
+    if whole and kernel.kind != "einsum":
+        if not shape.cast:
+            return chunk
+        # the cast back to the io dtype runs once the kernel's inputs and scratch are gone
+        wide = shape.batch_heads * shape.q_tokens * shape.v_dim * shape.element_size
+        return max(chunk, wide + shape.output_bytes)
+    return shape.output_bytes + chunk
+
+
+def fixed_and_per_query(shape: AttentionShape, heads_per_slice: int, kernel: KernelChoice) -> tuple[int, int]:
+    """The peak of a *sliced* plan as ``a + b * queries_per_slice`` (exact: every term is affine in the query
+    chunk), so the planner can solve for the largest query chunk under a budget instead of searching."""
+    zero = shape.output_bytes + chunk_bytes(shape, heads_per_slice, 0, kernel)
+    one = shape.output_bytes + chunk_bytes(shape, heads_per_slice, 1, kernel)
+    return zero, one - zero

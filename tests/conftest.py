@@ -37,6 +37,17 @@ requires_cpu_half = pytest.mark.skipif(
 )
 
 
+def sdpa_math_only():
+    """A context that leaves ``scaled_dot_product_attention`` only its math backend, on CPU and CUDA alike:
+    ``torch.nn.attention.sdpa_kernel`` where it exists (2.3+), else torch 2.1's ``torch.backends.cuda.sdp_kernel``,
+    whose global switches the CPU backend choice reads too."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def import_ldm():
     """Import the real ldm modules (sdkit prints a note about xformers on import)."""
     with contextlib.redirect_stdout(io.StringIO()):

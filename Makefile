@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 SDKIT := stable-diffusion-sdkit==2.1.5
 PIP := $(PY) -m pip install --disable-pip-version-check --no-input -q
 
-.PHONY: test bench bench-quick lint format lock clean venv test-webui-stack
+.PHONY: test bench bench-quick gpu-check lint format lock clean venv test-webui-stack
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m lib_memslice bench --quick $(BENCH_ARGS)
+
+# the claims only a CUDA device can check (kernel memory, a real OOM, UNet + VAE, largest size within 4 GiB);
+# without a CUDA device it says so in one line and exits 0
+gpu-check: $(STAMP)
+	$(PY) -m lib_memslice bench --gpu-check $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -158,8 +158,10 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
             + copies * (q_c + kv_c) * ces
         )
     if kernel.kind == "sdpa-math":
-        mes = max(ces, 4)  # torch computes half precision in float32 on this path
-        return 2 * s_c * mes + 3 * (q_c + kv_c) * mes + o_c * (mes + ces)
+        # torch computes half precision in float32 on this path; since 2.5 its safe softmax also keeps a boolean
+        # per score (which rows are fully masked): 9 bytes per score measured on CUDA in every dtype
+        mes = max(ces, 4)
+        return 2 * s_c * mes + s_c + 3 * (q_c + kv_c) * mes + o_c * (mes + ces)
     # einsum: the score buffer; when casting, reused buffers for the cast k, v, q and the chunk's output; on
     # accelerators a possible contiguous temporary of one slice's output and the softmax's row statistics
     return s_c * ces + o_c * kernel.accumulator + ((kv_c + q_c + o_c) * ces if shape.cast else 0)

@@ -24,7 +24,17 @@ from . import kernels, probe
 from .costs import AttentionShape, KernelChoice, format_bytes
 from .models import LATENT_DOWNSCALE, site_of
 from .settings import Settings
-from .slicing import Geometry, NotEnoughMemory, Room, SlicePlan, not_enough_memory, plan_attention, strategy_room
+from .slicing import (
+    Geometry,
+    NotEnoughMemory,
+    Room,
+    SlicePlan,
+    finest_need,
+    finest_plan,
+    not_enough_memory,
+    plan_attention,
+    strategy_room,
+)
 from .stats import CallRecord, Stats, plural
 
 log = logging.getLogger("memslice")
@@ -177,6 +187,21 @@ def _plan_with(call: Call, choices: tuple[KernelChoice, ...], budget: probe.Budg
     return None
 
 
+def _over_margin(call: Call, choices: tuple[KernelChoice, ...], budget: probe.Budget) -> Planned | None:
+    """Nothing fits the budget, but the safety factor is a margin for slicing, not a refusal threshold: run the
+    plan with the smallest peak if it fits free memory itself (sdp would simply run the call)."""
+    room = _room(call, budget)
+    if room.fixed:
+        return None
+    limit = room.hard().budget(call.shape)
+    for kernel in choices:
+        plan = finest_plan(call.shape, limit, strategy=call.strategy, slice_cap=call.settings.slice_cap,
+                           kernel=kernel, device_kind=call.device_kind)  # fmt: skip
+        if plan is not None:
+            return Planned(plan, budget, limit)
+    return None
+
+
 def _refused(call: Call, choices: tuple[KernelChoice, ...], budget: probe.Budget, min_slices: int = 1,
              detail: str = "") -> NotEnoughMemory:  # fmt: skip
     if budget.free is not None and budget.free.bytes <= 0 and not budget.fixed:
@@ -264,6 +289,8 @@ def _plan_call(call: Call) -> Planned:
         budget = probe.device_budget(device, call.settings, precise=True)
         planned = _plan_with(call, choices, budget, 1)
     if planned is None:
+        planned = _over_margin(call, choices, budget)
+    if planned is None:
         raise _refused(call, choices, budget)
     if memo is not None:
         memo.planned, memo.probed_at = planned, time.perf_counter()
@@ -277,36 +304,53 @@ plan_call: Callable[[Call], Planned] = getattr(getattr(torch, "compiler", None),
 # --- 3. run -----------------------------------------------------------------------------------------------------
 
 
-def _after_oom(call: Call, planned: Planned, fused_retried: bool) -> tuple[Planned, bool]:
-    """The plan to try after an out-of-memory error, or NotEnoughMemory when there is none.
+def _exhausted(call: Call, planned: Planned, tried: tuple[KernelChoice, ...], detail: str) -> NotEnoughMemory:
+    """The error after out-of-memory retries: the budget was evidently wrong, so the numbers (and the largest size
+    that fits) come from a fresh reading of free memory, not from it."""
+    budget = planned.budget
+    if budget.fixed:  # no reading to go by: the numbers of the fixed budget, without a size it cannot vouch for
+        need = finest_need(call.shape, slice_cap=call.settings.slice_cap, kernel=tried[0], device_kind=call.device_kind)
+        return NotEnoughMemory(need, budget.bytes, site=call.site, slice_cap=call.settings.slice_cap,
+                               kernel=tried[0].kind, fixed_budget=True, ran_out=True, detail=detail)  # fmt: skip
+    budget = probe.device_budget(call.q.device, call.settings, precise=call.device_kind == "cuda")
+    return _refused(call, tried, budget, detail=detail)
 
-    Einsum and SDPA-math plans double their slices up to the cap. A fused plan is retried sliced at most once,
-    and only when slicing shrinks it (it copies its inputs); a sliced fused call never needs less than its output,
-    so after that the einsum kernel takes over if it fits.
+
+def _after_oom(call: Call, planned: Planned, stage: str) -> tuple[Planned, str]:
+    """The plan to try after an out-of-memory error and the retry stage it starts, or NotEnoughMemory.
+
+    Einsum and SDPA-math plans double their slices up to the cap. A fused plan holds little more than its output,
+    and slicing never shrinks that: it is retried sliced at most once, and only when slicing shrinks its input
+    copies; then (``kernel = auto``) the einsum kernel's finest plan runs once; if that also runs out, the output
+    itself does not fit.
     """
     plan = planned.plan
     cap = call.settings.slice_cap
-    if plan.kernel.kind == "fused":
-        if not fused_retried and plan.kernel.input_copies and plan.slices * 2 <= cap:
+    output = format_bytes(call.shape.output_bytes)
+    if plan.kernel.kind == "fused" or stage == "einsum-last":
+        if stage == "first" and plan.kernel.input_copies and plan.slices * 2 <= cap:
             again = _plan_with(call, (plan.kernel,), planned.budget, plan.slices * 2)
             if again is not None:
-                return replace(again, retries=planned.retries + 1), True
-        einsum = kernels.einsum_kernel(call.q.device.type, call.compute_dtype)
-        if call.settings.kernel == "auto":
-            fallback = _plan_with(call, (einsum,), planned.budget, 1)
-            if fallback is not None:
-                return replace(fallback, retries=planned.retries + 1), True
-        raise _refused(
+                return replace(again, retries=planned.retries + 1), "fused-sliced"
+        if stage != "einsum-last" and call.settings.kernel == "auto":
+            einsum = kernels.einsum_kernel(call.q.device.type, call.compute_dtype)
+            last = finest_plan(call.shape, 1 << 62, strategy=call.strategy, slice_cap=cap, kernel=einsum,
+                               device_kind=call.device_kind)  # fmt: skip
+            if last is not None:
+                return Planned(last, planned.budget, planned.strategy_budget, planned.retries + 1), "einsum-last"
+        raise _exhausted(
             call,
+            planned,
             (plan.kernel,),
-            planned.budget,
-            detail=f"the fused kernel ran out of memory although it holds little more than its output "
-            f"({format_bytes(call.shape.output_bytes)}): the output itself does not fit",
+            f"out of memory on the fused kernel, which holds little more than the call's output ({output}), "
+            f"and on the einsum kernel's finest plan: the output itself does not fit",
         )
     again = _plan_with(call, (plan.kernel,), planned.budget, plan.slices * 2)
     if again is None:
-        raise _refused(call, (plan.kernel,), planned.budget, min_slices=plan.slices * 2)
-    return replace(again, retries=planned.retries + 1), fused_retried
+        raise _exhausted(
+            call, planned, (plan.kernel,), f"out of memory at every slice count up to {plan.slices} slices"
+        )
+    return replace(again, retries=planned.retries + 1), stage
 
 
 def run_call(call: Call, planned: Planned, scale: float) -> tuple[Tensor, Planned]:
@@ -314,7 +358,7 @@ def run_call(call: Call, planned: Planned, scale: float) -> tuple[Tensor, Planne
 
     A failed attempt's partial output is never returned: each attempt writes a fresh buffer.
     """
-    fused_retried = False
+    stage = "first"
     while True:
         try:
             out = kernels.run_plan(call.q, call.k, call.v, planned.plan, scale, call.mask, call.compute_dtype)
@@ -328,7 +372,7 @@ def run_call(call: Call, planned: Planned, scale: float) -> tuple[Tensor, Planne
             del exc
         kernels.release_after_oom(call.q.device)
         before = planned.plan
-        planned, fused_retried = _after_oom(call, planned, fused_retried)
+        planned, stage = _after_oom(call, planned, stage)
         log.info(
             "memslice: out of memory at %s on the %s kernel (%s); retrying with %s on the %s kernel",
             plural(before.slices, "slice"),

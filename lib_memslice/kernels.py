@@ -94,6 +94,11 @@ def fused_input_copies(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dty
     return copies + int(strided or padded)
 
 
+#: What CUDA's fused kernels allocated beyond their output and log-sum-exp, at most, on an H200 (torch 2.11): 0.75 MiB
+#: in bfloat16 at head dim 40 when sliced, nothing elsewhere (``make gpu-check``, kernel memory).
+CUDA_FUSED_WORKSPACE = 1 << 20
+
+
 def fused_costs(
     device_type: str,
     backend: str,
@@ -106,8 +111,9 @@ def fused_costs(
     """``(workspace bytes, accumulator bytes per output element, extra input copies)`` of a fused SDPA call.
 
     CPU: per-thread scratch, and on AMX CPUs packed K/V copies that grow with the inputs (counted as one more
-    input copy), both measured (:mod:`lib_memslice.workspace`). CUDA's memory-efficient kernel in half precision
-    with value dims over 128 allocates a float32 output accumulator (twice a half output).
+    input copy), both measured (:mod:`lib_memslice.workspace`). CUDA: up to 1 MiB of library scratch (measured),
+    and the memory-efficient kernel in half precision with value dims over 128 allocates a float32 output
+    accumulator (twice a half output).
     """
     element = torch.finfo(dtype).bits // 8
     if device_type == "cpu":
@@ -119,8 +125,9 @@ def fused_costs(
             batch_heads or 1, kv_tokens or 512, head_dim, element, threads, dtype=dtype
         )
         return workspace, 0, int(bool(packs))
-    if device_type == "cuda" and backend in ("efficient", "") and dtype in _HALF and v_dim > 128:
-        return 0, 4, 0
+    if device_type == "cuda":
+        accumulator = 4 if backend in ("efficient", "") and dtype in _HALF and v_dim > 128 else 0
+        return CUDA_FUSED_WORKSPACE, accumulator, 0
     return 0, 0, 0
 
 
@@ -138,14 +145,14 @@ def choose_kernel(
 ) -> KernelChoice:
     """The kernel for this call under the ``kernel`` setting: ``auto`` (fused SDPA where torch runs it, else
     memslice's einsum kernel), ``sdpa`` (always SDPA; its math path where nothing fused applies) or ``einsum``.
-    Asks torch with one-element views of the inputs, so it costs microseconds."""
+    Asks torch with the real shapes (its rules look at sequence lengths too: cuDNN refuses a single key), so it
+    costs microseconds; a cast to the compute dtype is asked with a broadcast view of one element, not a copy."""
     if setting == "einsum" or not _HAS_SDPA:
         return einsum_kernel(q.device.type, compute_dtype)
-    probe = [t[:1, :1, :1] for t in (q, k, v)]
+    probe = [q, k, v]
     if compute_dtype != q.dtype:
-        probe = [t.to(compute_dtype) for t in probe]
-    small_mask = None if mask is None else mask[:1, :, :1]
-    backend = sdpa_backend(*probe, mask=small_mask)
+        probe = [t[:1, :1, :1].to(compute_dtype).expand(t.shape) for t in probe]
+    backend = sdpa_backend(*probe, mask=mask)
     if backend == "math":
         return (
             KernelChoice("sdpa-math", backend="math")

@@ -13,7 +13,14 @@ from typing import Any
 
 from .costs import KernelChoice
 from .models import ModelSpec, Site
-from .slicing import MAX_RESOLUTION, max_square_resolution, not_enough_memory, plan_attention, strategy_room
+from .slicing import (
+    MAX_RESOLUTION,
+    finest_plan,
+    max_square_resolution,
+    not_enough_memory,
+    plan_attention,
+    strategy_room,
+)
 
 #: the kernels a site's attention call may use, fastest first (site, compute element size) -> choices
 KernelsFor = Callable[[Site, int], tuple[KernelChoice, ...]]
@@ -72,6 +79,13 @@ def plan_site(req: Request, site: Site, kernels_for: KernelsFor, width: int, hei
         plan = plan_attention(shape, budget, kernel=kernel, **options)  # type: ignore[arg-type]
         if plan is not None:
             break
+    over_margin = False
+    if plan is None and not room.fixed:  # as at run time: the finest plan if free memory itself holds it
+        for kernel in choices:
+            plan = finest_plan(shape, room.hard().budget(shape), kernel=kernel, **options)  # type: ignore[arg-type]
+            if plan is not None:
+                over_margin = True
+                break
     row: dict[str, Any] = {
         "site": site.name,
         "layers": site.count,
@@ -91,6 +105,7 @@ def plan_site(req: Request, site: Site, kernels_for: KernelsFor, width: int, hei
             peak_bytes=plan.peak_bytes,
             reason=plan.reason,
             fits=True,
+            over_margin=over_margin,
         )
     else:
         error = not_enough_memory(shape, room, choices, geometry=site.geometry, site=site.name,
@@ -103,8 +118,9 @@ def plan_site(req: Request, site: Site, kernels_for: KernelsFor, width: int, hei
             peak_bytes=error.need,
             reason=str(error),
             fits=False,
+            over_margin=False,
         )
-    row["max_square_resolution"] = max_square_resolution(shape, site.geometry, room, choices, **options)
+    row["max_square_resolution"] = max_square_resolution(shape, site.geometry, room.hard(), choices, **options)
     return row
 
 

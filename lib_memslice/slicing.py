@@ -66,6 +66,7 @@ class NotEnoughMemory(RuntimeError):
         max_q_tokens: int | None = None,
         fixed_budget: bool = False,
         finer_helps: bool = True,
+        ran_out: bool = False,
         detail: str = "",
     ) -> None:
         self.need = int(need)
@@ -86,7 +87,7 @@ class NotEnoughMemory(RuntimeError):
                 if max_resolution > 0
                 else "no image size fits this layer with this budget"
             )
-        elif max_q_tokens is not None and q_tokens > 0:
+        elif max_q_tokens is not None and q_tokens > 0 and max_q_tokens < q_tokens:
             share = max_q_tokens / q_tokens
             hint = (
                 f"this call has {q_tokens} query tokens and at most {max_q_tokens} fit: about "
@@ -97,13 +98,17 @@ class NotEnoughMemory(RuntimeError):
         else:
             hint = ""
         advice = ["lower the resolution or batch size"]
-        if finer_helps:
+        if finer_helps and not ran_out:
             advice.append("raise the slice cap")
-        advice.append("raise 'Memory budget (GiB)'" if fixed_budget else "lower the safety factor")
+        if ran_out and fixed_budget:  # the device ran out below the user's number
+            advice.append("lower 'Memory budget (GiB)' to what the device really has free")
+        else:
+            advice.append("raise 'Memory budget (GiB)'" if fixed_budget else "free memory on the device")
+        have = f"the budget is {format_bytes(self.have)}" if fixed_budget else f"{format_bytes(self.have)} is free"
         text = (
             f"memslice: not enough memory for attention{where}: the finest plan under the slice cap ({slice_cap})"
-            f"{f' on the {kernel} kernel' if kernel else ''} needs {format_bytes(self.need)}, the budget is "
-            f"{format_bytes(self.have)}{'; ' + hint if hint else ''}. To fit: {', '.join(advice[:-1])} or {advice[-1]}."
+            f"{f' on the {kernel} kernel' if kernel else ''} needs {format_bytes(self.need)}, {have}"
+            f"{'; ' + hint if hint else ''}. To fit: {', '.join(advice[:-1])} or {advice[-1]}."
         )
         if detail:
             text += f" ({detail})"
@@ -253,6 +258,22 @@ class _Search:
             if best is None or total < best[0]:
                 best = (total, heads_per_slice, queries)
         return None if best is None else (best[1], best[2])
+
+    def finest(self) -> tuple[int, int] | None:
+        """The fitting chunking with the smallest peak under the cap (ties: fewer slices), or None."""
+        nq = self.shape.q_tokens
+        best: tuple[int, int, int, int] | None = None
+        for heads_per_slice, head_slices in self.head_options():
+            if head_slices > self.cap:
+                break
+            queries = _ceil_div(nq, min(nq, self.cap // head_slices))
+            for candidate in (queries, queries + 1):  # Metal's 4096 rule may move it by one
+                if candidate <= nq and self.fits(heads_per_slice, candidate):
+                    key = (self.peak(heads_per_slice, candidate), self.slices(heads_per_slice, candidate))
+                    if best is None or key < best[:2]:
+                        best = (*key, heads_per_slice, candidate)
+                    break
+        return None if best is None else (best[2], best[3])
 
     def finest_need(self) -> int:
         """The smallest predicted peak of any chunking under the cap (what the call needs at best)."""
@@ -452,6 +473,10 @@ class Room:
             return self.free
         return int(max(0, self.free - shape.input_bytes) / self.divisor)
 
+    def hard(self) -> Room:
+        """The limit past which nothing runs: free memory itself (no safety margin), or the fixed budget."""
+        return self if self.fixed else Room(self.free, 1.0)
+
 
 def strategy_room(
     strategy: str,
@@ -496,6 +521,30 @@ def plan_attention(
         min_slices=min_slices,
     )
     return _choose(s, strategy, device_kind)
+
+
+def finest_plan(
+    shape: AttentionShape,
+    limit_bytes: float,
+    *,
+    strategy: str = "auto",
+    slice_cap: int = 4096,
+    kernel: KernelChoice = EINSUM,
+    device_kind: str = "cpu",
+    min_slices: int = 1,
+) -> SlicePlan | None:
+    """The plan with the smallest peak under the cap, if it fits ``limit_bytes``: what runs when only the safety
+    margin refuses every plan (the budget is free memory over the safety factor; the limit is free memory)."""
+    if shape.empty or shape.k_tokens == 0:
+        return plan_attention(shape, limit_bytes, strategy=strategy, slice_cap=slice_cap, kernel=kernel)
+    s = _search(shape, limit_bytes, strategy=strategy, slice_cap=slice_cap, kernel=kernel, device_kind=device_kind,
+                min_slices=min_slices)  # fmt: skip
+    found = s.finest()
+    if found is None:
+        return None
+    hps, qps = found
+    return SlicePlan(hps, qps, s.head_slices(hps), _ceil_div(shape.q_tokens, qps), s.peak(hps, qps), kernel,
+                     strategy, "over the safety margin: the finest plan within free memory")  # fmt: skip
 
 
 def finest_need(
@@ -578,6 +627,7 @@ def not_enough_memory(
     largest size any of them reaches. A plain number is a fixed budget."""
     if not isinstance(room, Room):
         room = Room(_clean_budget(room), fixed=True)
+    room = room.hard()  # refused only past free memory itself (or a fixed budget): measure against that
     budget = room.budget(shape)
     fixed_budget = room.fixed
     kwargs = dict(strategy=strategy, slice_cap=slice_cap, device_kind=device_kind)

@@ -81,9 +81,11 @@ def test_no_output_when_nothing_fits_after_retries(monkeypatch):
     monkeypatch.setattr(kernels, "_softmax_", fake)
     host = BasicHost(Settings(budget_gb=64, slice_cap=8, kernel="einsum"))
     result = None
-    with pytest.raises(NotEnoughMemory, match="retries reached 16 slices"):
+    with pytest.raises(NotEnoughMemory, match="every slice count up to 8 slices") as info:
         result = attend(q, k, v, scale=1.0, strategy="auto", host=host)
     assert result is None and host.stats.total_failures == 1
+    # the fixed budget (64 GiB) was evidently more than the device had: no size from it, and the advice says so
+    assert "lower 'Memory budget (GiB)'" in str(info.value) and "fit: about" not in str(info.value)
     assert fake.calls == 3  # 2 (one head per slice), 4 and 8 slices: each attempt fails at its first slice
 
 
@@ -137,6 +139,18 @@ def test_a_fused_call_with_no_einsum_to_go_to_says_the_output_does_not_fit(monke
     monkeypatch.setattr(kernels, "_sdpa", Failing(kernels._sdpa, range(1, 100), OOM("CUDA out of memory")))
     with pytest.raises(NotEnoughMemory, match="the output itself does not fit"):
         attend(q, k, v, scale=0.25, strategy="auto", host=BasicHost(Settings(budget_gb=1, kernel="sdpa")))
+
+
+def test_after_a_fused_oom_the_einsum_kernel_gets_one_try_not_a_loop(monkeypatch):
+    """A real CUDA run (make gpu-check) went fused -> einsum -> 12 doublings to 8192 slices: now one einsum try."""
+    q, k, v = projected_qkv(2, 4, 300, 300, 16)
+    fused = Failing(kernels._sdpa, range(1, 100), OOM("CUDA out of memory"))
+    einsum = Failing(kernels._softmax_, range(1, 10_000), OOM("CUDA out of memory"))
+    monkeypatch.setattr(kernels, "_sdpa", fused)
+    monkeypatch.setattr(kernels, "_softmax_", einsum)
+    with pytest.raises(NotEnoughMemory, match="the output itself does not fit"):
+        attend(q, k, v, scale=0.25, strategy="auto", host=BasicHost(Settings()))
+    assert fused.calls == 1 and einsum.calls == 1
 
 
 def test_retry_off_reraises_the_original_error(monkeypatch):

@@ -475,6 +475,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its report; returns 0 (targets are reported, never turned into failures)."""
+    if "--gpu-check" in (sys.argv[1:] if argv is None else argv):
+        from .gpu_check import main as gpu_check
+
+        return gpu_check(argv)
     args = parse_args(argv)
     began = time.perf_counter()
     cpu_start = cpu_seconds()

@@ -1,0 +1,597 @@
+"""``make gpu-check`` / ``python -m lib_memslice bench --gpu-check``: the claims only a CUDA device can check.
+
+1. kernel memory: ``torch.cuda.max_memory_allocated`` against memslice's predicted peak for every kernel torch
+   offers (flash, memory-efficient, cuDNN, math, and memslice's einsum) x fp16/bf16/fp32 x head dims 40, 64, 80,
+   160, 512, in one piece and sliced (budgets that force slicing), each output checked against a float32 reference;
+2. a real out-of-memory error under ``torch.cuda.set_per_process_memory_fraction``: the einsum retry doubles its
+   slices until it fits; a fused call whose output cannot fit ends in a clear ``NotEnoughMemory``;
+3. an SD1.5-config fp16 UNet forward (cond + uncond) and a VAE decode at 512 px per contender (memslice-auto and
+   the webui 1.10.1 optimizations re-implemented in :mod:`.webui_attention`): peak and time;
+4. the largest square size each contender's SD1.5 level-0 self-attention and VAE attention reach within 4 GiB
+   (the whole call: q, k, v, output and working memory, under a 4 GiB cap above what is already allocated).
+
+Writes ``gpu-report.md`` and ``gpu-report.json`` under ``--out`` after every section, so a run cut short still
+leaves what it measured. Without a CUDA device it says so in one line and exits 0. ``--device cpu`` is a dry run
+of the same code on tiny shapes (the tests use it; its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels, probe
+from ..costs import AttentionShape, GiB, MiB, format_bytes
+from ..forwards import BasicHost, attend
+from ..memtrack import PeakTracker
+from ..settings import Settings
+from ..slicing import NotEnoughMemory, plan_attention
+from . import webui_attention
+
+Tensor = torch.Tensor
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+HEAD_DIMS = (40, 64, 80, 160, 512)
+CAP_BYTES = 4 * GiB
+#: CUDA's caching allocator rounds every block up to a multiple of 512 bytes: a few blocks per call
+ALLOCATOR_SLACK = 8 * 512
+
+
+class Ctx:
+    """The device, the sizes for this run (full on CUDA, tiny for the CPU dry run) and the report so far."""
+
+    def __init__(self, device: torch.device, out: str) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.out = out
+        self.tokens = 4096 if self.cuda else 64
+        self.vae_tokens = 4096 if self.cuda else 64
+        self.pixels = 512 if self.cuda else 64
+        self.sides = (512, 768, 1024, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144) if self.cuda else (64, 96)
+        self.cap = CAP_BYTES if self.cuda else 64 * MiB
+        self.limit: int | None = None  # bytes this process may hold under memory_cap
+        self.per_search_s = 12.0 if self.cuda else 5.0
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def peak(self) -> Iterator[dict[str, int]]:
+        """Bytes allocated above the level at entry, at the peak (CUDA allocator counters; the tracker on CPU)."""
+        result = {"peak": 0}
+        if self.cuda:
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            yield result
+            self.sync()
+            result["peak"] = torch.cuda.max_memory_allocated(self.device) - base
+        else:
+            with PeakTracker() as tracker:
+                yield result
+            result["peak"] = tracker.peak
+
+    def release(self) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+
+def _backends() -> list[tuple[str, Any]]:
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:  # torch < 2.3: the older switches
+        return [("math", "math")]
+    found = [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        found.append(("cudnn", SDPBackend.CUDNN_ATTENTION))
+    return [*found, ("math", SDPBackend.MATH)]
+
+
+@contextlib.contextmanager
+def only_backend(backend: Any) -> Iterator[None]:
+    if backend is None:
+        yield
+        return
+    try:
+        from torch.nn.attention import sdpa_kernel
+    except ImportError:
+        yield
+        return
+    with sdpa_kernel([backend]):
+        yield
+
+
+def _qkv(ctx: Ctx, batch: int, heads: int, tokens: int, d: int, dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
+    g = torch.Generator(device=ctx.device).manual_seed(seed)
+    return [
+        torch.randn(batch, tokens, heads * d, generator=g, device=ctx.device, dtype=dtype)
+        .view(batch, tokens, heads, d)
+        .transpose(1, 2)
+        for _ in range(3)
+    ]
+
+
+def _shape(q: Tensor, k: Tensor, v: Tensor) -> AttentionShape:
+    b, h, n, d = q.shape
+    e = q.element_size()
+    return AttentionShape(b * h, n, k.shape[2], d, v.shape[-1], element_size=e, io_element_size=e, heads=h)
+
+
+def kernel_memory(ctx: Ctx) -> dict[str, Any]:
+    rows = []
+    for name, backend in [*_backends(), ("einsum", None)]:
+        for dname, dtype in DTYPES.items():
+            for d in HEAD_DIMS:
+                batch, heads = (1, 1) if d == 512 else (2, 8)
+                tokens = ctx.vae_tokens if d == 512 else ctx.tokens
+                row: dict[str, Any] = {"kernel": name, "dtype": dname, "head_dim": d, "shape": [batch * heads, tokens]}
+                try:
+                    q, k, v = _qkv(ctx, batch, heads, tokens, d, dtype)
+                    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+                    with only_backend(backend):
+                        if name == "einsum":
+                            choice = kernels.einsum_kernel(ctx.device.type, dtype)
+                        else:
+                            choice = kernels.choose_kernel("sdpa", q, k, v, dtype)
+                            offered = choice.backend == name or (name == "math" and choice.kind == "sdpa-math")
+                            if not offered:
+                                row.update(status="not offered", note=f"torch picks {choice.backend or choice.kind}")
+                                rows.append(row)
+                                continue
+                        row["backend"] = choice.backend
+                        shape = _shape(q, k, v)
+                        whole = plan_attention(shape, 1 << 50, kernel=choice, slice_cap=65536, device_kind="cuda")
+                        forced = max(1, int(whole.peak_bytes * 0.3))
+                        sliced = plan_attention(shape, forced, kernel=choice, slice_cap=65536, device_kind="cuda")
+                        if sliced is None or not sliced.sliced:
+                            sliced = plan_attention(shape, 1 << 50, kernel=choice, slice_cap=65536,
+                                                    device_kind="cuda", min_slices=4)  # fmt: skip
+                        for label, plan in (("one piece", whole), ("sliced", sliced)):
+                            kernels.run_plan(q, k, v, plan, d**-0.5)  # warm-up: library workspaces, autotuning
+                            with ctx.peak() as measured:
+                                out = kernels.run_plan(q, k, v, plan, d**-0.5)
+                            err = float((out.float() - ref).abs().max())
+                            row[label] = {
+                                "slices": plan.slices,
+                                "predicted": plan.peak_bytes,
+                                "measured": measured["peak"],
+                                "ratio": measured["peak"] / plan.peak_bytes,
+                                "max_abs_error": err,
+                            }
+                            del out
+                        row["status"] = "ok"
+                except Exception as exc:  # one case must not end the check
+                    row.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                rows.append(row)
+                ctx.release()
+    checked = [r[p] for r in rows if r.get("status") == "ok" for p in ("one piece", "sliced")]
+    over = [
+        f"{r['kernel']} {r['dtype']} d{r['head_dim']} {p}: {r[p]['ratio']:.3f}"
+        for r in rows
+        if r.get("status") == "ok"
+        for p in ("one piece", "sliced")
+        if r[p]["measured"] > r[p]["predicted"] + ALLOCATOR_SLACK
+    ]
+    tol = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}
+    wrong = [
+        f"{r['kernel']} {r['dtype']} d{r['head_dim']} {p}: {r[p]['max_abs_error']:.2e}"
+        for r in rows
+        if r.get("status") == "ok"
+        for p in ("one piece", "sliced")
+        if not r[p]["max_abs_error"] <= tol[r["dtype"]]
+    ]
+    return {
+        "rows": rows,
+        "checked": len(checked),
+        "max_ratio": max((c["ratio"] for c in checked), default=None),
+        "over_prediction": over,
+        "wrong_output": wrong,
+        "pass": bool(checked) and not over and not wrong,
+    }
+
+
+@contextlib.contextmanager
+def memory_cap(ctx: Ctx, extra: int) -> Iterator[int]:
+    """Cap this process at what it holds now plus ``extra`` bytes (CUDA); yields the cap's headroom."""
+    if not ctx.cuda:
+        yield extra
+        return
+    ctx.release()
+    total = torch.cuda.get_device_properties(ctx.device).total_memory
+    held = torch.cuda.memory_reserved(ctx.device)
+    ctx.limit = held + extra
+    torch.cuda.set_per_process_memory_fraction(min(1.0, ctx.limit / total), ctx.device)
+    try:
+        yield extra
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, ctx.device)
+        ctx.limit = None
+        ctx.release()
+
+
+def oom_retry(ctx: Ctx) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    heads, tokens, d = 8, (16384 if ctx.cuda else 256), 40
+    dtype = torch.float16 if ctx.cuda else torch.float32
+    q, k, v = _qkv(ctx, 2, heads, tokens, d, dtype)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    # the budget says plenty (64 GiB), the cap says 1 GiB: one einsum piece (4 GiB of scores) runs out of memory
+    host = BasicHost(Settings(budget_gb=64, kernel="einsum"))
+    with memory_cap(ctx, GiB if ctx.cuda else 0):
+        try:
+            out = attend(q, k, v, scale=d**-0.5, strategy="auto", host=host)
+            record = host.stats.recent()[-1]
+            result["einsum"] = {
+                "retries": record.retries,
+                "slices": record.slices,
+                "max_abs_error": float((out.float() - ref).abs().max()),
+                "pass": (record.retries >= 1 or not ctx.cuda) and float((out.float() - ref).abs().max()) < 2e-2,
+            }
+            del out
+        except Exception as exc:
+            result["einsum"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "pass": False}
+    # a fused call whose output (20 MiB) cannot fit a 4 MiB cap: a clear error, not a retry loop to the cap
+    host = BasicHost(Settings(budget_gb=64))
+    with memory_cap(ctx, 4 * MiB if ctx.cuda else 0):
+        start = time.perf_counter()
+        try:
+            attend(q, k, v, scale=d**-0.5, strategy="auto", host=host)
+            result["fused"] = {"error": "no out-of-memory error under the cap", "pass": not ctx.cuda}
+        except NotEnoughMemory as exc:
+            result["fused"] = {"message": str(exc)[:400], "pass": "does not fit" in str(exc)}
+        except Exception as exc:
+            result["fused"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "pass": False}
+        result["fused"]["seconds"] = time.perf_counter() - start
+    result["pass"] = all(part.get("pass") for part in result.values() if isinstance(part, dict))
+    return result
+
+
+# --- whole models ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def probe_reads(free: int) -> Iterator[None]:
+    """memslice's probe answers ``free`` (what every contender is told; CUDA's driver knows nothing of a cap)."""
+    saved = probe.free_memory
+    probe.free_memory = lambda device, precise=False: probe.FreeMemory(int(free), "gpu-check: the same number")
+    try:
+        yield
+    finally:
+        probe.free_memory = saved
+
+
+def _free_for_contenders(ctx: Ctx) -> int:
+    """What the webui's get_available_vram would answer: driver free + torch's reserved-but-inactive; under a cap,
+    the cap's remaining room (the driver knows nothing of it)."""
+    if not ctx.cuda:
+        return ctx.cap
+    if ctx.limit is not None:
+        return max(0, ctx.limit - torch.cuda.memory_allocated(ctx.device))
+    stats = torch.cuda.memory_stats(ctx.device)
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    return int(free + stats["reserved_bytes.all.current"] - stats["active_bytes.all.current"])
+
+
+def _patch(contender: str, ctx: Ctx, free: Callable[[], int]) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """(CrossAttention.forward, AttnBlock.forward) for a contender."""
+    from ..forwards import make_attnblock_forward, make_cross_attention_forward
+
+    if contender == "memslice-auto":
+        host = BasicHost(Settings())
+        return make_cross_attention_forward("auto", host), make_attnblock_forward("auto", host)
+    webui = {c.name: c for c in webui_attention.reimplemented()}[contender]
+    _, model, _ = _import_ldm()
+    stock_block = model.AttnBlock.forward  # entries that leave the VAE alone (InvokeAI, V1) run ldm's own
+
+    def cross(self: Any, x: Tensor, context: Tensor | None = None, mask: Any = None, **kwargs: Any) -> Tensor:
+        context = x if context is None else context
+        out = webui.cross_attention(
+            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.scale, free()
+        )
+        return self.to_out(out)
+
+    def block(self: Any, x: Tensor, **kwargs: Any) -> Tensor:
+        h = self.norm(x)
+        out = webui.attn_block(self.q(h), self.k(h), self.v(h), free())
+        return x + self.proj_out(out)
+
+    return cross, (block if webui.attn_block is not None else stock_block)
+
+
+CONTENDERS = ("memslice-auto", "sdp", "Doggettx", "InvokeAI-cuda", "sub-quadratic")
+
+
+def _import_ldm() -> tuple[Any, Any, Any]:
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import ldm.modules.attention as attention
+        import ldm.modules.diffusionmodules.model as model
+        import ldm.modules.diffusionmodules.openaimodel as openaimodel
+    return attention, model, openaimodel
+
+
+@contextlib.contextmanager
+def patched(
+    attention: Any, model: Any, forwards: tuple[Callable[..., Tensor], Callable[..., Tensor]]
+) -> Iterator[None]:
+    saved = attention.CrossAttention.forward, model.AttnBlock.forward
+    attention.CrossAttention.forward, model.AttnBlock.forward = forwards
+    try:
+        yield
+    finally:
+        attention.CrossAttention.forward, model.AttnBlock.forward = saved
+
+
+def pipeline(ctx: Ctx) -> dict[str, Any]:
+    from .unet import SD15_DECODER, SD15_UNET
+
+    attention, model, openaimodel = _import_ldm()
+    dtype = torch.float16 if ctx.cuda else torch.float32
+    unet_config = {**SD15_UNET} if ctx.cuda else {**SD15_UNET, "model_channels": 32}
+    decoder_config = {**SD15_DECODER} if ctx.cuda else {**SD15_DECODER, "ch": 32}
+    with torch.device(ctx.device):
+        unet = openaimodel.UNetModel(**unet_config).to(dtype).eval()
+        decoder = model.Decoder(**decoder_config).to(dtype).eval()
+    weights = sum(p.numel() * p.element_size() for m in (unet, decoder) for p in m.parameters())
+    latent = ctx.pixels // 8
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, generator=g, device=ctx.device, dtype=dtype)
+    t = torch.tensor([500, 500], device=ctx.device)
+    context = torch.randn(2, 77, 768, generator=g, device=ctx.device, dtype=dtype)
+    z = torch.randn(1, 4, latent, latent, generator=g, device=ctx.device, dtype=dtype)
+
+    def autocast() -> Any:  # as the webui runs a half-precision model
+        return torch.autocast("cuda", dtype=dtype) if ctx.cuda else contextlib.nullcontext()
+
+    def unet_run() -> Tensor:
+        with autocast():
+            return unet(x, t, context=context)
+
+    def decode_run() -> Tensor:
+        with autocast():
+            return decoder(z)
+
+    runs = (("unet", unet_run), ("vae_decode", decode_run))
+    rows = {}
+    for contender in CONTENDERS:
+        row: dict[str, Any] = {}
+        try:
+            with patched(attention, model, _patch(contender, ctx, lambda: _free_for_contenders(ctx))), torch.no_grad():
+                for part, run in runs:
+                    run()  # warm-up
+                    with ctx.peak() as measured:
+                        run()
+                    times = []
+                    for _ in range(3):
+                        ctx.sync()
+                        start = time.perf_counter()
+                        run()
+                        ctx.sync()
+                        times.append(time.perf_counter() - start)
+                    row[part] = {"peak_bytes": measured["peak"], "ms": statistics.median(times) * 1e3}
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        rows[contender] = row
+        ctx.release()
+    return {"pixels": ctx.pixels, "dtype": str(dtype), "weight_bytes": weights, "contenders": rows}
+
+
+def _site_call(contender: str, site: str, ctx: Ctx, side: int) -> None:
+    """One attention call of a site at ``side`` px, q/k/v allocated inside (the whole call is measured)."""
+    dtype = torch.float16 if ctx.cuda else torch.float32
+    tokens = (side // 8) ** 2
+    if site == "unet.level0.self":
+        batch, heads, d = 2, 8, 40
+    else:
+        batch, heads, d = 1, 1, 512
+    q, k, v = _qkv(ctx, batch, heads, tokens, d, dtype)
+    free = _free_for_contenders(ctx)
+    if contender == "memslice-auto":  # default settings, its probe reading the same number
+        with probe_reads(free):
+            out = attend(q, k, v, scale=d**-0.5, strategy="auto", host=BasicHost(Settings()))
+    else:
+        webui = {c.name: c for c in webui_attention.reimplemented()}[contender]
+        merge = [t.transpose(1, 2).reshape(batch, tokens, heads * d) for t in (q, k, v)]
+        if site == "unet.level0.self":
+            out = webui.cross_attention(*merge, heads, d**-0.5, free)
+        else:
+            side8 = side // 8
+            conv = [t.transpose(1, 2).reshape(batch, side8, side8, d).permute(0, 3, 1, 2) for t in merge]
+            if webui.attn_block is None:
+                raise RuntimeError("not patched in the VAE")
+            out = webui.attn_block(*conv, free)
+    del out
+
+
+def max_square(ctx: Ctx) -> dict[str, Any]:
+    result: dict[str, Any] = {"cap_bytes": ctx.cap, "sides": list(ctx.sides), "sites": {}}
+    for site in ("unet.level0.self", "vae.mid"):
+        per = {}
+        for contender in CONTENDERS:
+            best, note = 0, ""
+            started = time.perf_counter()
+            for side in ctx.sides:
+                if time.perf_counter() - started > ctx.per_search_s:
+                    note = f"stopped after {ctx.per_search_s:g} s at {side} px"
+                    break
+                ok = False
+                with memory_cap(ctx, ctx.cap):
+                    try:
+                        with ctx.peak() as measured:
+                            _site_call(contender, site, ctx, side)
+                        ok = measured["peak"] <= ctx.cap
+                        if not ok:
+                            note = f"{side} px took {format_bytes(measured['peak'])}"
+                    except Exception as exc:
+                        note = f"{side} px: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                if not ok:
+                    break
+                best = side
+            per[contender] = {"largest_side": best, "note": note}
+            ctx.release()
+        result["sites"][site] = per
+    return result
+
+
+def no_fused(ctx: Ctx) -> dict[str, Any]:
+    """Where no fused kernel runs (forced off: the regime of MPS, DirectML, ROCm without fused attention, fp32 upcast
+    on old GPUs): time and peak of SD1.5 level-0 self-attention per contender, every one told 4 GiB are free."""
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:
+        return {"error": "this torch has no torch.nn.attention.sdpa_kernel"}
+    rows: dict[str, Any] = {}
+    free = ctx.cap
+    for side in (512, 1024) if ctx.cuda else (64,):
+        tokens = (side // 8) ** 2
+        q, k, v = _qkv(ctx, 2, 8, tokens, 40, torch.float16 if ctx.cuda else torch.float32)
+        merged = [t.transpose(1, 2).reshape(2, tokens, 320) for t in (q, k, v)]
+        host = BasicHost(Settings())
+
+        def memslice(q: Tensor = q, k: Tensor = k, v: Tensor = v, host: BasicHost = host) -> Tensor:
+            with probe_reads(free):  # default settings, its probe reading the same number as the others get
+                return attend(q, k, v, scale=40**-0.5, strategy="auto", host=host)
+
+        calls: dict[str, Callable[[], Any]] = {"memslice-auto": memslice}
+        for c in webui_attention.reimplemented():
+            if c.name in ("sdp", "Doggettx", "InvokeAI-cuda", "sub-quadratic"):
+                calls[c.name] = lambda c=c, m=merged: c.cross_attention(*m, 8, 40**-0.5, free)
+        per = {}
+        with only_backend(SDPBackend.MATH):
+            for name, call in calls.items():
+                try:
+                    call()
+                    with ctx.peak() as measured:
+                        call()
+                    times = []
+                    for _ in range(5):
+                        ctx.sync()
+                        start = time.perf_counter()
+                        call()
+                        ctx.sync()
+                        times.append(time.perf_counter() - start)
+                    per[name] = {"ms": statistics.median(times) * 1e3, "peak_bytes": measured["peak"]}
+                except Exception as exc:
+                    per[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                ctx.release()
+        rows[f"{side}px"] = per
+    return {"free_bytes": free, "sizes": rows}
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    lines = [
+        "# memslice GPU check",
+        "",
+        f"{meta['device_name']}, torch {meta['torch']}, CUDA {meta['cuda']}, {meta['date']}",
+        f"command: `{meta['command']}`",
+        "",
+    ]
+    km = report.get("kernel_memory")
+    if km and "rows" in km:
+        lines += [
+            "## 1. Kernel memory: measured (max_memory_allocated) vs predicted",
+            "",
+            f"{km['checked']} runs, largest measured/predicted {km['max_ratio'] or 0:.3f}; "
+            f"over the prediction: {', '.join(km['over_prediction']) or 'none'}; "
+            f"wrong output: {', '.join(km['wrong_output']) or 'none'}. **{'PASS' if km['pass'] else 'FAIL'}**",
+            "",
+            "| kernel | dtype | d | one piece: measured / predicted | sliced: slices, measured / predicted | note |",
+            "| --- | --- | ---: | --- | --- | --- |",
+        ]
+        for r in km["rows"]:
+            if r.get("status") != "ok":
+                lines.append(f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | - | - | {r.get('note', '')} |")
+                continue
+            one, sl = r["one piece"], r["sliced"]
+            lines.append(
+                f"| {r['kernel']} ({r.get('backend') or '-'}) | {r['dtype']} | {r['head_dim']} | "
+                f"{format_bytes(one['measured'])} / {format_bytes(one['predicted'])} ({one['ratio']:.3f}) | "
+                f"{sl['slices']}: {format_bytes(sl['measured'])} / {format_bytes(sl['predicted'])} "
+                f"({sl['ratio']:.3f}) | |"
+            )
+        lines.append("")
+    for key, title in (("oom_retry", "## 2. A real out-of-memory error"), ("no_fused", "## No fused kernel"),
+                       ("pipeline", "## 3. SD1.5 fp16 UNet + VAE"),
+                       ("max_square", "## 4. Largest square size within 4 GiB")):  # fmt: skip
+        if key in report:
+            lines += [title, "", "```json", json.dumps(report[key], indent=1)[:6000], "```", ""]
+    return "\n".join(lines)
+
+
+def write(ctx: Ctx, report: dict[str, Any]) -> None:
+    os.makedirs(ctx.out, exist_ok=True)
+    with open(os.path.join(ctx.out, "gpu-report.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(os.path.join(ctx.out, "gpu-report.md"), "w") as f:
+        f.write(markdown(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib_memslice bench --gpu-check")
+    parser.add_argument("--gpu-check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="bench-out", help="where gpu-report.md/.json go (default bench-out)")
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": the tests' dry run
+    parser.add_argument(
+        "--only", default="", help="comma-separated sections (kernel_memory,oom_retry,pipeline,max_square)"
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"memslice gpu-check: no CUDA device here (torch {torch.__version__} sees none); nothing to check")
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ctx = Ctx(device, args.out)
+    report: dict[str, Any] = {
+        "meta": {
+            "device_name": torch.cuda.get_device_name(ctx.device)
+            if ctx.cuda
+            else f"CPU dry run ({platform.machine()})",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(
+                ["python", "-m", "lib_memslice", "bench", *(argv if argv is not None else sys.argv[1:])]
+            ),
+        }
+    }
+    sections = {
+        "kernel_memory": kernel_memory,
+        "oom_retry": oom_retry,
+        "no_fused": no_fused,
+        "pipeline": pipeline,
+        "max_square": max_square,
+    }
+    only = [s for s in args.only.split(",") if s] or list(sections)
+    began = time.perf_counter()
+    for name in only:
+        start = time.perf_counter()
+        try:
+            report[name] = sections[name](ctx)
+        except Exception as exc:
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        report[name]["seconds"] = time.perf_counter() - start
+        print(f"memslice gpu-check: {name} done in {report[name]['seconds']:.1f} s", flush=True)
+        report["meta"]["seconds"] = time.perf_counter() - began
+        write(ctx, report)
+    km = report.get("kernel_memory", {})
+    print(f"memslice gpu-check: kernel memory {'PASS' if km.get('pass') else 'FAIL'} "
+          f"(max measured/predicted {km.get('max_ratio')}); wrote {ctx.out}/gpu-report.md")  # fmt: skip
+    return 0

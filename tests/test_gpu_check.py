@@ -1,0 +1,33 @@
+"""The GPU validation kit: one line and exit 0 without CUDA; every section runs (as a CPU dry run) and reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lib_memslice.bench import gpu_check
+from lib_memslice.bench.run import main as bench_main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the check would run for real")
+def test_without_cuda_it_says_so_in_one_line_and_exits_0(capsys, tmp_path):
+    assert bench_main(["--gpu-check", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no CUDA device" in out[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_section_runs_as_a_cpu_dry_run_and_writes_its_report(tmp_path):
+    assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu-report.json").read_text())
+    for section in ("kernel_memory", "oom_retry", "no_fused", "pipeline", "max_square"):
+        assert section in report and "error" not in report[section], (section, report[section])
+    km = report["kernel_memory"]
+    assert km["checked"] > 0 and km["pass"] and km["max_ratio"] <= 1.0
+    assert report["oom_retry"]["einsum"]["max_abs_error"] < 1e-4
+    assert set(report["pipeline"]["contenders"]) == set(gpu_check.CONTENDERS)
+    assert all("error" not in row for row in report["pipeline"]["contenders"].values())
+    assert report["max_square"]["sites"]["vae.mid"]["memslice-auto"]["largest_side"] > 0
+    assert "# memslice GPU check" in (tmp_path / "gpu-report.md").read_text()

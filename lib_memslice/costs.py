@@ -29,6 +29,7 @@ GiB = 1 << 30
 KERNEL_KINDS = ("fused", "sdpa-math", "einsum")
 
 LSE_BYTES = 4  # the fused kernels keep one float32 log-sum-exp per query row
+FUSED_SCALARS = 64  # torch 2.1's CPU flash op also returns four 0-d int64 and one 0-d float32 tensor (36 bytes)
 
 
 def format_bytes(n: float) -> str:
@@ -155,6 +156,7 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
             + rows * queries_per_slice * LSE_BYTES
             + o_c * kernel.accumulator
             + kernel.workspace
+            + FUSED_SCALARS
             + copies * (q_c + kv_c) * ces
         )
     if kernel.kind == "sdpa-math":

@@ -19,21 +19,13 @@ from lib_memslice.costs import EINSUM, AttentionShape, KernelChoice, MiB, peak_b
 from lib_memslice.memtrack import PeakTracker
 from lib_memslice.slicing import STRATEGY_NAMES, plan_attention
 
-from .conftest import projected_qkv, reference
+from .conftest import CPU_HALF, projected_qkv, reference, sdpa_math_only
 
 DTYPE_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
-def _cpu_half_matmul() -> bool:
-    try:
-        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
-        return True
-    except RuntimeError:
-        return False
-
-
-HALVES = [torch.bfloat16] + ([torch.float16] if _cpu_half_matmul() else [])
+HALVES = [torch.bfloat16] + ([torch.float16] if CPU_HALF else [])  # torch 2.1 has no float16 attention on CPU
 
 
 def shape_of(q, k, v, compute_dtype):
@@ -158,7 +150,7 @@ def test_sdpa_math_half_precision_is_predicted_in_float32():
     q, k, v = projected_qkv(2, 4, 300, 300, 16, dtype=torch.bfloat16)
     kernel = KernelChoice("sdpa-math")
     plan = plan_attention(shape_of(q, k, v, q.dtype), 1 << 40, kernel=kernel)
-    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]), PeakTracker() as tracker:
+    with sdpa_math_only(), PeakTracker() as tracker:
         kernels.run_plan(q, k, v, plan, 0.25)
     # at 2-byte scores the model would predict half of what the math path holds
     half_model = peak_bytes(AttentionShape(8, 300, 300, 16, element_size=2, heads=4), 8, 300, EINSUM) * 2
@@ -173,7 +165,7 @@ def test_cpu_fused_kernel_runs_only_for_4d_and_is_detected():
     assert not kernels.fused_sdpa_available(flat, flat, flat)
     assert kernels.choose_kernel("auto", q, k, v, q.dtype).kind == "fused"
     assert kernels.choose_kernel("einsum", q, k, v, q.dtype).kind == "einsum"
-    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+    with sdpa_math_only():
         assert kernels.choose_kernel("auto", q, k, v, q.dtype).kind == "einsum"
         assert kernels.choose_kernel("sdpa", q, k, v, q.dtype).kind == "sdpa-math"
 

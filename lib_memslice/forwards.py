@@ -90,7 +90,7 @@ class BasicHost:
 # --- 1. describe ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
     """One attention call as planned: the tensors, their shape in the planner's terms, and what governs it."""
 
@@ -105,6 +105,26 @@ class Call:
     settings: Settings
     site: str
     geometry: Geometry | None
+    static: tuple[Any, ...]  # what decides the shape: the memo key's first part
+
+
+_shapes: dict[tuple[Any, ...], tuple[AttentionShape, torch.dtype]] = {}
+
+
+def _shape_of(static: tuple[Any, ...], upcast: bool) -> tuple[AttentionShape, torch.dtype]:
+    (batch, heads, q_tokens, head_dim), k_tokens, v_dim, dtype = static[:4]
+    compute_dtype = torch.float32 if upcast and dtype in _HALF else dtype
+    shape = AttentionShape(
+        batch_heads=batch * heads,
+        q_tokens=q_tokens,
+        k_tokens=k_tokens,
+        head_dim=head_dim,
+        v_dim=v_dim,
+        element_size=torch.finfo(compute_dtype).bits // 8,
+        io_element_size=torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 1,
+        heads=max(heads, 1),
+    )
+    return shape, compute_dtype
 
 
 def describe(
@@ -119,21 +139,16 @@ def describe(
     site: str = "attention",
     geometry: Geometry | None = None,
 ) -> Call:
-    batch, heads, q_tokens, head_dim = q.shape
-    compute_dtype = torch.float32 if upcast and q.dtype in _HALF else q.dtype
-    prepared = None if mask is None else kernels.keep_mask(mask, batch, k.shape[2], compute_dtype)
-    shape = AttentionShape(
-        batch_heads=batch * heads,
-        q_tokens=q_tokens,
-        k_tokens=k.shape[2],
-        head_dim=head_dim,
-        v_dim=v.shape[-1],
-        element_size=torch.finfo(compute_dtype).bits // 8,
-        io_element_size=q.element_size(),
-        heads=max(heads, 1),
-    )
+    static = (q.shape, k.shape[2], v.shape[-1], q.dtype, upcast)
+    known = _shapes.get(static)
+    if known is None:
+        if len(_shapes) >= _MEMO_SIZE:
+            _shapes.clear()
+        known = _shapes[static] = _shape_of(static, upcast)
+    shape, compute_dtype = known
+    prepared = None if mask is None else kernels.keep_mask(mask, q.shape[0], k.shape[2], compute_dtype)
     kind = probe.device_kind(q.device)
-    return Call(q, k, v, prepared, shape, compute_dtype, kind, strategy, settings, site, geometry)
+    return Call(q, k, v, prepared, shape, compute_dtype, kind, strategy, settings, site, geometry, static)
 
 
 # --- 2. plan ----------------------------------------------------------------------------------------------------
@@ -239,11 +254,7 @@ _MEMO_SIZE = 512
 def _memo_key(call: Call) -> tuple[Any, ...]:
     q, k, v = call.q, call.k, call.v
     return (
-        q.shape,
-        k.shape[2],
-        v.shape[-1],
-        q.dtype,
-        call.compute_dtype,
+        call.static,
         q.device,
         q.stride(-1),
         k.stride(-1),

@@ -72,11 +72,14 @@ def fused_sdpa_available(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = 
     return sdpa_backend(q, k, v, mask) != "math"
 
 
-_SDP_FLAG_FNS = tuple(
-    getattr(torch.backends.cuda, name)
-    for name in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled")
-    if hasattr(torch.backends.cuda, name)
+_SDP_FLAGS = (
+    "_get_flash_sdp_enabled",
+    "_get_mem_efficient_sdp_enabled",
+    "_get_math_sdp_enabled",
+    "_get_cudnn_sdp_enabled",
 )
+#: torch's own getters (the torch.backends.cuda wrappers add a Python call each)
+_SDP_FLAG_FNS = tuple(getattr(torch._C, name) for name in _SDP_FLAGS if hasattr(torch._C, name))
 
 
 def sdp_flags() -> tuple[bool, ...]:

@@ -1,0 +1,117 @@
+"""The attend pipeline: the per-layer fast path never serves a stale plan, and planning stays out of compiled graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_memslice import forwards, probe
+from lib_memslice.costs import GiB, MiB
+from lib_memslice.forwards import BasicHost, attend
+from lib_memslice.settings import Settings
+
+from .conftest import projected_qkv, reference, sdpa_math_only
+
+
+@pytest.fixture(autouse=True)
+def fresh_memo():
+    forwards._memo.clear()
+    yield
+    forwards._memo.clear()
+
+
+class CountingProbe:
+    def __init__(self, free):
+        self.free, self.calls = free, 0
+
+    def __call__(self, device, precise=False):
+        self.calls += 1
+        return probe.FreeMemory(self.free, "test")
+
+
+def run(host, q, k, v):
+    out = attend(q, k, v, scale=0.25, strategy="auto", host=host, site="t")
+    assert (out.double() - reference(q, k, v, 0.25)).abs().max() < 1e-5
+    return host.stats.recent()[-1]
+
+
+def test_the_same_layer_with_ample_memory_skips_probe_and_plan(monkeypatch):
+    fake = CountingProbe(64 * GiB)
+    monkeypatch.setattr(probe, "free_memory", fake)
+    q, k, v = projected_qkv(2, 4, 128, 128, 16)
+    host = BasicHost(Settings())
+    first = run(host, q, k, v)
+    for _ in range(5):
+        again = run(host, q, k, v)
+    assert fake.calls == 1 and again.slices == first.slices and again.kernel_used == first.kernel_used
+
+
+def test_the_fast_path_reprobes_when_the_reading_is_old(monkeypatch):
+    fake = CountingProbe(64 * GiB)
+    monkeypatch.setattr(probe, "free_memory", fake)
+    q, k, v = projected_qkv(2, 4, 128, 128, 16)
+    host = BasicHost(Settings())
+    run(host, q, k, v)
+    clock = [forwards.time.perf_counter()]
+    monkeypatch.setattr(forwards.time, "perf_counter", lambda: clock[0])
+    clock[0] += forwards.FAST_PATH_MAX_AGE_S + 0.01
+    run(host, q, k, v)
+    assert fake.calls == 2
+
+
+def test_a_plan_without_ample_headroom_is_planned_again_and_follows_the_memory(monkeypatch):
+    """Memory shrinks between calls: the plan must follow, not be reused."""
+    fake = CountingProbe(64 * GiB)
+    monkeypatch.setattr(probe, "free_memory", fake)
+    q, k, v = projected_qkv(2, 4, 256, 256, 16)
+    host = BasicHost(Settings(kernel="einsum", safety_factor=1.0))
+    roomy = run(host, q, k, v)
+    clock = [forwards.time.perf_counter()]
+    monkeypatch.setattr(forwards.time, "perf_counter", lambda: clock[0])
+    clock[0] += forwards.FAST_PATH_MAX_AGE_S + 0.01  # the ample reading is old: the next call reads again
+    fake.free = 300 * 1024  # 300 KiB: under the einsum plan's needs a moment ago
+    tight = run(host, q, k, v)
+    assert tight.slices > roomy.slices and tight.peak_bytes <= 300 * 1024
+    calls = fake.calls
+    run(host, q, k, v)  # no time has passed, but this plan left no ample headroom: read again
+    assert fake.calls == calls + 1
+
+
+def test_changed_settings_or_sdpa_switches_plan_again():
+    q, k, v = projected_qkv(2, 4, 128, 128, 16)
+    assert run(BasicHost(Settings(budget_gb=1)), q, k, v).kernel_used == "fused"
+    assert run(BasicHost(Settings(budget_gb=1, kernel="einsum")), q, k, v).kernel_used == "einsum"
+    host = BasicHost(Settings(budget_gb=1))
+    assert run(host, q, k, v).kernel_used == "fused"
+    with sdpa_math_only():  # the no-fused regime: torch offers no fused kernel, memslice's einsum runs
+        assert run(host, q, k, v).kernel_used == "einsum"
+    assert run(host, q, k, v).kernel_used == "fused"
+
+
+def test_only_the_safety_margin_refusing_runs_the_finest_plan_within_free_memory(monkeypatch):
+    """Free 256 KiB, safety factor 3.3: the 128 KiB output alone is over 78 KiB, yet the finest plan fits 256 KiB:
+    it runs (as sdp would), planned against free memory itself."""
+    monkeypatch.setattr(probe, "free_memory", CountingProbe(256 * 1024))
+    q, k, v = projected_qkv(2, 4, 256, 256, 16)
+    record = run(BasicHost(Settings(kernel="einsum")), q, k, v)
+    assert record.peak_bytes <= 256 * 1024 and record.budget_bytes == 256 * 1024
+    with pytest.raises(forwards.NotEnoughMemory, match="is free"):  # and past free memory itself, a clean refusal
+        monkeypatch.setattr(probe, "free_memory", CountingProbe(64 * 1024))
+        run(BasicHost(Settings(kernel="einsum")), q, k, v)
+
+
+def test_planning_stays_out_of_compiled_graphs():
+    dynamo = pytest.importorskip("torch._dynamo")
+    if not hasattr(dynamo, "explain"):
+        pytest.skip("this torch has no torch._dynamo.explain")
+    q, k, v = projected_qkv(1, 2, 64, 64, 16)
+    host = BasicHost(Settings())
+
+    def f(q, k, v):
+        return attend(q * 1.0, k, v, scale=0.25, strategy="auto", host=host) * 2
+
+    explained = dynamo.explain(f)(q, k, v)
+    reasons = " ".join(str(getattr(b, "reason", b)) for b in explained.break_reasons)
+    assert "_plan_call" in reasons
+    out = torch.compile(f, backend="eager")(q, k, v)
+    assert (out.double() - 2 * reference(q, k, v, 0.25)).abs().max() < 1e-5

@@ -1,20 +1,23 @@
 """Measure the activation memory of whole passes on the real ldm modules and fit ``lib_memslice.activations``.
 
-``python -m lib_memslice.bench.fit_activations`` (about 3-4 minutes on 2 cores, under 2 GiB) builds SD1.x, SD2.x and
-SDXL-shaped UNets and the SD VAE's decode and encode at reduced widths, runs each forward under
+``python -m lib_memslice.bench.fit_activations`` (about 6 minutes on 2 idle cores, under 2 GiB) builds SD1.x, SD2.x
+and SDXL-shaped UNets and the SD VAE's decode and encode at reduced widths, runs each forward under
 :class:`~lib_memslice.memtrack.PeakTracker` with memslice's attention forwards patched in, and prints:
 
 1. the scaling-law evidence: per width the fitted elements per (channel x latent token) and the per-channel
-   constant, the batch and element-size checks, and (``--full-width``) the published width itself;
+   constant, the batch, element-size and head-count checks, and (``--full-width``) the published width itself;
 2. the coefficients as Python, to paste into ``lib_memslice/activations.py``;
-3. measured vs predicted peaks at sizes NOT used for fitting, under an ample budget (fused attention) and under a
-   budget that forces einsum slicing, through :func:`lib_memslice.activations.pass_peak_bytes`.
+3. measured vs predicted peaks at sizes NOT used for fitting, through
+   :func:`lib_memslice.activations.pass_peak_bytes`, under three attention regimes (:func:`measure_regimes`):
+   memslice-auto with an ample budget (the fused kernel), unsliced einsum, and einsum forced into two slices; with
+   a "sum rule" column (activations + largest transient) for comparison. Exit status 0 when every case lies within
+   1.00-1.15x.
 
 Element size 4 is measured in fp32, element size 2 in bf16 (fp16 convolutions are far slower on CPU; an fp16 run
 gave the same bytes), with half-precision UNets run as the webui runs them on CUDA: under autocast, whose float32
 norm outputs the CPU reproduces with :func:`cuda_autocast_on_cpu`.
 
-``--full-width`` adds SD1.5 and SD2 at model_channels 320 (3.5 GB of fp32 weights, ~1 min more). ``--device cuda``
+``--full-width`` adds SD1.5 and SD2 at model_channels 320 (3.5 GB of fp32 weights, ~1 min). ``--device cuda``
 checks activations.py's model there instead: the published widths at real sizes, UNet fp16 under real
 ``torch.autocast`` (and without, and fp32), VAE fp16 and fp32, printing the tracker's live-tensor peak (what the
 model predicts) next to the CUDA caching allocator's peak (which also holds cuDNN/cuBLAS workspaces).
@@ -48,11 +51,38 @@ from ..memtrack import CudaPeak, PeakTracker
 from ..models import SITE_ATTR, sites_from_modules
 from ..settings import Settings
 from .sdxl_unet import build_sdxl_unet
-from .unet import SD15_DECODER, SD15_UNET
 
 MiB = 1 << 20
 GiB = 1 << 30
 
+#: v1-inference.yaml's UNet (unet_config params), as ldm's UNetModel takes them
+SD15_UNET: dict[str, Any] = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    attention_resolutions=[4, 2, 1],
+    num_res_blocks=2,
+    channel_mult=[1, 2, 4, 4],
+    num_heads=8,
+    use_spatial_transformer=True,
+    transformer_depth=1,
+    context_dim=768,
+    legacy=False,
+)
+#: v1-inference.yaml's first-stage ddconfig: the SD VAE (SDXL's VAE has the same layers)
+SD15_DECODER: dict[str, Any] = dict(
+    double_z=True,
+    z_channels=4,
+    resolution=256,
+    in_channels=3,
+    out_ch=3,
+    ch=128,
+    ch_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_resolutions=[],
+    dropout=0.0,
+)
 KINDS: tuple[str, ...] = ("sd15", "sd2", "sdxl", "vae_decode", "vae_encode")
 UNET_KINDS: tuple[str, ...] = ("sd15", "sd2", "sdxl")
 #: v2-inference-v.yaml's UNet: SD1.x's with 64-channel heads, a 1024-wide context and linear projections
@@ -615,39 +645,59 @@ def full_width_check(
     return ratios
 
 
-def cuda_check(log: Callable[[str], None], device: str = "cuda") -> list[tuple[str, float]]:
+CUDA_CASES: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = (
+    ("sd15", ((512, 512), (768, 768))),
+    ("sd2", ((768, 768),)),
+    ("sdxl", ((1024, 1024), (832, 1216))),
+    ("vae_decode", ((1024, 1024), (512, 512))),
+    ("vae_encode", ((1024, 1024), (512, 512))),
+)
+
+
+def cuda_check(
+    log: Callable[[str], None],
+    device: str = "cuda",
+    cases: Sequence[tuple[str, Sequence[tuple[int, int]]]] = CUDA_CASES,
+    widths: dict[str, int] | None = None,
+) -> list[tuple[str, float]]:
     """The published widths at real sizes on CUDA, as the webui runs them: UNet fp16 weights under
-    ``torch.autocast`` (and fp32), VAE fp16 and fp32 without autocast. Prints the live-tensor peak (the tracker,
-    what the model predicts) and the caching allocator's peak (which also holds cuDNN/cuBLAS workspaces)."""
-    cases = (
-        ("sd15", ((512, 512), (768, 768))),
-        ("sd2", ((768, 768),)),
-        ("sdxl", ((1024, 1024), (832, 1216))),
-        ("vae_decode", ((512, 512), (1024, 1024))),
-        ("vae_encode", ((512, 512), (1024, 1024))),
-    )
+    ``torch.autocast`` (also without, and fp32), VAE fp16 and fp32 without autocast; the first size of each pass in
+    the webui's dtype also under the einsum and sliced regimes. Prints the live-tensor peak (the tracker: what the
+    model predicts) and the caching allocator's peak (which also holds cuDNN/cuBLAS workspaces). ``widths`` (default
+    the published ones) and ``cases`` exist for a smoke test on CPU."""
+    widths = widths or FULL_WIDTH
     log(
-        f"{'pass':<11} {'dtype':<16} {'size':>9} {'live MiB':>10} {'allocator MiB':>13} {'predicted MiB':>13} "
-        f"{'ratio':>6} {'alloc/pred':>10}  winning term"
+        f"{'pass':<11} {'dtype':<16} {'size':>9} {'regime':<7} {'slices':>6} {'live MiB':>10} {'allocator MiB':>13} "
+        f"{'predicted MiB':>13} {'ratio':>6} {'alloc/pred':>10}  winning term"
     )
     ratios = []
     for kind, sizes in cases:
         unet = kind in UNET_KINDS
-        for dtype, autocast in ((torch.float16, unet), (torch.float16, False), (torch.float32, False)):
-            if autocast is False and dtype == torch.float16 and unet and kind == "sd2":
-                continue
-            module = build(kind, FULL_WIDTH[kind], dtype=dtype, device=device)
-            for w, h in sizes:
-                torch.cuda.empty_cache()
-                m = measure_pass(module, kind, FULL_WIDTH[kind], w, h, _batch(kind), dtype=dtype, autocast=autocast)
-                predicted, winner = predicted_pass_peak(kind, m)
+        variants = ((torch.float16, True), (torch.float16, False), (torch.float32, False)) if unet else None
+        for dtype, autocast in variants or ((torch.float16, False), (torch.float32, False)):
+            module = build(kind, widths[kind], dtype=dtype, device=device)
+            for i, (w, h) in enumerate(sizes):
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+                args = (module, kind, widths[kind], w, h, _batch(kind))
+                runs = {"ample": measure_pass(*args, dtype=dtype, autocast=autocast)}
+                if i == 0 and dtype == torch.float16 and (autocast or not unet):  # as the webui runs it
+                    runs["einsum"] = measure_pass(*args, settings=EINSUM, dtype=dtype, autocast=autocast)
+                    largest = max(runs["einsum"].attention_peaks.values(), default=0)
+                    runs["sliced"] = measure_pass(
+                        *args, settings=sliced_settings(largest), dtype=dtype, autocast=autocast
+                    )
                 label = f"{str(dtype)[6:]}{' autocast' if autocast else ''}"
-                ratios.append((f"cuda {kind} {label} {w}x{h}", predicted / m.peak_bytes))
-                alloc = m.allocator_peak_bytes or 0
-                log(
-                    f"{kind:<11} {label:<16} {f'{w}x{h}':>9} {_mib(m.peak_bytes):>10} {_mib(alloc):>13} "
-                    f"{_mib(predicted):>13} {predicted / m.peak_bytes:6.3f} {alloc / predicted:10.3f}  {winner}"
-                )
+                for regime, m in runs.items():
+                    predicted, winner = predicted_pass_peak(kind, m)
+                    ratios.append((f"cuda {kind} {label} {w}x{h} {regime}", predicted / m.peak_bytes))
+                    alloc = m.allocator_peak_bytes or 0
+                    log(
+                        f"{kind:<11} {label:<16} {f'{w}x{h}':>9} {regime:<7} {m.max_slices:>6} "
+                        f"{_mib(m.peak_bytes):>10} {_mib(alloc):>13} {_mib(predicted):>13} "
+                        f"{predicted / m.peak_bytes:6.3f} {alloc / predicted:10.3f}  {winner}"
+                    )
+                m = runs["ample"]
                 tokens = latent_tokens(w, h, activations.UNET_GRID.get(kind, 1))
                 per_unit = {s: round(v / m.unit / tokens, 3) for s, v in m.live_bytes.items()}
                 log(f"    per channel x token: peak {m.peak_bytes / m.unit / tokens:.3f}, live {per_unit}")

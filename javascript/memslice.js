@@ -69,7 +69,7 @@
         var table = element("table", {"class": "memslice-table"});
         var head = element("tr");
         head.appendChild(element("th", {}, "batch"));
-        head.appendChild(element("th", {}, "largest square size that fits"));
+        head.appendChild(element("th", {}, "largest square size the whole job fits"));
         table.appendChild(head);
         BATCHES.forEach(function (batch) {
             var row = element("tr", {"data-batch": String(batch)});
@@ -92,17 +92,37 @@
         };
     }
 
+    // Hires. fix as txt2img shows it: the InputAccordion's checkbox (or its open state), scale or target size,
+    // and whether the upscaler works on latents ("Latent ...") or on the picture (decode, upscale, encode)
+    function hiresParams() {
+        var box = app().querySelector("#txt2img_hr-checkbox input[type=checkbox]");
+        var accordion = app().querySelector("#txt2img_hr");
+        var enabled = box ? box.checked : !!(accordion && accordion.classList.contains("input-accordion-open"));
+        if (!enabled) return {};
+        var params = {hr_scale: numberIn("txt2img_hr_scale") || 2};
+        var x = numberIn("txt2img_hr_resize_x");
+        var y = numberIn("txt2img_hr_resize_y");
+        if (x) params.hr_width = x;
+        if (y) params.hr_height = y;
+        var upscaler = app().querySelector("#txt2img_hr_upscaler input");
+        var name = upscaler ? upscaler.value || "" : "";
+        params.hr_upscaler = name === "" || name.indexOf("Latent") === 0 ? "latent" : "image";
+        return params;
+    }
+
     function refreshPlanner() {
         var box = panel();
         if (!box) return Promise.resolve();
         var mine = ++sequence;
         var base = planParams();
+        var hires = hiresParams();
         var width = numberIn("txt2img_width") || 512;
         var height = numberIn("txt2img_height") || 512;
         var batch = numberIn("txt2img_batch_size") || 1;
-        var requests = [getJSON("plan", Object.assign({width: width, height: height, batch: batch}, base))];
+        var job = Object.assign({width: width, height: height, batch: batch}, base, hires);
+        var requests = [getJSON("plan", job)];
         BATCHES.forEach(function (b) {
-            requests.push(getJSON("plan", Object.assign({width: 512, height: 512, batch: b}, base)));
+            requests.push(getJSON("plan", Object.assign({width: 512, height: 512, batch: b}, base, hires)));
         });
         return Promise.all(requests).then(function (results) {
             if (mine !== sequence) return; // a newer refresh is under way
@@ -116,10 +136,13 @@
                 box.querySelector("tr[data-batch='" + b + "'] .memslice-max").textContent =
                     side > 0 ? side + " x " + side : "nothing fits";
             });
+            var hr = current.hires ? ", hires " + current.hires[0] + " x " + current.hires[1] : "";
             box.querySelector(".memslice-current").textContent =
-                "txt2img " + width + " x " + height + ", batch " + batch + ": " +
-                (current.fits ? plural(current.max_slices, "slice") + " at most" : "does not fit; lower the size");
+                "txt2img " + width + " x " + height + hr + ", batch " + batch + ": " +
+                (current.fits ? "fits, " + plural(current.max_slices, "slice") + " at most; " : "does NOT fit; ") +
+                "the largest pass is the " + current.limit + " (" + current.advice + ")";
             box.setAttribute("data-fits", String(current.fits));
+            box.setAttribute("data-limit", current.limit);
             box.setAttribute("data-max-slices", String(current.max_slices));
         }).catch(function (error) {
             if (mine === sequence) box.querySelector(".memslice-error").textContent = "memslice: " + error.message;
@@ -194,7 +217,8 @@
         var refresh = debounce(refreshPlanner, 250);
         // typed values count before Apply: listen to the inputs inside the watched components
         var watched = KEYS.map(function (key) { return "#setting_" + key; })
-            .concat(["#txt2img_width", "#txt2img_height", "#txt2img_batch_size"]).join(", ");
+            .concat(["#txt2img_width", "#txt2img_height", "#txt2img_batch_size", "#txt2img_hr", "#txt2img_hr-checkbox",
+                "#txt2img_hr_scale", "#txt2img_hr_resize_x", "#txt2img_hr_resize_y", "#txt2img_hr_upscaler"]).join(", ");
         ["input", "change"].forEach(function (type) {
             app().addEventListener(type, function (event) {
                 var target = event.target;
@@ -209,7 +233,8 @@
         ensure();
     }
 
-    window.memslice = {refreshPlanner: refreshPlanner, showStatus: showStatus, formatBytes: formatBytes};
+    window.memslice = {refreshPlanner: refreshPlanner, showStatus: showStatus, formatBytes: formatBytes,
+        hiresParams: hiresParams};
 
     if (typeof onUiLoaded === "function") {
         onUiLoaded(setup);

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__, kernels, probe
 from .costs import KernelChoice, format_bytes
-from .model_plan import DTYPE_BYTES, Request, plan_model
+from .job_plan import DTYPE_BYTES, UPSCALERS, Job, hires_size, plan_job
 from .models import BUILTIN, MODEL_NAMES
 from .settings import KERNELS, SPEC_BY_KEY, Settings, coerce
 from .slicing import STRATEGY_NAMES
@@ -78,92 +78,92 @@ def allocator() -> str:
 # --- plan ---------------------------------------------------------------------------------------------------
 
 
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     settings = _settings(args)
     device_kind = args.device
     io = DTYPE_BYTES[args.dtype]
-    element = 4 if args.upcast else io
-    compute_dtype = {2: torch.float16, 4: torch.float32}[element]
-    if args.dtype == "bf16" and not args.upcast:
-        compute_dtype = torch.bfloat16
-    if args.budget is not None:
-        if args.safety_factor is not None:
-            print(
-                "warning: --safety-factor has no effect with --budget (a fixed budget is not divided)", file=sys.stderr
-            )
-        budget = probe.Budget(args.budget, None, f"--budget {format_bytes(args.budget)}", fixed=True)
+    compute = {2: torch.bfloat16 if args.dtype == "bf16" else torch.float16, 4: torch.float32}
+    if args.budget is not None and args.safety_factor is not None:
+        print("warning: --safety-factor has no effect with --budget (a fixed budget is not divided)", file=sys.stderr)
+    if args.memory is not None:
+        memory, source = args.memory, f"--memory {format_bytes(args.memory)}"
     elif device_kind == best_device() or device_kind == "cpu":
-        budget = probe.device_budget(torch.device(device_kind), settings)
+        free = probe.free_memory(torch.device(device_kind))
+        memory, source = free.bytes, f"{free.source} on this machine (nothing of the model loaded)"
     else:
-        print(f"error: no {device_kind} device here to measure; pass --budget (e.g. --budget 4GiB)", file=sys.stderr)
+        print(f"error: no {device_kind} device here to measure; pass --memory (e.g. --memory 8GiB)", file=sys.stderr)
         return 2
 
     def kernels_for(site: Any, element_size: int) -> tuple[KernelChoice, ...]:
-        dtype = compute_dtype if element_size == DTYPE_BYTES[args.dtype] or args.upcast else torch.float32
-        return kernels.expected_kernels(device_kind, dtype, site.head_dim, settings.kernel, ask_device=True)
+        return kernels.expected_kernels(device_kind, compute[element_size], site.head_dim, settings.kernel,
+                                        ask_device=True, v_dim=site.head_dim)  # fmt: skip
 
-    request = Request(
+    hires = hires_size(args.width, args.height, args.hires_scale, args.hires_width, args.hires_height)
+    job = Job(
         BUILTIN[args.model],
+        args.model,
         args.width,
         args.height,
         args.batch,
-        budget.bytes,
+        memory,
+        hires=hires,
+        hires_upscaler=args.hires_upscaler,
+        img2img=args.img2img,
+        element_size=io,
+        vae_element_size=4 if args.no_half_vae else io,
+        upcast_attention=args.upcast,
+        medvram=args.medvram,
+        prompt_chunks=args.prompt_chunks,
         strategy=args.strategy,
         slice_cap=settings.slice_cap,
-        element_size=element,
-        io_element_size=io,
+        safety_factor=settings.safety_factor,
+        fixed_budget=args.budget,
         device_kind=device_kind,
-        prompt_chunks=args.prompt_chunks,
-        include_vae=not args.no_vae,
-        fixed_budget=budget.fixed,
-        free_bytes=None if budget.free is None else budget.free.bytes,
-        safety_factor=budget.safety_factor,
-        vae_element_size=4 if args.no_half_vae else 0,
     )
-    result = plan_model(request, kernels_for)
-    result["budget_source"] = budget.explanation
-    result["device"] = device_kind
+    result = plan_job(job, kernels_for)
+    result.update(memory_source=source, device=device_kind)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0 if result["fits"] else 1
+    hr = f", hires {hires[0]}x{hires[1]} ({args.hires_upscaler} upscaler)" if hires else ""
     print(
-        f"{BUILTIN[args.model].title}, {args.width}x{args.height}, batch {args.batch} (x2 cond/uncond in the UNet), "
-        f"{args.dtype}{' upcast to fp32' if args.upcast else ''}, strategy {args.strategy}, device {device_kind}"
+        f"{BUILTIN[args.model].title}, {'img2img' if args.img2img else 'txt2img'} {args.width}x{args.height}{hr}, "
+        f"batch {args.batch}, {args.dtype}{' upcast to fp32' if args.upcast else ''}"
+        f"{', VAE fp32' if args.no_half_vae else ''}, strategy {args.strategy}, device {device_kind}"
     )
-    print(f"attention budget {format_bytes(budget.bytes)} ({budget.explanation}), slice cap {settings.slice_cap}")
-    header = ("site", "layers", "B*H", "q", "k", "d", "kernel used", "heads/slice", "queries/slice", "slices", "peak")
-    rows = [header]
+    budget = f"attention budget fixed at {format_bytes(args.budget)}" if args.budget else (
+        f"attention budgets: what each call finds free / safety factor {settings.safety_factor:g}")  # fmt: skip
+    print(f"memory for the whole job {format_bytes(memory)} ({source}); {budget}; slice cap {settings.slice_cap}")
+    print("\nattention per site")
+    rows = [("pass", "site", "layers", "B*H", "q", "k", "d", "kernel used", "heads/slice", "queries/slice", "slices",
+             "peak")]  # fmt: skip
     for row in result["layers"]:
-        rows.append(
-            (
-                row["site"],
-                str(row["layers"]),
-                str(row["batch_heads"]),
-                str(row["q_tokens"]),
-                str(row["k_tokens"]),
-                str(row["head_dim"]),
-                row["kernel_used"],
-                str(row["heads_per_slice"]) if row["fits"] else "-",
-                str(row["queries_per_slice"]) if row["fits"] else "-",
-                str(row["slices"]) if row["fits"] else "no fit",
-                format_bytes(row["peak_bytes"]),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print(
-            "  ".join(
-                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
+        rows.append((row["pass"], row["site"], str(row["layers"]), str(row["batch_heads"]), str(row["q_tokens"]),
+                     str(row["k_tokens"]), str(row["head_dim"]), row["kernel_used"],
+                     str(row["heads_per_slice"]) if row["fits"] else "-",
+                     str(row["queries_per_slice"]) if row["fits"] else "-",
+                     str(row["slices"]) if row["fits"] else "no fit", format_bytes(row["peak_bytes"])))  # fmt: skip
+    print("\n".join(_table(rows)))
+    print("\npasses")
+    rows = [("pass", "size", "batch", "attention peak", "other activations", "inputs", "weights", "total", "fits")]
+    for p in result["passes"]:
+        rows.append((p["name"], f"{p['width']}x{p['height']}", str(p["batch"]), format_bytes(p["attention_bytes"]),
+                     format_bytes(p["activation_bytes"]), format_bytes(p["input_bytes"]),
+                     format_bytes(p["weight_bytes"]), format_bytes(p["total_bytes"]),
+                     "yes" if p["fits"] else "NO"))  # fmt: skip
+    print("\n".join(_table(rows)))
+    side = result["max_square_resolution"]
     verdict = "fits" if result["fits"] else "does NOT fit"
-    print(
-        f"\nthe whole generation {verdict}; largest square size that fits: "
-        f"{result['max_square_resolution']}x{result['max_square_resolution']}"
-    )
-    for row in result["layers"]:
-        if not row["fits"]:
-            print(f"  {row['site']}: {row['reason']}")
+    print(f"\nthe whole job {verdict}; it binds at the {result['limit']}: {result['advice']}")
+    print(f"largest square size at which the whole job fits: {side}x{side}" if side else "no square size fits")
     return 0 if result["fits"] else 1
 
 
@@ -217,24 +217,16 @@ def doctor(device_name: str | None = None) -> dict[str, Any]:
             fused[f"{str(dtype).removeprefix('torch.')} d{head_dim}"] = kernel.kind
     picks = {}
     for model, side in (("sd15", 512), ("sd15", 1024), ("sdxl", 1024)):
-        request = Request(
-            BUILTIN[model],
-            side,
-            side,
-            1,
-            budget.bytes,
-            element_size=2 if kind == "cuda" else 4,
-            device_kind=kind,
-            free_bytes=free.bytes,
-            safety_factor=budget.safety_factor,
-        )
+        element = 2 if kind == "cuda" else 4
+        job = Job(BUILTIN[model], model, side, side, 1, free.bytes, element_size=element, device_kind=kind,
+                  safety_factor=budget.safety_factor)  # fmt: skip
         dtype = torch.float16 if kind == "cuda" else torch.float32
-        result = plan_model(
-            request,
-            lambda s, e, dtype=dtype: kernels.expected_kernels(kind, dtype, s.head_dim, "auto", ask_device=True),
+        result = plan_job(
+            job, lambda s, e, dtype=dtype: kernels.expected_kernels(kind, dtype, s.head_dim, "auto", ask_device=True)
         )
         picks[f"{model} {side}px"] = {
             "fits": result["fits"],
+            "limit": result["limit"],
             "max_slices": result["max_slices"],
             "max_square_resolution": result["max_square_resolution"],
         }
@@ -334,7 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="75-token prompt chunks (77 keys each)",
     )
-    plan.add_argument("--no-vae", dest="no_vae", action="store_true", help="leave out the VAE's attention")
+    plan.add_argument(
+        "--memory", type=parse_size, help="memory the whole job may use, weights included (default: free here)"
+    )
+    plan.add_argument("--hires-scale", dest="hires_scale", type=float, default=None, help="hires fix: upscale by")
+    plan.add_argument("--hires-width", dest="hires_width", type=_bounded_int(8, 65536), help="hires fix: width")
+    plan.add_argument("--hires-height", dest="hires_height", type=_bounded_int(8, 65536), help="hires fix: height")
+    plan.add_argument(
+        "--hires-upscaler",
+        dest="hires_upscaler",
+        choices=UPSCALERS,
+        default="latent",
+        help="latent (default) or image (decode, upscale the picture, encode again)",
+    )
+    plan.add_argument("--img2img", action="store_true", help="img2img: the job starts with a VAE encode")
+    plan.add_argument("--medvram", action="store_true", help="only the running module's weights are on the device")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (exit code 1 when it does not fit)")
     plan.set_defaults(func=cmd_plan)
 

@@ -529,6 +529,13 @@ def make_cross_attention_forward(strategy: str, host: Host) -> Callable[..., Ten
     return forward
 
 
+def _tokens_last(t: Tensor) -> Tensor:
+    """``[b, c, h, w]`` -> ``[b, 1, hw, c]`` contiguous: fused kernels refuse a strided last dim (the CPU would
+    fall back to einsum). One tensor at a time, so the convolution's output is freed before the next copy."""
+    b, c, h, w = t.shape
+    return t.reshape(b, c, h * w).transpose(1, 2).contiguous().unsqueeze(1)
+
+
 def make_attnblock_forward(
     strategy: str, host: Host, fallback: Callable[..., Tensor] | None = None
 ) -> Callable[..., Tensor]:
@@ -538,10 +545,12 @@ def make_attnblock_forward(
         if fallback is not None and not host.settings().vae:
             return fallback(self, x, **kwargs)
         h_ = self.norm(x)
-        q, k, v = self.q(h_), self.k(h_), self.v(h_)
-        b, c, h, w = q.shape
-        # [b, 1, hw, c], contiguous: the CPU fused kernel refuses a strided last dim (it would fall back to einsum)
-        q, k, v = (t.reshape(b, c, h * w).transpose(1, 2).contiguous().unsqueeze(1) for t in (q, k, v))
+        q = _tokens_last(self.q(h_))
+        k = _tokens_last(self.k(h_))
+        v = _tokens_last(self.v(h_))
+        del h_
+        b, _, _, c = q.shape
+        h, w = x.shape[-2:]
         upcast = host.upcast()
         name, geometry = site_of(self, "vae.mid", Geometry(LATENT_DOWNSCALE, True))
         with host.without_autocast() if upcast else contextlib.nullcontext():

@@ -172,11 +172,13 @@ def choose_kernel(
 
 #: What choose_kernel answered per (device type, compute dtype, head dim, setting) in real calls: lets the planner
 #: API and UI preview the kernel a generation really uses without touching the device themselves.
-_observed: dict[tuple[str, torch.dtype, int, str], KernelChoice] = {}
+_observed: dict[tuple[Any, ...], KernelChoice] = {}
 
 
 def observe(device_type: str, dtype: torch.dtype, head_dim: int, setting: str, kernel: KernelChoice) -> None:
-    key = (device_type, dtype, head_dim, setting)
+    """Remember what a real call got, under torch's SDPA switches of that moment (a call inside a context that
+    turns fused kernels off must not change what previews promise outside it)."""
+    key = (device_type, dtype, head_dim, setting, sdp_flags())
     if key not in _observed and len(_observed) < 256:
         _observed[key] = kernel
 
@@ -199,7 +201,7 @@ def expected_kernel(
     v_dim = v_dim or head_dim
     if setting == "einsum" or not _HAS_SDPA:
         return einsum_kernel(device_kind, dtype)
-    seen = _observed.get((device_kind, dtype, head_dim, setting))
+    seen = _observed.get((device_kind, dtype, head_dim, setting, sdp_flags()))
     if seen is not None:
         return seen
     if device_kind == "cpu" or (ask_device and device_kind in ("cuda", "mps", "xpu")):
@@ -364,6 +366,8 @@ def _autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return bool(torch.is_autocast_cpu_enabled())
         return device_type == "cuda" and bool(torch.is_autocast_enabled())
+    except RuntimeError:  # a device type autocast does not know (DirectML's privateuseone, meta): no autocast
+        return False
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:

@@ -71,8 +71,9 @@ class _PyStorageRef:
 _StorageRef: type[_CxxStorageRef] | type[_PyStorageRef] = _CxxStorageRef if _HAS_CXX_WEAK_REF else _PyStorageRef
 
 
-def _storages(tree: Any) -> dict[int, torch.UntypedStorage]:
-    """The distinct storages in ``tree`` (tensors and bare storages), keyed by ``StorageImpl`` identity."""
+def _storages(tree: Any, meta: bool = False) -> dict[int, torch.UntypedStorage]:
+    """The distinct storages in ``tree`` (tensors and bare storages), keyed by ``StorageImpl`` identity; ``meta``
+    storages (which hold no memory) only when ``meta``."""
     found: dict[int, torch.UntypedStorage] = {}
     for leaf in tree_flatten(tree)[0]:
         if isinstance(leaf, torch.Tensor):
@@ -84,16 +85,21 @@ def _storages(tree: Any) -> dict[int, torch.UntypedStorage]:
             storage = leaf
         else:
             continue
-        if storage.device.type != "meta":  # meta storages hold no memory
+        if meta or storage.device.type != "meta":
             found.setdefault(storage._cdata, storage)
     return found
 
 
 class PeakTracker(TorchDispatchMode):
-    """``with PeakTracker() as t: ...`` then ``t.peak`` (bytes above the level at entry) and ``t.current``."""
+    """``with PeakTracker() as t: ...`` then ``t.peak`` (bytes above the level at entry) and ``t.current``.
 
-    def __init__(self) -> None:
+    ``meta=True`` also counts ``meta`` tensors as if they held their bytes: the same code traced on shapes alone
+    (the benchmark's largest-size search) allocates exactly what it would allocate for real.
+    """
+
+    def __init__(self, meta: bool = False) -> None:
         super().__init__()
+        self.meta = meta
         self.peak = 0
         self._current = 0
         # StorageImpl identity -> [weak reference, bytes counted for it]
@@ -109,10 +115,10 @@ class PeakTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        inputs = _storages((args, kwargs))
+        inputs = _storages((args, kwargs), self.meta)
         before = {key: storage.nbytes() for key, storage in inputs.items()}
         out = func(*args, **kwargs)
-        after = _storages((args, kwargs, out))  # the inputs again: an op may point a tensor at another storage
+        after = _storages((args, kwargs, out), self.meta)  # the inputs again: an op may repoint a tensor
         for key, storage in inputs.items():
             after.setdefault(key, storage)
         with self._lock:

@@ -159,6 +159,37 @@ BUILTIN: dict[str, ModelSpec] = {
 MODEL_NAMES = tuple(BUILTIN)
 
 
+def clip_text_parameters(vocab: int, width: int, layers: int, mlp: int, context: int = 77, projection: int = 0) -> int:
+    """Parameters of a CLIP / OpenCLIP text transformer from its published config: token and position embeddings,
+    per layer two LayerNorms, q/k/v/out projections and the MLP (all with biases), the final LayerNorm, and the
+    text projection OpenCLIP keeps (the webui loads the text tower only)."""
+    per_layer = 2 * 2 * width + 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width)
+    return vocab * width + context * width + layers * per_layer + 2 * width + projection
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Parameter counts of a model's parts (bytes = count x element size)."""
+
+    unet: int
+    vae: int
+    text: int
+
+
+_CLIP_L = clip_text_parameters(49408, 768, 12, 3072)  # openai/clip-vit-large-patch14, 123,060,480
+_OPENCLIP_H = clip_text_parameters(49408, 1024, 24, 4096, projection=1024 * 1024)  # ViT-H-14 text tower
+_OPENCLIP_BIGG = clip_text_parameters(49408, 1280, 32, 5120, projection=1280 * 1280)  # ViT-bigG-14 text tower
+_VAE = 83_653_863  # AutoencoderKL of the ddconfig above: encoder, decoder and the two 1x1 quant convs
+
+#: From the published configs; the UNet and VAE counts are checked against ldm's own modules built on the meta
+#: device (tests/test_job_plan.py), SDXL's against the faithful SDXL-shaped UNet of lib_memslice/bench/sdxl_unet.py.
+WEIGHTS: dict[str, Weights] = {
+    "sd15": Weights(859_520_964, _VAE, _CLIP_L),
+    "sd2": Weights(865_910_724, _VAE, _OPENCLIP_H),
+    "sdxl": Weights(2_567_463_684, _VAE, _CLIP_L + _OPENCLIP_BIGG),
+}
+
+
 # --- live modules ----------------------------------------------------------------------------------------
 
 SITE_ATTR = "_memslice_site"

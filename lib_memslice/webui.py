@@ -20,8 +20,8 @@ from modules import script_callbacks, sd_hijack_optimizations, shared  # type: i
 from . import __version__, kernels, probe
 from .costs import KernelChoice, format_bytes
 from .forwards import make_attnblock_forward, make_cross_attention_forward
-from .model_plan import Request, plan_model
-from .models import BUILTIN, MODEL_NAMES, ModelSpec, sites_from_modules
+from .job_plan import UPSCALERS, Job, hires_size, plan_job
+from .models import BUILTIN, MODEL_NAMES, ModelSpec, Weights, sites_from_modules
 from .settings import CATEGORY_ID, SECTION, SPECS, Settings, coerce, read_settings, warn_once
 from .slicing import STRATEGY_NAMES, NotEnoughMemory
 from .stats import CallRecord, Stats
@@ -43,7 +43,7 @@ LABELS = {
 CMD_OPT = "opt_memslice"  # --opt-memslice, added by preload.py
 
 STATS = Stats()
-_loaded: dict[str, Any] = {"spec": None, "kind": None}
+_loaded: dict[str, Any] = {"spec": None, "kind": None, "weights": None}
 
 
 def _ldm_sgm() -> list[Any]:
@@ -232,9 +232,19 @@ def on_model_loaded(sd_model: Any) -> None:
         spec = sites_from_modules(unet, vae)
         _loaded["spec"] = ModelSpec(_model_kind(sd_model), f"loaded {_model_kind(sd_model)} model", spec.sites)
         _loaded["kind"] = _model_kind(sd_model)
+        _loaded["weights"] = Weights(
+            _parameter_bytes(unet), _parameter_bytes(vae), _parameter_bytes(getattr(sd_model, "cond_stage_model", None))
+        )
     except Exception as exc:  # a model we cannot read still generates, just without site names
         log.warning("memslice: could not read the model's attention layout: %s", exc)
         _loaded["spec"] = None
+
+
+def _parameter_bytes(module: Any) -> int:
+    try:
+        return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+    except Exception:  # a module without parameters() (a stub), or one that fails to list them
+        return 0
 
 
 def loaded_spec() -> ModelSpec | None:
@@ -320,6 +330,15 @@ def _settings_with(overrides: dict[str, Any]) -> Settings:
     return read_settings(lambda key, default: base.get(key, default))
 
 
+def _resident_weights() -> tuple[Weights | None, bool]:
+    """(bytes of the loaded model's UNet, VAE and text encoders, whether --medvram/--lowvram keep them off)."""
+    opts = getattr(shared, "cmd_opts", None)
+    low = bool(getattr(opts, "medvram", False) or getattr(opts, "lowvram", False))
+    if getattr(opts, "medvram_sdxl", False) and _loaded["kind"] == "sdxl":
+        low = True
+    return _loaded.get("weights"), low
+
+
 def plan_for(
     width: int,
     height: int,
@@ -327,10 +346,17 @@ def plan_for(
     model: str | None = None,
     strategy: str | None = None,
     overrides: dict[str, Any] | None = None,
+    hr_scale: float | None = None,
+    hr_width: int | None = None,
+    hr_height: int | None = None,
+    hr_upscaler: str = "latent",
+    img2img: bool = False,
 ) -> dict[str, Any]:
-    """The CLI planner's answer for the loaded model (or a named one) with the live budget; arithmetic only."""
+    """The CLI planner's answer for the loaded model (or a named one) and the whole job, with the memory free now
+    plus the loaded weights; arithmetic only."""
     settings = _settings_with(overrides or {})
-    spec = BUILTIN[model] if model else (loaded_spec() or BUILTIN["sd15"])
+    arch = model or _loaded["kind"] or "sd15"
+    spec = BUILTIN[model] if model else (loaded_spec() or BUILTIN[arch])
     entry = active_entry()
     strategy = strategy or (entry.strategy if entry else "auto")
     device_kind = _device_kind()
@@ -339,38 +365,44 @@ def plan_for(
     dtype = getattr(devices, "dtype", torch.float16)
     vae_dtype = getattr(devices, "dtype_vae", dtype)  # float32 with --no-half-vae
     upcast = HOST.upcast()
-    element = 4 if upcast or dtype == torch.float32 else 2
-    compute_dtype = torch.float32 if element == 4 else dtype
-    vae_compute = torch.float32 if upcast or vae_dtype == torch.float32 else vae_dtype
+    sizes = {2: dtype if dtype != torch.float32 else torch.float16, 4: torch.float32}
 
     def kernels_for(site: Any, element_size: int) -> tuple[KernelChoice, ...]:
-        chosen = vae_compute if site.vae else compute_dtype
+        chosen = vae_dtype if site.vae and element_size == torch.finfo(vae_dtype).bits // 8 else sizes[element_size]
         return kernels.expected_kernels(device_kind, chosen, site.head_dim, settings.kernel)
 
-    budget = _budget(settings)
-    result = plan_model(
-        Request(
-            spec,
-            width,
-            height,
-            batch,
-            budget.bytes,
-            strategy=strategy,
-            slice_cap=settings.slice_cap,
-            element_size=element,
-            io_element_size=torch.finfo(dtype).bits // 8,
-            device_kind=device_kind,
-            include_vae=settings.vae,
-            fixed_budget=budget.fixed,
-            free_bytes=None if budget.free is None else budget.free.bytes,
-            safety_factor=budget.safety_factor,
-            vae_element_size=torch.finfo(vae_compute).bits // 8,
-            vae_io_element_size=torch.finfo(vae_dtype).bits // 8,
-        ),
-        kernels_for,
+    device = getattr(shared, "device", torch.device("cpu"))
+    free = probe.free_memory(device)
+    weights, medvram = _resident_weights() if not model else (None, _resident_weights()[1])
+    resident = 0 if medvram or weights is None else weights.unet + weights.vae + weights.text
+    job = Job(
+        spec,
+        arch,
+        width,
+        height,
+        batch,
+        free.bytes + resident,
+        hires=hires_size(width, height, hr_scale, hr_width, hr_height),
+        hires_upscaler=hr_upscaler,
+        img2img=img2img,
+        element_size=torch.finfo(dtype).bits // 8,
+        vae_element_size=torch.finfo(vae_dtype).bits // 8,
+        upcast_attention=upcast,
+        weights=weights,
+        medvram=medvram,
+        strategy=strategy,
+        slice_cap=settings.slice_cap,
+        safety_factor=settings.safety_factor,
+        fixed_budget=int(settings.budget_gb * (1 << 30)) if settings.budget_gb > 0 else None,
+        device_kind=device_kind,
+        include_vae=settings.vae,
     )
+    result = plan_job(job, kernels_for)
+    budget = probe.budget_for(None if settings.budget_gb > 0 else free, settings)
     result.update(
         model_source="named" if model else ("loaded" if loaded_spec() else "default (no model loaded yet)"),
+        memory_source=f"{free.source} + the loaded weights" if resident else free.source,
+        budget_bytes=budget.bytes,
         budget_source=budget.explanation,
         budget=format_bytes(budget.bytes),
         settings=settings.as_options(),
@@ -399,17 +431,25 @@ def add_routes(app: Any) -> None:
         safety_factor: float | None = Query(None, ge=1.0, le=10.0),
         slice_cap: int | None = Query(None, ge=1, le=65536),
         budget_gb: float | None = Query(None, ge=0.0, le=4096.0),
+        hr_scale: float | None = Query(None, ge=1.0, le=8.0),
+        hr_width: int | None = Query(None, ge=8, le=MAX_SIDE),
+        hr_height: int | None = Query(None, ge=8, le=MAX_SIDE),
+        hr_upscaler: str = Query("latent", max_length=16),
+        img2img: bool = Query(False),
     ) -> dict[str, Any]:
         if model is not None and model not in MODEL_NAMES:
             raise HTTPException(400, f"model must be one of {', '.join(MODEL_NAMES)} (or omitted for the loaded one)")
         if strategy is not None and strategy not in STRATEGY_NAMES:
             raise HTTPException(400, f"strategy must be one of {', '.join(STRATEGY_NAMES)}")
-        for name, value in (("safety_factor", safety_factor), ("budget_gb", budget_gb)):
+        for name, value in (("safety_factor", safety_factor), ("budget_gb", budget_gb), ("hr_scale", hr_scale)):
             if value is not None and not math.isfinite(value):
                 raise HTTPException(400, f"{name} must be a finite number")
+        if hr_upscaler not in UPSCALERS:
+            raise HTTPException(400, f"hr_upscaler must be one of {', '.join(UPSCALERS)}")
         overrides = {"memslice_safety_factor": safety_factor, "memslice_slice_cap": slice_cap}
         overrides["memslice_budget_gb"] = budget_gb
-        return plan_for(width, height, batch, model, strategy, overrides)
+        return plan_for(width, height, batch, model, strategy, overrides, hr_scale, hr_width, hr_height, hr_upscaler,
+                        img2img)  # fmt: skip
 
     app.add_api_route("/memslice/v1/status", get_status, methods=["GET"])
     app.add_api_route("/memslice/v1/plan", get_plan, methods=["GET"])

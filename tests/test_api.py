@@ -46,10 +46,13 @@ def test_status_reports_device_budget_entry_settings_and_recent_plans(client):
     assert body["totals"]["calls"] >= 1
 
 
-def test_plan_matches_the_cli_for_a_named_model(client, capsys):
+def test_plan_matches_the_cli_for_a_named_model(client, capsys, monkeypatch):
     import json
 
-    from lib_memslice import cli
+    from lib_memslice import cli, probe
+
+    fixed = probe.FreeMemory(20 << 30, "test")  # both read the same free memory (no model loaded: no weights)
+    monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: fixed)
 
     client.webui.shared.opts.set("memslice_budget_gb", 2.0)
     client.webui.devices.dtype = client.webui.devices.dtype_vae = torch.float32
@@ -135,6 +138,13 @@ def test_plan_uses_the_loaded_model_when_model_is_omitted(client, ldm):
         {"slice_cap": 10**12},
         {"budget_gb": -1},
         {"budget_gb": "nan"},
+        {"hr_scale": 0.5},
+        {"hr_scale": 100},
+        {"hr_scale": "nan"},
+        {"hr_width": 4},
+        {"hr_height": 10**6},
+        {"hr_upscaler": "ESRGAN_4x"},
+        {"img2img": "perhaps"},
     ],
 )
 def test_malformed_and_oversized_parameters_are_4xx(client, params):
@@ -182,3 +192,15 @@ def test_status_does_not_wait_for_a_running_generation(client):
     finally:
         release.set()
         worker.join()
+
+
+def test_the_plan_route_plans_the_whole_job_with_hires_and_img2img(client):
+    client.webui.devices.dtype = torch.float32
+    body = client.get("/memslice/v1/plan", params=dict(width=512, height=512, model="sd15", hr_scale=2)).json()
+    assert [(p["name"], p["width"]) for p in body["passes"]] == [("UNet", 512), ("UNet (hires)", 1024),
+                                                                  ("VAE decode (hires)", 1024)]  # fmt: skip
+    assert body["limit"] in [p["name"] for p in body["passes"]] and body["advice"]
+    body = client.get("/memslice/v1/plan", params=dict(model="sd15", hr_width=768, hr_upscaler="image",
+                                                         img2img=True)).json()  # fmt: skip
+    assert [p["name"] for p in body["passes"]][:3] == ["VAE encode", "UNet", "VAE decode"]
+    assert body["passes"][3]["name"] == "VAE encode (hires)" and body["passes"][3]["width"] == 768

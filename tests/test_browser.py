@@ -37,7 +37,7 @@ def build_page(env):
 
     def run_generation():
         select(env, TITLES["doggettx"])
-        opts.set("memslice_budget_gb", 1 / 1024)
+        opts.set("memslice_budget_gb", 1 / 4096)  # 256 KiB: under the fused kernel's scratch, einsum slices
         layer = env.ldm_attention.CrossAttention(query_dim=64, heads=4, dim_head=16)
 
         def sample(p):
@@ -73,6 +73,17 @@ def build_page(env):
                 gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="txt2img_width", interactive=True)
                 gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="txt2img_height", interactive=True)
                 gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size", interactive=True)
+                # the webui's Hires. fix: an InputAccordion (its checkbox carries "-checkbox"), scale, target size
+                gr.Checkbox(False, label="Hires. fix", elem_id="txt2img_hr-checkbox", interactive=True)
+                gr.Dropdown(["Latent", "R-ESRGAN 4x+"], value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler",
+                            interactive=True)  # fmt: skip
+                gr.Slider(
+                    1.0, 4.0, value=2.0, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale", interactive=True
+                )
+                gr.Slider(0, 2048, value=0, step=8, label="Resize width to", elem_id="txt2img_hr_resize_x",
+                          interactive=True)  # fmt: skip
+                gr.Slider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y",
+                          interactive=True)  # fmt: skip
                 button = gr.Button("Generate", elem_id="txt2img_generate")
                 failing = gr.Button("Generate too large", elem_id="generate_too_large")
                 info = gr.HTML(elem_id="html_info_txt2img")
@@ -232,7 +243,21 @@ def test_planner_follows_the_txt2img_size(page):
     if expected["fits"]:
         assert f"{expected['max_slices']} slices at most" in text
     else:
-        assert "does not fit" in text
+        assert "does NOT fit" in text and expected["limit"] in text
+
+
+def test_planner_reads_hires_fix_and_names_the_binding_pass(page):
+    page.locator("#txt2img_hr-checkbox input[type=checkbox]").check()
+    page.locator("#txt2img_hr_scale input[type=number]").fill("2")
+    open_settings(page)
+    expected = api(page, "plan", width=512, height=512, batch=1, hr_scale=2, hr_upscaler="latent")
+    assert [p["name"] for p in expected["passes"]] == ["UNet", "UNet (hires)", "VAE decode (hires)"]
+    text = wait_for_text(page, ".memslice-current", lambda t: "hires 1024 x 1024" in t)
+    assert expected["limit"] in text
+    assert page.get_attribute("#memslice_planner", "data-limit") == expected["limit"]
+    side = api(page, "plan", width=512, height=512, batch=1, hr_scale=2)["max_square_resolution"]
+    wait_for_text(page, "tr[data-batch='1'] .memslice-max", lambda t: t == f"{side} x {side}")
+    assert not page.js_errors
 
 
 def test_status_line_after_a_generation(page):

@@ -23,23 +23,40 @@ def run_json(capsys, *args):
 
 
 def test_plan_json_contract(capsys):
-    code, out = run_json(capsys, "--model", "sd15", "--width", "512", "--height", "512", "--budget", "4GiB")
+    code, out = run_json(capsys, "--model", "sd15", "--width", "512", "--height", "512", "--memory", "8GiB",
+                         "--device", "cuda")  # fmt: skip
     assert code == 0 and out["fits"] is True and isinstance(out["max_square_resolution"], int)
+    assert [p["name"] for p in out["passes"]] == ["UNet", "VAE decode"] and out["limit"] in ("UNet", "VAE decode")
+    for p in out["passes"]:
+        for key in ("name", "width", "height", "attention_bytes", "activation_bytes", "weight_bytes", "total_bytes",
+                    "fits"):  # fmt: skip
+            assert key in p
+        assert p["total_bytes"] <= 8 * GiB
     sites = {row["site"] for row in out["layers"]}
     assert {"unet.level0.self", "unet.level0.cross", "unet.mid.self", "vae.mid"} <= sites
     for row in out["layers"]:
-        for key in ("site", "batch_heads", "q_tokens", "k_tokens", "heads_per_slice", "queries_per_slice", "slices",
-                    "peak_bytes", "kernel_used"):  # fmt: skip
+        for key in ("pass", "site", "batch_heads", "q_tokens", "k_tokens", "heads_per_slice", "queries_per_slice",
+                    "slices", "peak_bytes", "kernel_used", "budget_bytes"):  # fmt: skip
             assert key in row
-        assert row["peak_bytes"] <= 4 * GiB
+
+
+def test_hires_and_img2img_add_their_passes(capsys):
+    _, out = run_json(capsys, "--width", "512", "--height", "768", "--hires-scale", "2", "--memory", "16GiB",
+                      "--device", "cuda")  # fmt: skip
+    assert [(p["name"], p["width"], p["height"]) for p in out["passes"]] == [
+        ("UNet", 512, 768), ("UNet (hires)", 1024, 1536), ("VAE decode (hires)", 1024, 1536)]  # fmt: skip
+    _, out = run_json(capsys, "--hires-width", "1024", "--hires-upscaler", "image", "--img2img", "--memory", "16GiB",
+                      "--device", "cuda")  # fmt: skip
+    assert [p["name"] for p in out["passes"]] == ["VAE encode", "UNet", "VAE decode", "VAE encode (hires)",
+                                                  "UNet (hires)", "VAE decode (hires)"]  # fmt: skip
 
 
 def test_plan_numbers_are_the_planners(capsys):
     _, out = run_json(
         capsys, "--model", "sd15", "--width", "1024", "--height", "768", "--batch", "2", "--budget", "1GiB",
-        "--dtype", "fp32", "--kernel", "einsum", "--strategy", "invokeai",
+        "--dtype", "fp32", "--kernel", "einsum", "--strategy", "invokeai", "--memory", "64GiB",
     )  # fmt: skip
-    row = next(r for r in out["layers"] if r["site"] == "unet.level0.self")
+    row = next(r for r in out["layers"] if r["site"] == "unet.level0.self" and r["pass"] == "UNet")
     assert (row["batch_heads"], row["q_tokens"], row["k_tokens"]) == (32, 128 * 96, 128 * 96)
     site = next(s for s in BUILTIN["sd15"].sites if s.name == "unet.level0.self")
     expected = plan_attention(site.shape(1024, 768, batch=2), GiB, strategy="invokeai", kernel=EINSUM)
@@ -50,24 +67,22 @@ def test_plan_numbers_are_the_planners(capsys):
     )
 
 
-def test_plan_that_does_not_fit_exits_1_and_names_the_largest_size(capsys):
-    code, out = run_json(capsys, "--model", "sdxl", "--width", "4096", "--height", "4096", "--budget", "64MiB",
-                         "--kernel", "einsum", "--dtype", "fp32")  # fmt: skip
-    assert code == 1 and out["fits"] is False
-    assert 0 < out["max_square_resolution"] < 4096
-    bad = [r for r in out["layers"] if not r["fits"]]
-    assert bad and all("not enough memory" in r["reason"] for r in bad)
-    # the size it names does fit
-    side = str(out["max_square_resolution"])
-    code, again = run_json(capsys, "--model", "sdxl", "--width", side, "--height", side, "--budget", "64MiB",
-                           "--kernel", "einsum", "--dtype", "fp32")  # fmt: skip
+def test_a_job_that_does_not_fit_exits_1_and_names_the_largest_size(capsys):
+    args = ("--model", "sdxl", "--dtype", "fp16", "--device", "cuda", "--memory", "10GiB")
+    code, out = run_json(capsys, "--width", "2048", "--height", "2048", *args)
+    assert code == 1 and out["fits"] is False and out["limit"]
+    side = out["max_square_resolution"]
+    assert 0 < side < 2048
+    code, again = run_json(capsys, "--width", str(side), "--height", str(side), *args)  # the size it names does fit
     assert code == 0 and again["fits"]
 
 
 def test_plan_text_output(capsys):
-    assert cli.main(["plan", "--model", "sd2", "--width", "768", "--height", "768", "--budget", "2GiB"]) == 0
+    assert cli.main(["plan", "--model", "sd2", "--width", "768", "--height", "768", "--memory", "8GiB",
+                     "--device", "cuda"]) == 0  # fmt: skip
     text = capsys.readouterr().out
-    assert "unet.level0.self" in text and "largest square size that fits" in text
+    assert "unet.level0.self" in text and "passes" in text and "VAE decode" in text
+    assert "largest square size at which the whole job fits" in text
 
 
 @pytest.mark.parametrize(
@@ -122,7 +137,7 @@ def test_planning_for_an_absent_device_needs_a_budget(capsys):
     if cli.best_device() == "cuda":
         pytest.skip("a CUDA device is present")
     assert cli.main(["plan", "--device", "cuda"]) == 2
-    assert "--budget" in capsys.readouterr().err
+    assert "--memory" in capsys.readouterr().err
 
 
 def test_doctor_reports_what_the_issue_asks(capsys):
@@ -138,7 +153,7 @@ def test_doctor_reports_what_the_issue_asks(capsys):
 
 def test_module_entry_point_runs():
     done = subprocess.run(
-        [sys.executable, "-m", "lib_memslice", "plan", "--budget", "1GiB", "--json"],
+        [sys.executable, "-m", "lib_memslice", "plan", "--memory", "16GiB", "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

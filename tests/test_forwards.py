@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lib_memslice import forwards, probe
-from lib_memslice.costs import GiB, MiB
+from lib_memslice.costs import GiB
 from lib_memslice.forwards import BasicHost, attend
 from lib_memslice.settings import Settings
 

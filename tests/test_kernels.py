@@ -271,3 +271,14 @@ def test_input_copies_follow_the_layout():
     strided = q.transpose(-1, -2)[..., :8, :]
     assert kernels.fused_input_copies(strided, k, v, q.dtype) == 1  # a contiguous copy
     assert kernels.fused_input_copies(strided.half(), k.half(), v.half(), torch.float32) == 2
+
+
+def test_a_call_without_fused_kernels_does_not_change_what_previews_promise():
+    """Previews remember what real calls got; a call inside a fused-off context must not poison them."""
+    q, k, v = projected_qkv(1, 1, 16, 16, 48)
+    assert kernels.expected_kernel("cpu", torch.float32, 48).kind == "fused"
+    with sdpa_math_only():
+        chosen = kernels.choose_kernel("auto", q, k, v, q.dtype)
+        kernels.observe("cpu", torch.float32, 48, "auto", chosen)
+        assert kernels.expected_kernel("cpu", torch.float32, 48).kind == "einsum"
+    assert kernels.expected_kernel("cpu", torch.float32, 48).kind == "fused"

@@ -336,7 +336,7 @@ def patched(
 
 
 def pipeline(ctx: Ctx) -> dict[str, Any]:
-    from .unet import SD15_DECODER, SD15_UNET
+    from .configs import SD15_DECODER, SD15_UNET
 
     attention, model, openaimodel = _import_ldm()
     dtype = torch.float16 if ctx.cuda else torch.float32

@@ -1,0 +1,127 @@
+"""For other extensions: "will this job fit?" without the settings page, the HTTP API or gradio.
+
+Inside the webui, with memslice installed, ``job_fits`` answers for the loaded model, the memory free now plus its
+loaded weights, the active memslice entry and the saved settings, exactly as the live planner does. Outside it (a
+script, a test) it answers for a built-in model's published config with this machine's free memory, or with
+``memory_bytes`` given. It plans; it never touches the device or the model.
+
+    from lib_memslice.api import job_fits
+    plan = job_fits(1024, 1024, hr_scale=2)
+    if not plan.fits:
+        print(plan.limit, plan.advice, plan.max_square_resolution)
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """One pass of the job: its size, its parts in bytes, and whether it fits."""
+
+    name: str
+    width: int
+    height: int
+    batch: int
+    attention_bytes: int
+    activation_bytes: int
+    input_bytes: int
+    weight_bytes: int
+    total_bytes: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """The whole job: whether every pass fits, the pass that binds, what to do, and the largest square first-pass
+    size at which the job fits (hires scaled alike). ``details`` is the planner's full answer (sites and slices)."""
+
+    fits: bool
+    limit: str
+    advice: str
+    max_square_resolution: int
+    memory_bytes: int
+    passes: tuple[PassPlan, ...]
+    details: dict[str, Any]
+
+
+def _from(result: dict[str, Any]) -> JobPlan:
+    fields = PassPlan.__dataclass_fields__
+    return JobPlan(
+        fits=bool(result["fits"]),
+        limit=result["limit"],
+        advice=result["advice"],
+        max_square_resolution=int(result["max_square_resolution"]),
+        memory_bytes=int(result["memory_bytes"]),
+        passes=tuple(PassPlan(**{k: p[k] for k in fields}) for p in result["passes"]),
+        details=result,
+    )
+
+
+def _inside_webui() -> bool:
+    webui = sys.modules.get("lib_memslice.webui")
+    return webui is not None and getattr(webui, "STATS", None) is not None
+
+
+def job_fits(
+    width: int,
+    height: int,
+    batch: int = 1,
+    *,
+    hr_scale: float | None = None,
+    hr_width: int | None = None,
+    hr_height: int | None = None,
+    hr_upscaler: str = "latent",
+    img2img: bool = False,
+    model: str | None = None,
+    memory_bytes: int | None = None,
+    dtype: str = "fp16",
+    device: str | None = None,
+) -> JobPlan:
+    """Plan a txt2img (optionally with hires fix) or img2img job; see the module docstring for what it plans for.
+
+    ``model`` is ``sd15``, ``sd2`` or ``sdxl`` (inside the webui: None = the loaded model); ``hr_upscaler`` is
+    ``latent`` or ``image``; ``memory_bytes``, ``dtype`` and ``device`` apply outside the webui only.
+    """
+    if _inside_webui() and memory_bytes is None:
+        from . import webui
+
+        return _from(webui.plan_for(width, height, batch, model, None, {}, hr_scale, hr_width, hr_height,
+                                    hr_upscaler, img2img))  # fmt: skip
+    import torch
+
+    from . import kernels, probe
+    from .job_plan import DTYPE_BYTES, Job, hires_size, plan_job
+    from .models import BUILTIN
+    from .settings import Settings
+
+    name = model or "sd15"
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if memory_bytes is None:
+        memory_bytes = probe.free_memory(torch.device(kind)).bytes
+    element = DTYPE_BYTES[dtype]
+    compute = {2: torch.bfloat16 if dtype == "bf16" else torch.float16, 4: torch.float32}
+    settings = Settings()
+    job = Job(
+        BUILTIN[name],
+        name,
+        width,
+        height,
+        batch,
+        int(memory_bytes),
+        hires=hires_size(width, height, hr_scale, hr_width, hr_height),
+        hires_upscaler=hr_upscaler,
+        img2img=img2img,
+        element_size=element,
+        safety_factor=settings.safety_factor,
+        slice_cap=settings.slice_cap,
+        device_kind=probe.device_kind(torch.device(kind)),
+    )
+
+    def kernels_for(site: Any, element_size: int) -> Any:
+        return kernels.expected_kernels(job.device_kind, compute[element_size], site.head_dim, settings.kernel)
+
+    return _from(plan_job(job, kernels_for))

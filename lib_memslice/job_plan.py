@@ -1,0 +1,322 @@
+"""Will this whole job fit? Every pass of a generation, in the order the webui runs them, before Generate.
+
+A txt2img job is a UNet pass at the first size (the webui batches cond + uncond: twice the image batch), a VAE
+decode, and with hires fix a UNet pass at the hires size and a VAE decode there; an image upscaler adds a VAE
+decode at the first size and a VAE encode at the hires size in between; img2img starts with a VAE encode. A pass
+needs the resident weights, its inputs, and its peak besides them: the other activations (the measured model of
+:mod:`lib_memslice.activations`) combined with every attention call's transient, planned for the memory that call
+would find free (what the pass holds live at that moment, measured too) exactly as memslice plans it at run time.
+
+``memory`` is what the whole job may use, weights included: in the webui the free memory plus the loaded model's
+weights; in the CLI the device's memory (``--memory``) or what is free on this machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import activations
+from .costs import AttentionShape, KernelChoice, format_bytes
+from .models import BUILTIN, WEIGHTS, ModelSpec, Site, Weights
+from .slicing import (
+    MAX_RESOLUTION,
+    Room,
+    finest_plan,
+    max_square_resolution,
+    not_enough_memory,
+    plan_attention,
+    strategy_room,
+)
+
+#: the kernels a site's attention call may use, fastest first: (site, compute element size) -> choices
+KernelsFor = Callable[[Site, int], tuple[KernelChoice, ...]]
+
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+UPSCALERS = ("latent", "image")
+LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation as the webui runs it, and how memslice plans its attention."""
+
+    spec: ModelSpec
+    arch: str  # which activation model: sd15 | sd2 | sdxl
+    width: int
+    height: int
+    batch: int
+    memory_bytes: int  # what the whole job may use, weights included
+    hires: tuple[int, int] | None = None  # the hires pass's size
+    hires_upscaler: str = "latent"  # "image": decode, upscale the picture, encode again
+    img2img: bool = False
+    element_size: int = 2  # the UNet's (and the text encoder's) element size
+    vae_element_size: int = 0  # 0: the UNet's (--no-half-vae: 4)
+    upcast_attention: bool = False  # 'Upcast cross attention layer to float32': attention computes in float32
+    weights: Weights | None = None  # bytes per part as read off a loaded model; None: the published configs
+    medvram: bool = False  # only the running module's weights are resident
+    prompt_chunks: int = 1
+    strategy: str = "auto"
+    slice_cap: int = 4096
+    safety_factor: float = 3.3
+    fixed_budget: int | None = None  # 'Memory budget (GiB)': every attention call's budget, fixed
+    device_kind: str = "cuda"
+    include_vae: bool = True  # memslice plans the VAE's attention (off: the webui's own, planned the same here)
+
+    @property
+    def unet_element(self) -> int:
+        return self.element_size
+
+    @property
+    def vae_element(self) -> int:
+        return self.vae_element_size or self.element_size
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    kind: str  # "unet" | "vae_decode" | "vae_encode"
+    width: int
+    height: int
+    batch: int
+
+
+def hires_size(
+    width: int, height: int, scale: float | None, hr_width: int | None, hr_height: int | None
+) -> tuple[int, int] | None:
+    """The hires pass's size as the webui 1.10.1 computes it (``calculate_target_resolution``): a target size
+    wins over the scale; one side given keeps the first pass's aspect ratio; both given, the picture is upscaled to
+    cover the target and cropped to it, so the pass runs at the target."""
+    if hr_width and hr_height:
+        return hr_width, hr_height
+    if hr_width:
+        return hr_width, hr_width * height // width
+    if hr_height:
+        return hr_height * width // height, hr_height
+    if scale and scale != 1:
+        return int(width * scale), int(height * scale)
+    return None
+
+
+def passes(job: Job) -> list[Pass]:
+    """The passes in the order the webui 1.10.1 runs them (decode and encode go one image at a time)."""
+    w, h = job.width, job.height
+    found = []
+    if job.img2img:
+        found.append(Pass("VAE encode", "vae_encode", w, h, 1))
+    found.append(Pass("UNet", "unet", w, h, 2 * job.batch))
+    if job.hires:
+        hw, hh = job.hires
+        if job.hires_upscaler == "image":
+            found.append(Pass("VAE decode", "vae_decode", w, h, 1))
+            found.append(Pass("VAE encode (hires)", "vae_encode", hw, hh, 1))
+        found.append(Pass("UNet (hires)", "unet", hw, hh, 2 * job.batch))
+        found.append(Pass("VAE decode (hires)", "vae_decode", hw, hh, 1))
+    else:
+        found.append(Pass("VAE decode", "vae_decode", w, h, 1))
+    return found
+
+
+def part_bytes(job: Job) -> Weights:
+    """Bytes of the UNet, the VAE and the text encoders: as loaded, or from the published parameter counts."""
+    if job.weights is not None:
+        return job.weights
+    counts = WEIGHTS[job.arch]
+    return Weights(counts.unet * job.unet_element, counts.vae * job.vae_element, counts.text * job.unet_element)
+
+
+def weight_bytes(job: Job, kind: str) -> int:
+    """Resident weights during a pass: all of the model's (the webui keeps them on the device), or with
+    ``medvram`` only the running module's."""
+    parts = part_bytes(job)
+    if job.medvram:
+        return parts.unet if kind == "unet" else parts.vae
+    return parts.unet + parts.vae + parts.text
+
+
+def _input_bytes(job: Job, p: Pass) -> int:
+    tokens = activations.latent_tokens(p.width, p.height)
+    if p.kind == "unet":
+        context = max(1, job.prompt_chunks) * 77 * _context_dim(job.spec)
+        return p.batch * (LATENT_CHANNELS * tokens + context) * job.unet_element
+    if p.kind == "vae_decode":
+        return LATENT_CHANNELS * tokens * job.vae_element
+    return 3 * p.width * p.height * job.vae_element  # the image to encode
+
+
+def _context_dim(spec: ModelSpec) -> int:
+    return {"sd15": 768, "sd2": 1024, "sdxl": 2048}.get(spec.name, 1024)
+
+
+def _activations(job: Job, p: Pass) -> tuple[int, dict[str, int]]:
+    if p.kind == "unet":
+        args = (job.arch, p.width, p.height, p.batch, job.unet_element)
+        return activations.unet_activation_bytes(*args), activations.unet_live_bytes(*args)
+    if p.kind == "vae_decode":
+        args = (p.width, p.height, p.batch, job.vae_element)
+        return activations.vae_decode_activation_bytes(*args), activations.vae_decode_live_bytes(*args)
+    args = (p.width, p.height, p.batch, job.vae_element)
+    return activations.vae_encode_activation_bytes(*args), activations.vae_encode_live_bytes(*args)
+
+
+def _room(job: Job, free_at_call: int, shape: AttentionShape) -> Room:
+    """The budget the call would get: what is free when it runs (its own q, k, v exist by then) over the safety
+    factor, or the fixed budget."""
+    if job.fixed_budget is not None:
+        return Room(int(job.fixed_budget), fixed=True)
+    return strategy_room(job.strategy, 0, free_bytes=max(0, free_at_call), safety_factor=job.safety_factor,
+                         inputs_bytes=shape.input_bytes)  # fmt: skip
+
+
+def plan_site(
+    job: Job, p: Pass, site: Site, kernels_for: KernelsFor, free_at_call: int, site_limit: bool = True
+) -> dict[str, Any]:
+    """One attention site of a pass: its shape, the plan memslice would make (or why none fits), the largest
+    square size its own call reaches with that memory."""
+    io = job.vae_element if site.vae else job.unet_element
+    element = 4 if job.upcast_attention else io
+    shape = site.shape(p.width, p.height, batch=p.batch // 2 if p.kind == "unet" else 1, element_size=element,
+                       io_element_size=io, prompt_chunks=job.prompt_chunks)  # fmt: skip
+    choices = kernels_for(site, element)
+    room = _room(job, free_at_call, shape)
+    options = dict(strategy=job.strategy, slice_cap=job.slice_cap, device_kind=job.device_kind)
+    plan, over_margin = None, False
+    for kernel in choices:
+        plan = plan_attention(shape, room.budget(shape), kernel=kernel, **options)  # type: ignore[arg-type]
+        if plan is not None:
+            break
+    if plan is None and not room.fixed:  # as at run time: the finest plan if free memory itself holds it
+        for kernel in choices:
+            plan = finest_plan(shape, room.hard().budget(shape), kernel=kernel, **options)  # type: ignore[arg-type]
+            if plan is not None:
+                over_margin = True
+                break
+    row: dict[str, Any] = {
+        "pass": p.name,
+        "site": site.name,
+        "layers": site.count,
+        "batch_heads": shape.batch_heads,
+        "q_tokens": shape.q_tokens,
+        "k_tokens": shape.k_tokens,
+        "head_dim": shape.head_dim,
+        "element_size": element,
+        "budget_bytes": room.budget(shape),
+    }
+    if plan is not None:
+        row.update(kernel_used=plan.kernel.kind, heads_per_slice=plan.heads_per_slice,
+                   queries_per_slice=plan.queries_per_slice, slices=plan.slices, peak_bytes=plan.peak_bytes,
+                   reason=plan.reason, fits=True, over_margin=over_margin)  # fmt: skip
+    else:
+        error = not_enough_memory(shape, room, choices, geometry=site.geometry, site=site.name,
+                                  **options)  # type: ignore[arg-type]  # fmt: skip
+        row.update(kernel_used=error.kernel or choices[0].kind, heads_per_slice=0, queries_per_slice=0, slices=0,
+                   peak_bytes=error.need, reason=str(error), fits=False, over_margin=False)  # fmt: skip
+    if site_limit:
+        row["max_square_resolution"] = max_square_resolution(shape, site.geometry, room.hard(), choices, **options)
+    return row
+
+
+def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = True) -> dict[str, Any]:
+    weights = weight_bytes(job, p.kind)
+    inputs = _input_bytes(job, p)
+    peak, live = _activations(job, p)
+    base = job.memory_bytes - weights - inputs
+    sites = [s for s in job.spec.sites if s.vae == (p.kind != "unet")]
+    rows = [plan_site(job, p, site, kernels_for, base - live.get(site.name, peak), site_limits) for site in sites]
+    attention = {row["site"]: row["peak_bytes"] for row in rows}
+    total_peak = activations.pass_peak_bytes(peak, attention, live)
+    total = weights + inputs + total_peak
+    return {
+        "name": p.name,
+        "kind": p.kind,
+        "width": p.width,
+        "height": p.height,
+        "batch": p.batch,
+        "attention_bytes": max(attention.values(), default=0),
+        "activation_bytes": peak,
+        "input_bytes": inputs,
+        "weight_bytes": weights,
+        "total_bytes": total,
+        "fits": total <= job.memory_bytes and all(row["fits"] for row in rows),
+        "layers": rows,
+    }
+
+
+def _binding(planned: list[dict[str, Any]]) -> dict[str, Any]:
+    failing = [p for p in planned if not p["fits"]]
+    return failing[0] if failing else max(planned, key=lambda p: p["total_bytes"])
+
+
+def advice(job: Job, limit: dict[str, Any]) -> str:
+    """What to do about the pass that binds, in a user's words."""
+    size = f"{limit['width']}x{limit['height']}"
+    need = f"{format_bytes(limit['total_bytes'])} of {format_bytes(job.memory_bytes)}"
+    refused = [row for row in limit["layers"] if not row["fits"]]
+    if limit["fits"]:
+        return f"fits; the largest pass is the {limit['name']} at {size} ({need})"
+    if limit["kind"] != "unet" and not refused:
+        return (f"the {limit['name']} at {size} needs {need}, mostly its convolutions at full resolution, not "
+                "attention: lower the size, or decode in tiles with a tiling extension (e.g. Tiled VAE)")  # fmt: skip
+    if refused:
+        return f"the {limit['name']} at {size}: {refused[0]['reason']}"
+    return (f"the {limit['name']} at {size} needs {need}: lower the size or the batch"
+            + (", or use --medvram" if not job.medvram else ""))  # fmt: skip
+
+
+def _at(job: Job, side: int) -> Job:
+    hires = None
+    if job.hires:
+        hires = (max(8, round(job.hires[0] * side / job.width / 8) * 8),
+                 max(8, round(job.hires[1] * side / job.height / 8) * 8))  # fmt: skip
+    return replace(job, width=side, height=side, hires=hires)
+
+
+def job_fits(job: Job, kernels_for: KernelsFor) -> bool:
+    return all(plan_pass(job, p, kernels_for, site_limits=False)["fits"] for p in passes(job))
+
+
+def max_square(job: Job, kernels_for: KernelsFor, step: int = 64) -> int:
+    """The largest square first-pass size (hires scaled alike) at which every pass fits; 0 if none."""
+    lo, hi = 0, MAX_RESOLUTION // step // 4
+    if not job_fits(_at(job, step), kernels_for):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if job_fits(_at(job, mid * step), kernels_for):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step
+
+
+def plan_job(job: Job, kernels_for: KernelsFor) -> dict[str, Any]:
+    """Every pass with its attention sites, whether the job fits, the pass that binds and the largest square size
+    at which the whole job fits."""
+    planned = [plan_pass(job, p, kernels_for) for p in passes(job)]
+    limit = _binding(planned)
+    return {
+        "model": job.spec.name,
+        "width": job.width,
+        "height": job.height,
+        "batch": job.batch,
+        "hires": list(job.hires) if job.hires else None,
+        "hires_upscaler": job.hires_upscaler if job.hires else None,
+        "img2img": job.img2img,
+        "memory_bytes": job.memory_bytes,
+        "strategy": job.strategy,
+        "slice_cap": job.slice_cap,
+        "fits": all(p["fits"] for p in planned),
+        "limit": limit["name"],
+        "advice": advice(job, limit),
+        "max_square_resolution": max_square(job, kernels_for),
+        "max_slices": max((row["slices"] for p in planned for row in p["layers"]), default=0),
+        "passes": [{k: v for k, v in p.items() if k != "layers"} for p in planned],
+        "layers": [row for p in planned for row in p["layers"]],
+    }
+
+
+def builtin_job(model: str, width: int, height: int, **kwargs: Any) -> Job:
+    """A Job for a built-in model (its activation model is the model's own name)."""
+    return Job(BUILTIN[model], model, width, height, **kwargs)

@@ -1,0 +1,174 @@
+"""The whole-job planner: the passes the webui runs, the weights they keep, and answers that hold together."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from lib_memslice import activations, kernels
+from lib_memslice.costs import GiB, MiB
+from lib_memslice.job_plan import builtin_job, hires_size, max_square, passes, plan_job, plan_pass, weight_bytes
+from lib_memslice.models import WEIGHTS, clip_text_parameters
+
+
+def cuda_kernels(site, element_size):
+    dtype = torch.float16 if element_size == 2 else torch.float32
+    return kernels.expected_kernels("cuda", dtype, site.head_dim, "auto")
+
+
+def einsum_only(site, element_size):
+    return (kernels.einsum_kernel("cuda", torch.float16 if element_size == 2 else torch.float32),)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, ["UNet", "VAE decode"]),
+        ({"hires": (1024, 1024)}, ["UNet", "UNet (hires)", "VAE decode (hires)"]),
+        ({"hires": (1024, 1024), "hires_upscaler": "image"},
+         ["UNet", "VAE decode", "VAE encode (hires)", "UNet (hires)", "VAE decode (hires)"]),
+        ({"img2img": True}, ["VAE encode", "UNet", "VAE decode"]),
+    ],
+)  # fmt: skip
+def test_the_passes_come_in_the_webuis_order(options, expected):
+    job = builtin_job("sd15", 512, 512, batch=3, memory_bytes=8 * GiB, **options)
+    found = passes(job)
+    assert [p.name for p in found] == expected
+    assert all(p.batch == (6 if p.kind == "unet" else 1) for p in found)  # cond + uncond; decode one at a time
+
+
+def test_hires_sizes_follow_the_webui():
+    assert hires_size(512, 768, 2.0, None, None) == (1024, 1536)
+    assert hires_size(512, 768, 1.5, None, None) == (768, 1152)
+    assert hires_size(512, 768, 2.0, 1024, None) == (1024, 1536)  # one side: the aspect ratio is kept
+    assert hires_size(512, 768, 2.0, None, 1000) == (666, 1000)
+    assert hires_size(512, 768, 2.0, 900, 900) == (900, 900)  # both: upscaled to cover, cropped to the target
+    assert hires_size(512, 512, 1.0, None, None) is None
+
+
+def test_published_weights_match_the_real_modules():
+    """UNet and VAE parameter counts, counted off ldm's own modules built on the meta device."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from ldm.modules.diffusionmodules.model import Decoder, Encoder
+        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        from lib_memslice.bench.configs import SD15_DECODER, SD15_UNET
+        from lib_memslice.bench.sdxl_unet import build_sdxl_unet
+
+        def count(module):
+            return sum(p.numel() for p in module.parameters())
+
+        with torch.device("meta"):
+            sd2 = {**SD15_UNET, "num_heads": -1, "num_head_channels": 64, "context_dim": 1024,
+                   "use_linear_in_transformer": True}  # fmt: skip
+            assert count(UNetModel(**SD15_UNET)) == WEIGHTS["sd15"].unet
+            assert count(UNetModel(**sd2)) == WEIGHTS["sd2"].unet
+            assert count(build_sdxl_unet()) == WEIGHTS["sdxl"].unet
+            vae = count(Encoder(**SD15_DECODER)) + count(Decoder(**SD15_DECODER)) + (8 * 8 + 8) + (4 * 4 + 4)
+            assert vae == WEIGHTS["sd15"].vae
+    assert clip_text_parameters(49408, 768, 12, 3072) == 123_060_480  # openai/clip-vit-large-patch14's text model
+
+
+def test_weights_resident_by_default_and_per_module_with_medvram():
+    job = builtin_job("sdxl", 1024, 1024, batch=1, memory_bytes=12 * GiB, element_size=2)
+    w = WEIGHTS["sdxl"]
+    assert weight_bytes(job, "unet") == weight_bytes(job, "vae_decode") == 2 * (w.unet + w.vae + w.text)
+    low = builtin_job("sdxl", 1024, 1024, batch=1, memory_bytes=12 * GiB, element_size=2, medvram=True)
+    assert weight_bytes(low, "unet") == 2 * w.unet and weight_bytes(low, "vae_decode") == 2 * w.vae
+    fp32_vae = builtin_job("sd15", 512, 512, batch=1, memory_bytes=8 * GiB, element_size=2, vae_element_size=4)
+    assert (
+        weight_bytes(fp32_vae, "unet") == 2 * WEIGHTS["sd15"].unet + 4 * WEIGHTS["sd15"].vae + 2 * WEIGHTS["sd15"].text
+    )
+
+
+def test_a_pass_is_weights_inputs_and_its_measured_peak():
+    job = builtin_job("sd15", 768, 768, batch=1, memory_bytes=64 * GiB, element_size=2)
+    unet = plan_pass(job, passes(job)[0], cuda_kernels)
+    peak = activations.unet_activation_bytes("sd15", 768, 768, 2, 2)
+    live = activations.unet_live_bytes("sd15", 768, 768, 2, 2)
+    attention = {row["site"]: row["peak_bytes"] for row in unet["layers"]}
+    assert unet["activation_bytes"] == peak
+    assert unet["total_bytes"] == unet["weight_bytes"] + unet["input_bytes"] + activations.pass_peak_bytes(
+        peak, attention, live
+    )
+    assert unet["fits"] and all(row["slices"] == 1 and row["kernel_used"] == "fused" for row in unet["layers"])
+
+
+def test_attention_is_planned_for_what_its_call_finds_free():
+    """Memory just above weights + activations: no fused kernel offered, einsum slices to fit what is left."""
+    base = builtin_job("sd15", 1024, 1024, batch=1, memory_bytes=64 * GiB, element_size=2)
+    unet = plan_pass(base, passes(base)[0], einsum_only)
+    roomy = max(row["slices"] for row in unet["layers"])
+    tight_memory = unet["weight_bytes"] + unet["input_bytes"] + unet["activation_bytes"] + 256 * MiB
+    tight = builtin_job("sd15", 1024, 1024, batch=1, memory_bytes=tight_memory, element_size=2)
+    planned = plan_pass(tight, passes(tight)[0], einsum_only)
+    level0 = next(row for row in planned["layers"] if row["site"] == "unet.level0.self")
+    assert planned["fits"] and level0["slices"] > roomy
+    assert level0["budget_bytes"] < 256 * MiB  # what is left at that moment, over the safety factor
+
+
+def test_when_the_vae_decode_binds_the_advice_says_tiles_not_slices():
+    job = builtin_job("sd15", 1024, 1024, batch=1, memory_bytes=8 * GiB, element_size=2, hires=(2048, 2048))
+    result = plan_job(job, cuda_kernels)
+    assert not result["fits"] and result["limit"] == "VAE decode (hires)"
+    assert "tiles" in result["advice"] and "slice" not in result["advice"]
+    unet = next(p for p in result["passes"] if p["name"] == "UNet (hires)")
+    assert unet["fits"]
+
+
+def test_when_attention_refuses_the_advice_is_its_own():
+    job = builtin_job("sd15", 2048, 2048, batch=1, memory_bytes=3 * GiB, element_size=2, slice_cap=4)
+    result = plan_job(job, einsum_only)
+    assert not result["fits"] and result["limit"] == "UNet"
+    assert "not enough memory for attention" in result["advice"]
+
+
+@pytest.mark.parametrize(("model", "gib"), [("sd15", 4), ("sd15", 8), ("sdxl", 8), ("sdxl", 12)])
+def test_the_largest_square_size_fits_and_one_step_more_does_not(model, gib):
+    job = builtin_job(model, 512, 512, batch=1, memory_bytes=gib * GiB, element_size=2, hires=(1024, 1024))
+    side = max_square(job, cuda_kernels)
+    assert side > 0 and side % 64 == 0
+    fits = plan_job(builtin_job(model, side, side, batch=1, memory_bytes=gib * GiB, element_size=2,
+                                hires=(2 * side, 2 * side)), cuda_kernels)  # fmt: skip
+    over = plan_job(builtin_job(model, side + 64, side + 64, batch=1, memory_bytes=gib * GiB, element_size=2,
+                                hires=(2 * side + 128, 2 * side + 128)), cuda_kernels)  # fmt: skip
+    assert fits["fits"] and not over["fits"]
+
+
+def test_weights_alone_over_the_memory_fit_nothing():
+    """SDXL's fp16 weights are 6.9 GB: in 6 GiB no size fits unless --medvram keeps only the UNet (5.1 GB)."""
+    job = builtin_job("sdxl", 512, 512, batch=1, memory_bytes=6 * GiB, element_size=2)
+    assert max_square(job, cuda_kernels) == 0
+    assert max_square(builtin_job("sdxl", 512, 512, batch=1, memory_bytes=6 * GiB, element_size=2, medvram=True),
+                      cuda_kernels) > 0  # fmt: skip
+
+
+def test_the_job_json_names_every_pass_and_the_one_that_binds():
+    result = plan_job(builtin_job("sdxl", 1024, 1024, batch=1, memory_bytes=6 * GiB, element_size=2), cuda_kernels)
+    for p in result["passes"]:
+        for key in ("name", "width", "height", "attention_bytes", "activation_bytes", "weight_bytes", "total_bytes",
+                    "fits"):  # fmt: skip
+            assert key in p
+    assert result["limit"] in [p["name"] for p in result["passes"]]
+    assert result["fits"] == all(p["fits"] for p in result["passes"])
+
+
+def test_the_api_for_other_extensions_outside_the_webui():
+    from lib_memslice.api import JobPlan, job_fits
+
+    plan = job_fits(1024, 1024, hr_scale=2, model="sd15", memory_bytes=8 * GiB, device="cuda")
+    assert isinstance(plan, JobPlan) and not plan.fits and plan.limit == "VAE decode (hires)"
+    assert [p.name for p in plan.passes] == ["UNet", "UNet (hires)", "VAE decode (hires)"]
+    assert plan.max_square_resolution == plan.details["max_square_resolution"] > 0
+    assert job_fits(512, 512, model="sd15", memory_bytes=8 * GiB, device="cuda").fits
+
+
+def test_the_api_inside_the_webui_plans_for_the_loaded_model(webui):
+    from lib_memslice.api import job_fits
+
+    plan = job_fits(512, 512, hr_scale=2, model="sd15")
+    assert [p.name for p in plan.passes] == ["UNet", "UNet (hires)", "VAE decode (hires)"]
+    assert "loaded" in plan.details["memory_source"] or plan.details["model_source"] == "named"

@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 SDKIT := stable-diffusion-sdkit==2.1.5
 PIP := $(PY) -m pip install --disable-pip-version-check --no-input -q
 
-.PHONY: test bench bench-quick gpu-check lint format lock clean venv test-webui-stack
+.PHONY: test bench bench-quick gpu-check mutants lint format lock clean venv test-webui-stack
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m lib_memslice bench --quick $(BENCH_ARGS)
+
+# deliberate breaks of the runtime (tests/mutants.py): fails unless the suite catches every one
+mutants: $(STAMP)
+	$(PY) tests/mutants.py
 
 # the claims only a CUDA device can check (kernel memory, a real OOM, UNet + VAE, largest size within 4 GiB);
 # without a CUDA device it says so in one line and exits 0

@@ -161,8 +161,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      "yes" if p["fits"] else "NO"))  # fmt: skip
     print("\n".join(_table(rows)))
     side = result["max_square_resolution"]
-    verdict = "fits" if result["fits"] else "does NOT fit"
-    print(f"\nthe whole job {verdict}; it binds at the {result['limit']}: {result['advice']}")
+    if result["fits"]:
+        print(f"\nthe whole job fits in {format_bytes(memory)}; {result['advice']}")
+    else:
+        print(f"\nthe whole job does NOT fit in {format_bytes(memory)}: {result['advice']}")
     print(f"largest square size at which the whole job fits: {side}x{side}" if side else "no square size fits")
     return 0 if result["fits"] else 1
 

@@ -254,7 +254,10 @@ def advice(job: Job, limit: dict[str, Any]) -> str:
     need = f"{format_bytes(limit['total_bytes'])} of {format_bytes(job.memory_bytes)}"
     refused = [row for row in limit["layers"] if not row["fits"]]
     if limit["fits"]:
-        return f"fits; the largest pass is the {limit['name']} at {size} ({need})"
+        return f"the largest pass is the {limit['name']} at {size} ({need})"
+    if limit["weight_bytes"] + limit["input_bytes"] >= job.memory_bytes:
+        return (f"the weights alone ({format_bytes(limit['weight_bytes'])}) take the {format_bytes(job.memory_bytes)}"
+                + (": --medvram keeps only the running module on the device" if not job.medvram else ""))  # fmt: skip
     if limit["kind"] != "unet" and not refused:
         return (f"the {limit['name']} at {size} needs {need}, mostly its convolutions at full resolution, not "
                 "attention: lower the size, or decode in tiles with a tiling extension (e.g. Tiled VAE)")  # fmt: skip

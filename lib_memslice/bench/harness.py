@@ -122,7 +122,7 @@ def measure(entry: Entry, reference: Tensor | None) -> None:
     row.update(contender=entry.contender.name, regime=entry.regime.name, budget_bytes=entry.regime.free)
     out: list[Tensor] = []
     try:
-        with entry.regime.context():
+        with entry.regime.context(), profiler_chatter_hidden():
             peak = workspace.inop_peak_bytes(lambda: out.append(entry.call()))
     except Exception as exc:
         if not does_not_fit(exc):
@@ -140,6 +140,29 @@ def measure(entry: Entry, reference: Tensor | None) -> None:
     if reference is not None:
         row["max_abs_error"] = float((as_layout(out[0], reference).float() - reference.float()).abs().max())
     out.clear()
+
+
+@contextlib.contextmanager
+def profiler_chatter_hidden() -> Iterator[None]:
+    """torch 2.13's profiler writes two 'USDT: ... profiler_start/stop' lines to stderr per use: keep the
+    benchmark's log readable, pass anything else through."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if not line.startswith("USDT:"):
+                    print(line, file=sys.stderr)
 
 
 @contextlib.contextmanager

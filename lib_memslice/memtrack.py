@@ -94,12 +94,14 @@ class PeakTracker(TorchDispatchMode):
     """``with PeakTracker() as t: ...`` then ``t.peak`` (bytes above the level at entry) and ``t.current``.
 
     ``meta=True`` also counts ``meta`` tensors as if they held their bytes: the same code traced on shapes alone
-    (the benchmark's largest-size search) allocates exactly what it would allocate for real.
+    (the benchmark's largest-size search) allocates exactly what it would allocate for real. ``limit`` makes an
+    allocation past that many live bytes raise ``MemoryError``, as a device that size would.
     """
 
-    def __init__(self, meta: bool = False) -> None:
+    def __init__(self, meta: bool = False, limit: int | None = None) -> None:
         super().__init__()
         self.meta = meta
+        self.limit = limit  # raise MemoryError as soon as more than this is live (a traced call that cannot fit)
         self.peak = 0
         self._current = 0
         # StorageImpl identity -> [weak reference, bytes counted for it]
@@ -132,6 +134,9 @@ class PeakTracker(TorchDispatchMode):
                     self._live[key] = [_StorageRef(storage), size]
                     self._current += size
             self.peak = max(self.peak, self._current)
+            over = self.limit is not None and self._current > self.limit
+        if over:
+            raise MemoryError(f"traced allocation over the limit: {self._current} > {self.limit} bytes")
         return out
 
     def _grow(self, key: int, storage: torch.UntypedStorage, delta: int) -> None:

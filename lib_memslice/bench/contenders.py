@@ -121,9 +121,13 @@ def _memslice(strategy: str) -> Contender:
         site = case.site
         if site.vae:
             # memslice's AttnBlock forward hands attention contiguous [b, 1, hw, c] copies of the convolutions (the
-            # fused kernels need a contiguous last dim): made here, as the convolutions are made for the others
-            views = [vae_view(t) for t in (q, k, v)]
+            # fused kernels need a contiguous last dim), one at a time, each convolution output freed once copied:
+            # so here, replacing the caller's list entries (a caller that keeps its own references keeps them)
             c = q.shape[1]
+            del q, k, v
+            for i in range(3):
+                qkv[i] = vae_view(qkv[i])
+            views = list(qkv)
 
             def call() -> Tensor:
                 return attend(*views, scale=c**-0.5, strategy=strategy, host=host, site=site.name,

@@ -113,14 +113,22 @@ def probe_reads(free_bytes: int) -> Iterator[None]:
 
 
 def traced_peak(
-    contender: Contender, case: Case, pixels: int, told: int | None, fused: bool, probe_free: int, inputs: bool = True
+    contender: Contender,
+    case: Case,
+    pixels: int,
+    told: int | None,
+    fused: bool,
+    probe_free: int,
+    inputs: bool = True,
+    limit: int | None = None,
 ) -> int | None:
     """Traced peak of one call at ``pixels`` (its q, k, v counted when ``inputs``): the contender is told ``told``
-    (None: memslice's default settings) and memslice's probe reads ``probe_free``. None when it refuses or fails."""
+    (None: memslice's default settings) and memslice's probe reads ``probe_free``; past ``limit`` live bytes an
+    allocation fails as on a device that size (memslice then retries, as it would). None when it refuses or fails."""
     forwards._memo.clear()  # every size and number planned afresh
     with traced_cpu(fused), probe_reads(probe_free):
         qkv = None if inputs else make_inputs(case, "meta", pixels)
-        with PeakTracker(meta=True) as tracker:
+        with PeakTracker(meta=True, limit=limit) as tracker:
             qkv = qkv or make_inputs(case, "meta", pixels)
             try:
                 out = contender.prepare(case, qkv, told)()
@@ -136,7 +144,7 @@ def whole_call_peak(contender: Contender, case: Case, pixels: int, free_bytes: i
     left = free_bytes - case.shape_at(pixels).input_bytes
     if left <= 0:
         return None
-    return traced_peak(contender, case, pixels, _told(contender, left), fused, left)
+    return traced_peak(contender, case, pixels, _told(contender, left), fused, left, limit=free_bytes)
 
 
 def _told(contender: Contender, left: int) -> int | None:
@@ -151,7 +159,8 @@ def largest_square(contender: Contender, case: Case, free_bytes: int, fused: boo
         peak = whole_call_peak(contender, case, side, free_bytes, fused)
         return peak is not None and peak <= free_bytes
 
-    lo_side, hi_side = 0, hi // 64
+    # nothing fits past the size where the layer's inputs and output alone fill the memory
+    lo_side, hi_side = 0, max(1, min(hi, physical_limit(case, free_bytes)) // 64)
     if not fits(64):
         return {"largest_side": 0}
     lo_side = 1

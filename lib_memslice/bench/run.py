@@ -57,6 +57,10 @@ class Mode:
     limit_free: tuple[int, ...]
     overhead_calls: int
     note: str = ""
+    timed_budgets: tuple[int, ...] | None = None  # None: every budget; else the others are peak runs only
+    fused_timed: tuple[str, ...] | None = None  # None: everyone in the fused ample regime; else only these
+    limit_sites: tuple[str, ...] = ("unet.level0.self", "vae.mid")
+    limit_contenders: tuple[str, ...] = LIMIT_CONTENDERS
 
 
 def make_mode(name: str, rounds: int | None) -> Mode:
@@ -64,8 +68,13 @@ def make_mode(name: str, rounds: int | None) -> Mode:
         mode = Mode("smoke", SMOKE_CASES, (2 * MiB, 8 * MiB), 2, 5.0, True, (8 * MiB,), 500,
                     "test-only: 128 px cases, budgets of 2 and 8 MiB")  # fmt: skip
     elif name == "quick":
-        mode = Mode("quick", QUICK_CASES, BUDGETS, 3, 20.0, False, LIMIT_FREE, 20000,
-                    "SD1.5 512 px level-0 self-attention and VAE; memslice's other strategies peak-only")  # fmt: skip
+        mode = Mode(
+            "quick", QUICK_CASES, BUDGETS, 2, 20.0, False, (1 * GiB,), 20000,
+            "SD1.5 512 px level-0 self-attention and VAE; no fused kernel: timed at 256 MiB (1 GiB: memslice's peaks "
+            "only), fused: memslice-auto vs plain SDPA and the tight budget; largest sizes at 1 GiB, UNet site",
+            timed_budgets=(256 * MiB,), fused_timed=(MEMSLICE_AUTO, SDPA), limit_sites=("unet.level0.self",),
+            limit_contenders=(MEMSLICE_AUTO, "Doggettx"),
+        )  # fmt: skip
     else:
         mode = Mode("full", FULL_CASES, BUDGETS, 5, 90.0, True, LIMIT_FREE, 50000)
     if rounds is not None:
@@ -81,7 +90,8 @@ def tight_budget(case_output: int) -> int:
 def regimes_for(mode: Mode, output_bytes: int) -> list[Regime]:
     found = []
     for fused in (False, True):
-        found += [Regime(fused, free, budget_label(free)) for free in mode.budgets]
+        budgets = mode.budgets if not fused or mode.timed_budgets is None else ()  # quick: fused budgets skipped
+        found += [Regime(fused, free, budget_label(free)) for free in budgets]
         found.append(Regime(fused, tight_budget(output_bytes), "tight (output + 4 MiB)"))
     found.append(Regime(True, None, "ample"))
     return found
@@ -91,6 +101,14 @@ def timed_for(mode: Mode) -> Callable[[Contender, Regime], bool]:
     def timed(contender: Contender, regime: Regime) -> bool:
         if regime.label.startswith("tight"):
             return False  # the peak check only
+        if (
+            regime.free is not None
+            and mode.timed_budgets is not None
+            and (regime.fused or regime.free not in mode.timed_budgets)
+        ):
+            return False
+        if regime.fused and regime.free is None and mode.fused_timed is not None:
+            return contender.name in mode.fused_timed
         if contender.family == "memslice":
             return contender.name == MEMSLICE_AUTO or mode.time_all_strategies
         # the webui contenders: timed where they compete (no fused kernel), and once with fused kernels allowed
@@ -157,8 +175,7 @@ def planning_overhead(calls: int) -> dict[str, Any]:
 
 def limits_section(contenders: dict[str, Contender], mode: Mode, log: Callable[[str], None]) -> list[dict[str, Any]]:
     rows = []
-    sites = ("unet.level0.self", "vae.mid")
-    for site in sites:
+    for site in mode.limit_sites:
         case = make_case("sd15", site, 512)
         for free in mode.limit_free:
             for fused in (False, True):
@@ -169,7 +186,7 @@ def limits_section(contenders: dict[str, Contender], mode: Mode, log: Callable[[
                     "physical_limit": physical_limit(case, free),
                     "contenders": {},
                 }
-                for name in LIMIT_CONTENDERS:
+                for name in mode.limit_contenders:
                     c = contenders.get(name)
                     if c is None or (case.site.vae and not c.vae):
                         continue
@@ -378,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             regimes = regimes_for(mode, s.output_bytes)
             report["cases"].append(run_case(case, contenders, regimes, timed_for(mode), mode.rounds,
-                                            mode.case_budget_s, log))  # fmt: skip
+                                            mode.case_budget_s, log, fused_rounds=max(mode.rounds, 9)))  # fmt: skip
         log(f"largest square sizes (traced) [{time.perf_counter() - began:.0f} s]")
         report["limits"] = limits_section(by_name, mode, log)
     log(f"per-call overhead [{time.perf_counter() - began:.0f} s]")

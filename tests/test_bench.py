@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lib_memslice.bench import limits
+from lib_memslice.bench import report as report_mod
 from lib_memslice.bench.contenders import all_contenders, make_case
 from lib_memslice.bench.run import judge_targets, main
 from lib_memslice.costs import MiB
@@ -32,7 +33,7 @@ def test_a_smoke_run_writes_a_complete_report(smoke):
     assert regimes == {(False, False), (True, False), (True, True)}  # no-fused budgets, fused budgets, fused ample
     names = {t["name"] for t in report["targets"]}
     assert names == {"no_fused_vs_best", "no_fused_vs_fused", "fused_vs_sdpa", "peak_within_budget",
-                     "largest_square_vs_doggettx", "overhead"}  # fmt: skip
+                     "largest_square_vs_doggettx", "largest_square_vs_physical", "overhead"}  # fmt: skip
     assert all(t["status"] in ("PASS", "FAIL", "N/A") for t in report["targets"])
 
 
@@ -121,7 +122,29 @@ def test_targets_fail_when_their_numbers_do():
     }
     assert {name: t["status"] for name, t in targets.items()} == {
         "no_fused_vs_best": "FAIL", "no_fused_vs_fused": "FAIL", "fused_vs_sdpa": "FAIL",
-        "peak_within_budget": "FAIL", "largest_square_vs_doggettx": "FAIL", "overhead": "FAIL"}  # fmt: skip
+        "peak_within_budget": "FAIL", "largest_square_vs_doggettx": "FAIL", "largest_square_vs_physical": "FAIL",
+        "overhead": "FAIL"}  # fmt: skip
+    # 2.5 x 500 px fits under the 2000 px physical limit: the largest-size target is reachable here
+    assert targets["largest_square_vs_doggettx"]["numbers"]["unreachable"] == []
+
+
+def test_a_target_out_of_physical_reach_says_so():
+    """When Doggettx's size x 2.5 lies past the size where inputs and output alone fill memory, or the fused kernel
+    itself is slower than half the best contender, the report names those cases instead of leaving a bare FAIL."""
+    rows = [
+        {"contender": "memslice-auto", "median_ms": 10, "vs_fused": 1.25, "measured_peak_bytes": 60, "status": "ok"},
+        {"contender": "Doggettx", "median_ms": 12, "memslice_auto_vs_this": 0.83, "measured_peak_bytes": 90,
+         "status": "ok"},
+    ]  # fmt: skip
+    limit = {"site": "vae.mid", "free_bytes": 1 << 30, "regime": "fused", "physical_limit": 1024,
+             "contenders": {"memslice-auto": {"largest_side": 1024}, "Doggettx": {"largest_side": 512}}}  # fmt: skip
+    targets = {t["name"]: t for t in judge_targets(_report([("no fused kernel, 100 B", False, 100, rows)], [limit]))}
+    assert targets["no_fused_vs_best"]["status"] == "FAIL"
+    assert targets["no_fused_vs_best"]["numbers"]["unreachable"] == ["c no fused kernel, 100 B"]  # 8/12 > 0.5
+    assert targets["largest_square_vs_doggettx"]["numbers"]["unreachable"] == ["vae.mid 1 GiB fused"]
+    assert targets["largest_square_vs_physical"]["status"] == "PASS"
+    lines = "\n".join(report_mod.targets_lines(list(targets.values())))
+    assert "Out of reach by any method in 1 of the cases: vae.mid 1 GiB fused" in lines
 
 
 def test_a_peak_check_that_cannot_fail_is_not_a_pass():

@@ -25,7 +25,11 @@ def _margin(t: dict[str, Any]) -> str:
 def targets_lines(targets: list[dict[str, Any]]) -> list[str]:
     lines = ["| target | result | worst case vs threshold | detail |", "| --- | --- | --- | --- |"]
     for t in targets:
-        lines.append(f"| {t['title']} | **{t['status']}** | {_margin(t)} | {t['detail']} |")
+        detail = t["detail"]
+        unreachable = t["numbers"].get("unreachable")
+        if unreachable:  # the threshold is physically out of reach there: said, not hidden
+            detail += f". Out of reach by any method in {len(unreachable)} of the cases: {', '.join(unreachable)}"
+        lines.append(f"| {t['title']} | **{t['status']}** | {_margin(t)} | {detail} |")
     return lines
 
 

@@ -227,15 +227,20 @@ def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             key = f"{case['key']} {regime['name']}"
             if auto and auto.get("median_ms") and keeping:
                 best = min(keeping, key=lambda r: r["median_ms"])
-                vs_best[key] = (best.get("memslice_auto_vs_this"), best["contender"])
+                # the bound no slicing can beat: the fused kernel's own time against that contender's
+                fused_ms = auto["median_ms"] / auto["vs_fused"] if auto.get("vs_fused") else None
+                bound = fused_ms / best["median_ms"] if fused_ms and best["median_ms"] else None
+                vs_best[key] = (best.get("memslice_auto_vs_this"), best["contender"], bound)
             if auto and auto.get("vs_fused") is not None:
                 vs_fused[key] = auto["vs_fused"]
-    values = [v for v, _ in vs_best.values() if v is not None]
+    values = [v for v, _, _ in vs_best.values() if v is not None]
     targets.append(_target(
         "no_fused_vs_best", "no fused kernel: memslice-auto <= 0.5x the fastest contender that keeps the budget",
         (P if max(values) <= 0.5 else F_) if values else NA,
-        "; ".join(f"{k}: {v:.3f}x {who}" for k, (v, who) in vs_best.items() if v is not None) or "not measured",
+        "; ".join(f"{k}: {v:.3f}x {who}" + (f" (the fused kernel itself: {b:.2f}x)" if b is not None else "")
+                  for k, (v, who, b) in vs_best.items() if v is not None) or "not measured",
         worst=max(values, default=None), threshold=0.5,
+        unreachable=[k for k, (_, _, b) in vs_best.items() if b is not None and b > 0.5],
     ))  # fmt: skip
     values = list(vs_fused.values())
     targets.append(_target(
@@ -305,6 +310,18 @@ def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         "; ".join(f"{k}: {f:.2f}x ({m} vs {t} px; inputs + output alone fill it at {p} px)"
                   for k, (f, m, t, p) in factors.items()) or "not measured",
         worst=min(values, default=None), threshold=2.5,
+        unreachable=[k for k, (_, _, t, p) in factors.items() if 2.5 * t > p],
+    ))  # fmt: skip
+
+    # 5b: no call can fit past the size where its own inputs and output fill the memory: how close memslice gets
+    gaps = {k: (p - m, m, p) for k, (_, m, _, p) in factors.items()}
+    targets.append(_target(
+        "largest_square_vs_physical",
+        "largest square size under a fixed free memory: memslice-auto within 64 px of the physical limit "
+        "(where the layer's inputs and output alone fill the memory)",
+        (P if max(g for g, *_ in gaps.values()) <= 64 else F_) if gaps else NA,
+        "; ".join(f"{k}: {m} of {p} px" for k, (_, m, p) in gaps.items()) or "not measured",
+        worst=max((g for g, *_ in gaps.values()), default=None), threshold=64,
     ))  # fmt: skip
 
     # 6: per-call overhead on the fast path

@@ -165,7 +165,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"\nthe whole job fits in {format_bytes(memory)}; {result['advice']}")
     else:
         print(f"\nthe whole job does NOT fit in {format_bytes(memory)}: {result['advice']}")
-    print(f"largest square size at which the whole job fits: {side}x{side}" if side else "no square size fits")
+    scaled = " (hires scaled alike)" if hires else ""
+    print(f"largest square first-pass size at which the whole job fits{scaled}: {side}x{side}" if side
+          else "no square size fits")  # fmt: skip
     return 0 if result["fits"] else 1
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .slicing import MAX_SLICE_CAP
+
 log = logging.getLogger("memslice")
 
 STRATEGIES: tuple[str, ...] = ("auto", "doggettx", "invokeai", "mps", "heads")
@@ -63,7 +65,7 @@ SPECS: tuple[OptionSpec, ...] = (
         "Slice cap",
         "most slices one attention call may be split into before memslice reports that it cannot fit",
         lo=1,
-        hi=65536,
+        hi=MAX_SLICE_CAP,
         step=1,
     ),
     OptionSpec(

@@ -83,7 +83,11 @@ class NotEnoughMemory(RuntimeError):
         if max_resolution is not None:
             hint = (
                 f"the largest square image this layer fits is {max_resolution}x{max_resolution} "
-                "(its inputs and output counted)"
+                + (
+                    "(its output counted; a fixed budget leaves the inputs out)"
+                    if fixed_budget
+                    else "(its inputs and output counted)"
+                )
                 if max_resolution > 0
                 else "no image size fits this layer with this budget"
             )
@@ -561,6 +565,8 @@ def finest_need(
 
 
 MAX_RESOLUTION = 65536
+#: the highest slice cap the settings accept
+MAX_SLICE_CAP = 65536
 
 
 def shape_at_resolution(shape: AttentionShape, geometry: Geometry, width: int, height: int) -> AttentionShape:
@@ -643,7 +649,8 @@ def not_enough_memory(
         )
     needs = {k: finest_need(shape, kernel=k, **kwargs) for k in kernels}  # type: ignore[arg-type]
     best = min(kernels, key=lambda k: needs[k])
-    finer = finest_need(shape, kernel=best, **{**kwargs, "slice_cap": max(2 * slice_cap, 2)})  # type: ignore[arg-type]
+    # "raise the slice cap" only where some allowed cap would make it fit (a fused call's output never shrinks)
+    finest_allowed = finest_need(shape, kernel=best, **{**kwargs, "slice_cap": MAX_SLICE_CAP})  # type: ignore[arg-type]
     resolution = tokens = None
     if geometry is not None:
         resolution = max_square_resolution(shape, geometry, room, kernels, **kwargs, min_slices=min_slices)
@@ -661,6 +668,6 @@ def not_enough_memory(
         q_tokens=shape.q_tokens,
         max_q_tokens=tokens,
         fixed_budget=fixed_budget,
-        finer_helps=finer < needs[best],
+        finer_helps=slice_cap < MAX_SLICE_CAP and finest_allowed <= budget,
         detail=detail,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ CMD_OPT = "opt_memslice"  # --opt-memslice, added by preload.py
 
 STATS = Stats()
 _loaded: dict[str, Any] = {"spec": None, "kind": None, "weights": None}
+_running: dict[str, Any] = {"p": None}  # a weak reference to the running job's processing object
 
 
 def _ldm_sgm() -> list[Any]:
@@ -98,6 +100,9 @@ class WebuiHost:
 
     def record_failure(self, error: NotEnoughMemory) -> None:
         STATS.record_failure()
+        context = job_context(error)
+        if context:  # the webui shows the exception's text: name the pass and what would fit there
+            error.args = (f"{error.args[0]} {context}", *error.args[1:])
 
 
 HOST = WebuiHost()
@@ -265,6 +270,10 @@ def on_job_start(p: Any) -> None:
         return
     STATS.start_job()
     try:
+        _running["p"] = weakref.ref(p)
+    except TypeError:
+        _running["p"] = None
+    try:
         p.extra_generation_params["Memslice"] = _infotext  # evaluated per image, after that image's attention ran
     except Exception as exc:
         log.warning("memslice: could not add the infotext field: %s", exc)
@@ -273,9 +282,54 @@ def on_job_start(p: Any) -> None:
 def on_job_end(p: Any = None, processed: Any = None) -> None:
     if active_entry() is None:
         return
+    _running["p"] = None
     job = STATS.finish_job()
     if job.calls and HOST.settings().log != "off":
         log.info("%s", job.line())
+
+
+def _failed_pass(
+    error: NotEnoughMemory, p: Any, first: tuple[int, int], hires: tuple[int, int] | None
+) -> tuple[str, tuple[int, int]]:
+    """The job planner's name of the pass a failing call belongs to, and that pass's size. The UNet's hires pass
+    is flagged by the webui (``p.is_hr_pass``); the VAE runs outside it, so its size tells (latent tokens = h*w/64)."""
+    hires_now = hires is not None and bool(getattr(p, "is_hr_pass", False))
+    img2img = getattr(p, "init_images", None) is not None
+    if not error.site.startswith("vae"):
+        return ("UNet (hires)", hires) if hires_now and hires else ("UNet", first)
+    at_hires = hires is not None and error.q_tokens == (hires[0] // 8) * (hires[1] // 8)
+    size = hires if at_hires and hires else first
+    final = size == (hires or first)
+    name = "VAE decode" if final and not img2img else "VAE (encode or decode)"
+    return (f"{name} (hires)" if at_hires else name), size
+
+
+def job_context(error: NotEnoughMemory) -> str:
+    """For a failure inside a generation: which pass failed, and the largest size at which the whole job fits with
+    the memory free now (the job planner's answer). Empty outside a job or when anything here fails."""
+    ref = _running.get("p")
+    p = ref() if ref is not None else None
+    if p is None:
+        return ""
+    try:
+        first = (int(p.width), int(p.height))
+        batch = max(1, int(getattr(p, "batch_size", 1) or 1))
+        hires = None
+        if getattr(p, "enable_hr", False) and getattr(p, "hr_upscale_to_x", 0) and getattr(p, "hr_upscale_to_y", 0):
+            hires = (int(p.hr_upscale_to_x), int(p.hr_upscale_to_y))
+        # the webui's latent upscale modes are all named "Latent..." (None: its default, "Latent")
+        upscaler = "latent" if str(getattr(p, "hr_upscaler", None) or "Latent").startswith("Latent") else "image"
+        name, size = _failed_pass(error, p, first, hires)
+        plan = plan_for(*first, batch, hr_width=hires[0] if hires else None, hr_height=hires[1] if hires else None,
+                        hr_upscaler=upscaler, img2img=getattr(p, "init_images", None) is not None)  # fmt: skip
+    except Exception as exc:  # the original error must still reach the user
+        log.debug("memslice: no job context for the error: %s", exc)
+        return ""
+    side = plan["max_square_resolution"]
+    scaled = " (first pass; hires scaled alike)" if hires else ""
+    fits = (f"with the memory free now the whole job fits up to {side}x{side}{scaled}" if side
+            else f"with the memory free now no size of this job fits (its binding pass: {plan['limit']})")  # fmt: skip
+    return f"In this job: the {name} pass at {size[0]}x{size[1]} failed; {fits}."
 
 
 # --- HTTP API ----------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_plan_text_output(capsys):
                      "--device", "cuda"]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "unet.level0.self" in text and "passes" in text and "VAE decode" in text
-    assert "largest square size at which the whole job fits" in text
+    assert "largest square first-pass size at which the whole job fits" in text
 
 
 @pytest.mark.parametrize(

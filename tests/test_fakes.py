@@ -119,13 +119,19 @@ FAKE_ONLY = {
         "register_builtin_optimizers": "what modules/initialize.py does after loading extension scripts (checked "
         "by test_register_builtin_optimizers_is_what_initialize_does)"
     },
-    "modules/processing.py": {"StableDiffusionProcessing.__init__": "the real class is a dataclass"},
+    "modules/processing.py": {
+        "StableDiffusionProcessing.__init__": "the real class is a dataclass",
+        "StableDiffusionProcessingTxt2Img.__init__": "the real class is a dataclass",
+        "StableDiffusionProcessingImg2Img.__init__": "the real class is a dataclass",
+    },
 }
 
 #: same name as the real one, different signature or decorators on purpose
 DELIBERATE = {
     "modules/processing.py": {
         "StableDiffusionProcessing": "a plain class taking only what memslice reads, not the 60-field dataclass",
+        "StableDiffusionProcessingTxt2Img": "a plain class: size, batch and the Hires. fix fields memslice reads",
+        "StableDiffusionProcessingImg2Img": "a plain class: init_images only",
         "Processed.__init__": "built from the infotexts alone: no images are made",
         "create_infotext": "per image index, from extra_generation_params: no prompts or seeds",
         "process_images": "takes the sampling step as a callable: there is no model",
@@ -333,3 +339,34 @@ def test_fake_cmd_opts_are_real_flags_with_their_defaults():
     fake = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     assert fake.pop("opt_memslice") is False  # memslice's own flag, added by its preload.py
     assert fake == {k: flags[k] for k in fake}, {k: flags.get(k, "missing") for k in fake}
+
+
+def _dataclass_fields(tree: ast.Module, cls: str) -> set[str]:
+    """A real dataclass's fields, its bases' in the same file included."""
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    found: set[str] = set()
+    while cls in classes:
+        node = classes[cls]
+        found |= {i.target.id for i in node.body if isinstance(i, ast.AnnAssign) and isinstance(i.target, ast.Name)}
+        bases = [ast.unparse(b) for b in node.bases]
+        cls = bases[0] if bases else ""
+    return found
+
+
+def test_fake_dataclass_stand_ins_set_only_real_fields():
+    """A fake that replaces a webui dataclass with a plain ``__init__`` may only set attributes the real dataclass
+    declares (memslice reads them off the real objects: ``is_hr_pass``, ``hr_upscale_to_x``, ``init_images``...)."""
+    tree = parse(real_path("modules/processing.py"))
+    fake_tree = parse(os.path.join(FAKES, "modules/processing.py"))
+    stand_ins = [n.split(".")[0] for n, why in FAKE_ONLY["modules/processing.py"].items() if "dataclass" in why]
+    assert len(stand_ins) == 3
+    problems = []
+    for node in fake_tree.body:
+        if not isinstance(node, ast.ClassDef) or node.name not in stand_ins:
+            continue
+        real = _dataclass_fields(tree, node.name)
+        assigned = {t.attr for t in ast.walk(node) if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store)
+                    and isinstance(t.value, ast.Name) and t.value.id == "self"}  # fmt: skip
+        assigned -= {"alwayson_scripts"}  # fake-only: the real p.scripts is a ScriptRunner the fake does without
+        problems += [f"{node.name}.{a} is not a field of the real class" for a in sorted(assigned - real)]
+    assert not problems, "\n".join(problems)

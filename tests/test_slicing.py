@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from lib_memslice.costs import EINSUM, FUSED, GiB, KernelChoice, MiB, peak_bytes
 from lib_memslice.costs import AttentionShape as Shape
 from lib_memslice.slicing import (
+    MAX_SLICE_CAP,
     MPS_BAD_MULTIPLE,
     MPS_MAX_ELEMENTS,
     SEED_SAFETY,
@@ -375,3 +376,16 @@ def test_bad_shapes_and_names_are_rejected_clearly():
 def test_not_enough_memory_is_a_runtime_error_with_numbers():
     e = NotEnoughMemory(2 * GiB, GiB, site="x", slice_cap=64)
     assert isinstance(e, RuntimeError) and e.need == 2 * GiB and e.have == GiB and "2.0 GiB" in str(e)
+
+
+def test_the_error_advises_a_higher_slice_cap_only_where_one_would_fit():
+    """einsum under a low cap: a higher cap fits, so the advice names it; the fused kernel's output does not shrink
+    with more slices, so there it must not (nor at the highest cap the settings allow)."""
+    shape = SD15_SELF
+    geometry = Geometry(8, True)
+    low = not_enough_memory(shape, 32 * MiB, (EINSUM,), slice_cap=16, geometry=geometry)
+    assert "raise the slice cap" in str(low)
+    fused = not_enough_memory(shape, shape.output_bytes // 2, (FUSED,), slice_cap=16, geometry=geometry)
+    assert "raise the slice cap" not in str(fused)
+    top = not_enough_memory(shape, MiB // 4, (EINSUM,), slice_cap=MAX_SLICE_CAP, geometry=geometry)
+    assert "raise the slice cap" not in str(top)

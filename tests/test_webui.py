@@ -443,3 +443,71 @@ def test_console_wording_is_singular_for_one(webui):
     job = JobSummary(strategy="auto", calls=1, max_slices=1, retries=1)
     assert "1 slice max over 1 attention call" in job.line() and "1 retry" in job.line()
     assert job.infotext() == "auto, max 1 slice, 1 OOM retry"
+
+
+def _failing_job(env, p_class, sample, **p_kwargs):
+    script = env.script.MemsliceScript()
+    p = getattr(env.processing, p_class)(scripts=[script], **p_kwargs)
+    with pytest.raises(env.memslice.NotEnoughMemory) as info:
+        env.processing.process_images(p, sample)
+    return str(info.value)
+
+
+def test_a_generation_that_fails_names_the_pass_and_what_would_fit(webui):
+    """The hires UNet pass (the webui flags it with ``p.is_hr_pass``) and the final VAE decode (run after the flag
+    is reset: its latent size tells) are named, with the job planner's largest size for the whole job."""
+    from lib_memslice.models import SITE_ATTR
+    from lib_memslice.slicing import Geometry
+
+    select(webui, TITLES["auto"])
+    webui.shared.opts.set("memslice_budget_gb", 1 / 4096)  # 256 KiB: the layers' outputs alone do not fit
+    hires = dict(width=512, height=512, enable_hr=True, hr_upscale_to_x=1024, hr_upscale_to_y=1024)
+    expected = webui.memslice.plan_for(512, 512, 1, hr_width=1024, hr_height=1024)["max_square_resolution"]
+    fits = f"whole job fits up to {expected}x{expected} (first pass; hires scaled alike)" if expected else "no size"
+    layer = make_cross(webui)
+    setattr(layer, SITE_ATTR, ("unet.level0.self", Geometry(8, True)))
+
+    def unet_hires(p):
+        p.is_hr_pass = True
+        with torch.no_grad():
+            layer(torch.randn(2, 16384, 64))
+
+    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", unet_hires, **hires)
+    assert text.startswith("memslice: not enough memory for attention at unet.level0.self")
+    assert "In this job: the UNet (hires) pass at 1024x1024 failed" in text and fits in text
+
+    block = webui.ldm_model.AttnBlock(32).eval()
+    setattr(block, SITE_ATTR, ("vae.mid", Geometry(8, True)))
+
+    def decode_after_hires(p):
+        p.is_hr_pass = False  # the webui resets it before the final decode
+        with torch.no_grad():
+            block(torch.randn(1, 32, 128, 128))
+
+    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", decode_after_hires, **hires)
+    assert "In this job: the VAE decode (hires) pass at 1024x1024 failed" in text
+
+    def first_pass(p):
+        with torch.no_grad():
+            layer(torch.randn(2, 4096, 64))
+
+    text = _failing_job(webui, "StableDiffusionProcessingImg2Img", first_pass, width=512, height=512)
+    assert "In this job: the UNet pass at 512x512 failed" in text
+
+
+def test_the_job_context_never_hides_the_error(webui, monkeypatch):
+    """A processing object memslice cannot read, or a planner that fails, leaves the original message."""
+    select(webui, TITLES["auto"])
+    webui.shared.opts.set("memslice_budget_gb", 1 / 4096)
+    layer = make_cross(webui)
+
+    def sample(p):
+        p.width = "garbage"
+        with torch.no_grad():
+            layer(torch.randn(2, 4096, 64))
+
+    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", sample)
+    assert text.startswith("memslice: not enough memory") and "In this job" not in text
+    monkeypatch.setattr(webui.memslice, "plan_for", lambda *a, **k: 1 / 0)
+    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", lambda p: layer(torch.randn(2, 4096, 64)))
+    assert "In this job" not in text

@@ -17,6 +17,25 @@ class StableDiffusionProcessing:
         self.alwayson_scripts = list(scripts)
 
 
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    """txt2img with Hires. fix: the webui computes ``hr_upscale_to_x/y`` before sampling and sets ``is_hr_pass``
+    while the hires UNet pass runs (the final VAE decode runs after it is reset)."""
+
+    def __init__(self, enable_hr=False, hr_upscaler=None, hr_upscale_to_x=0, hr_upscale_to_y=0, **kwargs):
+        super().__init__(**kwargs)
+        self.enable_hr = enable_hr
+        self.hr_upscaler = hr_upscaler
+        self.hr_upscale_to_x = hr_upscale_to_x
+        self.hr_upscale_to_y = hr_upscale_to_y
+        self.is_hr_pass = False
+
+
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    def __init__(self, init_images=None, **kwargs):
+        super().__init__(**kwargs)
+        self.init_images = list(init_images or [])
+
+
 class Processed:
     def __init__(self, p, infotexts):
         self.infotexts = infotexts

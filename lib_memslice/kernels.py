@@ -359,13 +359,28 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, dt
     return F.scaled_dot_product_attention(q * (scale * q.shape[-1] ** 0.5), k, v, attn_mask=bias)
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def _autocast_takes_a_device() -> bool:
+    """torch >= 2.4 has ``is_autocast_enabled(device_type)``; older ones one function per device type. Decided once:
+    a TypeError caught per call would break a ``torch.compile`` graph on torch 2.1 (dynamo raises on it)."""
     try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch < 2.4: one function per device type
+        torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return False
+    except Exception:  # any other answer still means it takes the argument
+        return True
+    return True
+
+
+_AUTOCAST_BY_DEVICE = _autocast_takes_a_device()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    if not _AUTOCAST_BY_DEVICE:
         if device_type == "cpu":
             return bool(torch.is_autocast_cpu_enabled())
         return device_type == "cuda" and bool(torch.is_autocast_enabled())
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
     except RuntimeError:  # a device type autocast does not know (DirectML's privateuseone, meta): no autocast
         return False
 

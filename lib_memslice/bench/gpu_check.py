@@ -32,13 +32,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import kernels, probe
+from .. import kernels
 from ..costs import AttentionShape, GiB, MiB, format_bytes
 from ..forwards import BasicHost, attend
 from ..memtrack import PeakTracker
 from ..settings import Settings
 from ..slicing import NotEnoughMemory, plan_attention
 from . import webui_attention
+from .limits import probe_reads, sdpa_math_only
 
 Tensor = torch.Tensor
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -261,17 +262,6 @@ def oom_retry(ctx: Ctx) -> dict[str, Any]:
 # --- whole models ------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def probe_reads(free: int) -> Iterator[None]:
-    """memslice's probe answers ``free`` (what every contender is told; CUDA's driver knows nothing of a cap)."""
-    saved = probe.free_memory
-    probe.free_memory = lambda device, precise=False: probe.FreeMemory(int(free), "gpu-check: the same number")
-    try:
-        yield
-    finally:
-        probe.free_memory = saved
-
-
 def _free_for_contenders(ctx: Ctx) -> int:
     """What the webui's get_available_vram would answer: driver free + torch's reserved-but-inactive; under a cap,
     the cap's remaining room (the driver knows nothing of it)."""
@@ -449,10 +439,6 @@ def max_square(ctx: Ctx) -> dict[str, Any]:
 def no_fused(ctx: Ctx) -> dict[str, Any]:
     """Where no fused kernel runs (forced off: the regime of MPS, DirectML, ROCm without fused attention, fp32 upcast
     on old GPUs): time and peak of SD1.5 level-0 self-attention per contender, every one told 4 GiB are free."""
-    try:
-        from torch.nn.attention import SDPBackend
-    except ImportError:
-        return {"error": "this torch has no torch.nn.attention.sdpa_kernel"}
     rows: dict[str, Any] = {}
     free = ctx.cap
     for side in (512, 1024) if ctx.cuda else (64,):
@@ -470,7 +456,7 @@ def no_fused(ctx: Ctx) -> dict[str, Any]:
             if c.name in ("sdp", "Doggettx", "InvokeAI-cuda", "sub-quadratic"):
                 calls[c.name] = lambda c=c, m=merged: c.cross_attention(*m, 8, 40**-0.5, free)
         per = {}
-        with only_backend(SDPBackend.MATH):
+        with sdpa_math_only():  # torch.nn.attention where it exists, else torch 2.1's torch.backends.cuda switches
             for name, call in calls.items():
                 try:
                     call()

@@ -118,3 +118,24 @@ def test_planning_stays_out_of_compiled_graphs():
         assert explained.graph_break_count >= 1 and reasons
     out = torch.compile(f, backend="eager")(q, k, v)
     assert (out.double() - 2 * reference(q, k, v, 0.25)).abs().max() < 1e-5
+
+
+def test_a_stable_plan_is_reused_only_with_four_times_its_peak_free(monkeypatch):
+    """The fused one-piece plan is the same at any budget above its peak; it is still re-read while the budget is
+    under 4x that peak (memory may be about to run out), and reused without a probe above it."""
+    fake = CountingProbe(64 * GiB)
+    monkeypatch.setattr(probe, "free_memory", fake)
+    q, k, v = projected_qkv(2, 4, 128, 128, 16)
+    host = BasicHost(Settings(safety_factor=1.0))
+    peak = run(host, q, k, v).peak_bytes
+    clock = [forwards.time.perf_counter()]
+    monkeypatch.setattr(forwards.time, "perf_counter", lambda: clock[0])  # no time passes from here on
+    for free, probes_per_call in ((2 * peak, 1), (5 * peak, 0)):
+        forwards._memo.clear()
+        fake.free = free
+        first = run(host, q, k, v)
+        assert first.kernel_used == "fused" and first.slices == 1
+        calls = fake.calls
+        run(host, q, k, v)
+        run(host, q, k, v)
+        assert fake.calls == calls + 2 * probes_per_call, (free / peak, fake.calls - calls)

@@ -389,3 +389,22 @@ def test_the_error_advises_a_higher_slice_cap_only_where_one_would_fit():
     assert "raise the slice cap" not in str(fused)
     top = not_enough_memory(shape, MiB // 4, (EINSUM,), slice_cap=MAX_SLICE_CAP, geometry=geometry)
     assert "raise the slice cap" not in str(top)
+
+
+def test_metal_refuses_query_slices_that_are_multiples_of_4096():
+    """The definition itself (what every search is checked against), and the solved search at the exact budget
+    where 8192 queries would be the largest chunk: it must step down to 8191 (then even out), never up past the
+    budget."""
+    shape = Shape(1, 4 * MPS_BAD_MULTIPLE, 64, 8, heads=1)
+    budget = peak_bytes(shape, 1, 2 * MPS_BAD_MULTIPLE, EINSUM)
+    assert peak_bytes(shape, 1, 2 * MPS_BAD_MULTIPLE + 1, EINSUM) > budget
+    metal, cuda = (search(shape, budget, "auto", 64, EINSUM, device) for device in ("mps", "cuda"))
+    assert cuda.fits(1, 2 * MPS_BAD_MULTIPLE) and not metal.fits(1, 2 * MPS_BAD_MULTIPLE)
+    assert metal.fits(1, 2 * MPS_BAD_MULTIPLE - 1)
+    assert cuda.largest_queries(1) == 2 * MPS_BAD_MULTIPLE
+    queries = metal.largest_queries(1)
+    assert queries is not None and metal.fits(1, queries) and queries % MPS_BAD_MULTIPLE
+    assert math.ceil(shape.q_tokens / queries) == 3  # 8191 -> 3 slices, evened out to 5462
+    for strategy in ("mps", "auto"):
+        plan = plan_attention(shape, budget, strategy=strategy, kernel=EINSUM, slice_cap=64, device_kind="mps")
+        assert plan is not None and plan.peak_bytes <= budget and plan.queries_per_slice % MPS_BAD_MULTIPLE

@@ -9,6 +9,7 @@ logged message, never a dead webui.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -304,25 +305,32 @@ def _failed_pass(
     return (f"{name} (hires)" if at_hires else name), size
 
 
-def job_context(error: NotEnoughMemory) -> str:
-    """For a failure inside a generation: which pass failed, and the largest size at which the whole job fits with
-    the memory free now (the job planner's answer). Empty outside a job or when anything here fails."""
+def _job_of(p: Any) -> tuple[tuple[int, int], int, tuple[int, int] | None, str, bool]:
+    """(first-pass size, batch, hires size or None, upscaler kind, img2img) as the webui holds them on ``p``."""
+    first = (int(p.width), int(p.height))
+    batch = max(1, int(getattr(p, "batch_size", 1) or 1))
+    hires = None
+    if getattr(p, "enable_hr", False) and getattr(p, "hr_upscale_to_x", 0) and getattr(p, "hr_upscale_to_y", 0):
+        hires = (int(p.hr_upscale_to_x), int(p.hr_upscale_to_y))
+    # the webui's latent upscale modes are all named "Latent..." (None: its default, "Latent")
+    upscaler = "latent" if str(getattr(p, "hr_upscaler", None) or "Latent").startswith("Latent") else "image"
+    return first, batch, hires, upscaler, getattr(p, "init_images", None) is not None
+
+
+def _context(where: Any) -> str:
+    """``where(p, first, hires) -> (pass name, size)`` names the failing pass; the job planner then gives the
+    largest size at which the whole job fits with the memory free now. Empty outside a job or when anything fails:
+    the original error must reach the user unchanged."""
     ref = _running.get("p")
     p = ref() if ref is not None else None
     if p is None:
         return ""
     try:
-        first = (int(p.width), int(p.height))
-        batch = max(1, int(getattr(p, "batch_size", 1) or 1))
-        hires = None
-        if getattr(p, "enable_hr", False) and getattr(p, "hr_upscale_to_x", 0) and getattr(p, "hr_upscale_to_y", 0):
-            hires = (int(p.hr_upscale_to_x), int(p.hr_upscale_to_y))
-        # the webui's latent upscale modes are all named "Latent..." (None: its default, "Latent")
-        upscaler = "latent" if str(getattr(p, "hr_upscaler", None) or "Latent").startswith("Latent") else "image"
-        name, size = _failed_pass(error, p, first, hires)
+        first, batch, hires, upscaler, img2img = _job_of(p)
+        name, size = where(p, first, hires)
         plan = plan_for(*first, batch, hr_width=hires[0] if hires else None, hr_height=hires[1] if hires else None,
-                        hr_upscaler=upscaler, img2img=getattr(p, "init_images", None) is not None)  # fmt: skip
-    except Exception as exc:  # the original error must still reach the user
+                        hr_upscaler=upscaler, img2img=img2img)  # fmt: skip
+    except Exception as exc:
         log.debug("memslice: no job context for the error: %s", exc)
         return ""
     side = plan["max_square_resolution"]
@@ -330,6 +338,84 @@ def job_context(error: NotEnoughMemory) -> str:
     fits = (f"with the memory free now the whole job fits up to {side}x{side}{scaled}" if side
             else f"with the memory free now no size of this job fits (its binding pass: {plan['limit']})")  # fmt: skip
     return f"In this job: the {name} pass at {size[0]}x{size[1]} failed; {fits}."
+
+
+def job_context(error: NotEnoughMemory) -> str:
+    """For memslice's own error inside a generation: the failing call's site and token count name the pass."""
+    return _context(lambda p, first, hires: _failed_pass(error, p, first, hires))
+
+
+#: the modules whose forward marks a pass, and the factor from their first tensor's last two dims to pixels
+_PASS_MODULES = {"UNetModel": ("UNet", 8), "Decoder": ("VAE decode", 8), "Encoder": ("VAE encode", 1)}
+
+
+def failing_module(tb: Any) -> tuple[str, tuple[int, int]] | None:
+    """The innermost ldm/sgm UNet, VAE decoder or encoder ``forward`` in a traceback, and the image size its input
+    tensor stands for: where an out-of-memory error outside attention (a convolution, a ResBlock) happened."""
+    found = None
+    while tb is not None:
+        frame = tb.tb_frame
+        module = frame.f_locals.get("self")
+        kind = _PASS_MODULES.get(type(module).__name__)
+        if kind and frame.f_code.co_name == "forward" and type(module).__module__.split(".")[0] in ("ldm", "sgm"):
+            names = frame.f_code.co_varnames[1 : frame.f_code.co_argcount]
+            x = frame.f_locals.get(names[0]) if names else None
+            if isinstance(x, torch.Tensor) and x.dim() == 4:
+                found = (kind[0], (int(x.shape[-1]) * kind[1], int(x.shape[-2]) * kind[1]))
+        tb = tb.tb_next
+    return found
+
+
+def _named(module_pass: str, size: tuple[int, int], p: Any, first: tuple[int, int],
+           hires: tuple[int, int] | None) -> str:  # fmt: skip
+    """The job planner's name: the webui flags the hires UNet pass (``p.is_hr_pass``); a VAE pass at the hires
+    size is the hires one."""
+    if module_pass == "UNet" and hires is not None and getattr(p, "is_hr_pass", False):
+        return "UNet (hires)"
+    at_hires = hires is not None and size == hires and hires != first
+    return f"{module_pass} (hires)" if at_hires else module_pass
+
+
+def annotate_oom(exc: BaseException) -> None:
+    """An out-of-memory error that leaves a generation (a convolution as often as attention) names its pass and
+    what would fit, as memslice's own error does. Only while a memslice entry plans the job; never raises."""
+    try:
+        if active_entry() is None or not kernels.is_oom(exc) or getattr(exc, "_memslice_job_context", False):
+            return
+        where = failing_module(exc.__traceback__)
+        if where is None or not exc.args or not isinstance(exc.args[0], str):
+            return
+        module_pass, size = where
+        context = _context(lambda p, first, hires: (_named(module_pass, size, p, first, hires), size))
+        if context:
+            exc.args = (f"{exc.args[0]} {context}", *exc.args[1:])
+            exc._memslice_job_context = True  # type: ignore[attr-defined]
+    except Exception as err:  # the original error must still reach the user
+        log.debug("memslice: no job context for the error: %s", err)
+
+
+_WRAPPED = "_memslice_annotates_oom"
+
+
+def install_failure_context() -> None:
+    """Wrap the webui's ``processing.process_images_inner``: ``process_images`` calls it through the module, so
+    txt2img, img2img and the API all pass through the wrapper. It only annotates an error on its way out."""
+    from modules import processing  # type: ignore[import-not-found]
+
+    inner = getattr(processing, "process_images_inner", None)
+    if inner is None or getattr(inner, _WRAPPED, False):
+        return
+
+    @functools.wraps(inner)
+    def process_images_inner(p: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return inner(p, *args, **kwargs)
+        except Exception as exc:
+            annotate_oom(exc)
+            raise
+
+    setattr(process_images_inner, _WRAPPED, True)
+    processing.process_images_inner = process_images_inner
 
 
 # --- HTTP API ----------------------------------------------------------------------------------------------
@@ -537,3 +623,7 @@ def register() -> None:
     ):
         if not _registered(category, fn):
             hook(fn, name=f"memslice {category}")
+    try:
+        install_failure_context()
+    except Exception as exc:  # a webui without it loses only the pass name on out-of-memory errors
+        log.warning("memslice: out-of-memory errors will not name the failing pass: %s", exc)

@@ -86,6 +86,8 @@ MUTANTS = (
     Mutant("fused OOM retried in a loop instead of once", "lib_memslice/forwards.py",
            '        if stage != "einsum-last" and call.settings.kernel == "auto":',
            '        if call.settings.kernel == "auto":', ("tests/test_faults.py",)),
+    Mutant("an out-of-memory error outside attention not annotated", "lib_memslice/webui.py",
+           "            annotate_oom(exc)\n", "", ("tests/test_webui.py",)),
 )  # fmt: skip
 
 

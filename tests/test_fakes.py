@@ -135,6 +135,7 @@ DELIBERATE = {
         "Processed.__init__": "built from the infotexts alone: no images are made",
         "create_infotext": "per image index, from extra_generation_params: no prompts or seeds",
         "process_images": "takes the sampling step as a callable: there is no model",
+        "process_images_inner": "takes the sampling step as a callable: there is no model",
     },
     "modules/hypernetworks/hypernetwork.py": {"Hypernetwork.__init__": "takes its layers, does not load a file"},
 }

@@ -11,7 +11,7 @@ import torch
 
 from lib_memslice import settings as settings_module
 
-from .conftest import ROOT
+from .conftest import ROOT, import_ldm
 from .webui_env import reload_ui
 
 TITLES = {
@@ -511,3 +511,98 @@ def test_the_job_context_never_hides_the_error(webui, monkeypatch):
     monkeypatch.setattr(webui.memslice, "plan_for", lambda *a, **k: 1 / 0)
     text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", lambda p: layer(torch.randn(2, 4096, 64)))
     assert "In this job" not in text
+
+
+def _oom(*_args, **_kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")  # torch 2.1.2 and 2.13
+
+
+def _small_vae(env):
+    import contextlib
+    import io
+
+    config = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[], in_channels=3,
+                  resolution=64, z_channels=4, dropout=0.0)  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        return env.ldm_model.Encoder(double_z=True, **config).eval(), env.ldm_model.Decoder(**config).eval()
+
+
+def _failing_oom(env, p_class, sample, **p_kwargs):
+    script = env.script.MemsliceScript()
+    p = getattr(env.processing, p_class)(scripts=[script], **p_kwargs)
+    with pytest.raises(torch.cuda.OutOfMemoryError) as info:
+        env.processing.process_images(p, sample)
+    return str(info.value)
+
+
+def test_an_out_of_memory_error_outside_attention_names_its_pass(webui):
+    """A convolution that runs out of memory inside the real ldm Decoder, Encoder or UNetModel: the webui shows
+    the error's text, so it names the pass (from the innermost model forward and its input's size) and what fits."""
+    select(webui, TITLES["auto"])
+    hires = dict(width=512, height=512, enable_hr=True, hr_upscale_to_x=1024, hr_upscale_to_y=1024)
+    expected = webui.memslice.plan_for(512, 512, 1, hr_width=1024, hr_height=1024)["max_square_resolution"]
+    encoder, decoder = _small_vae(webui)
+    decoder.up[0].block[0].conv1.forward = _oom  # inside the decoder's up blocks, where a 2k decode fails
+
+    def decode(p):
+        with torch.no_grad():
+            decoder(torch.randn(1, 4, 128, 128))  # 1024 px of latent
+
+    text = _failing_oom(webui, "StableDiffusionProcessingTxt2Img", decode, **hires)
+    assert text.startswith("CUDA out of memory. Tried to allocate 2.00 GiB. In this job: the VAE decode (hires) pass")
+    assert "at 1024x1024 failed" in text and f"fits up to {expected}x{expected} (first pass" in text
+
+    encoder.down[0].block[0].conv1.forward = _oom
+
+    def encode(p):
+        with torch.no_grad():
+            encoder(torch.randn(1, 3, 64, 96))
+
+    text = _failing_oom(webui, "StableDiffusionProcessingImg2Img", encode, width=96, height=64)
+    assert "In this job: the VAE encode pass at 96x64 failed" in text
+
+    _, _, openaimodel = import_ldm()
+    unet = openaimodel.UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1],
+        num_res_blocks=1, channel_mult=[1, 2], num_head_channels=8, use_spatial_transformer=True,
+        transformer_depth=1, context_dim=32, legacy=False,
+    ).eval()  # fmt: skip
+    unet.output_blocks[0][0].in_layers[2].forward = _oom  # a ResBlock convolution on the way up
+
+    def unet_hires(p):
+        p.is_hr_pass = True
+        with torch.no_grad():
+            unet(torch.randn(2, 4, 16, 16), torch.tensor([1, 1]), context=torch.randn(2, 77, 32))
+
+    text = _failing_oom(webui, "StableDiffusionProcessingTxt2Img", unet_hires, width=64, height=64, enable_hr=True,
+                        hr_upscale_to_x=128, hr_upscale_to_y=128)  # fmt: skip
+    assert "In this job: the UNet (hires) pass at 128x128 failed" in text
+
+
+def test_out_of_memory_errors_are_left_alone_where_memslice_cannot_say_more(webui):
+    """Not memslice's job (a built-in optimization runs), not inside a model, not out of memory: unchanged."""
+    _, decoder = _small_vae(webui)
+    decoder.up[0].block[0].conv1.forward = _oom
+
+    def decode(p):
+        with torch.no_grad():
+            decoder(torch.randn(1, 4, 16, 16))
+
+    select(webui, TITLES["auto"])
+    assert "In this job" not in _failing_oom(webui, "StableDiffusionProcessingTxt2Img", lambda p: _oom())
+    select(webui, "Doggettx")
+    assert "In this job" not in _failing_oom(webui, "StableDiffusionProcessingTxt2Img", decode)
+    select(webui, TITLES["auto"])
+    decoder.up[0].block[0].conv1.forward = lambda *a: 1 / 0
+    script = webui.script.MemsliceScript()
+    with pytest.raises(ZeroDivisionError) as info:
+        webui.processing.process_images(webui.processing.StableDiffusionProcessingTxt2Img(scripts=[script]), decode)
+    assert "In this job" not in str(info.value)
+
+
+def test_the_failure_wrapper_is_installed_once(webui):
+    """Settings > Reload UI re-executes the script: the webui's function is wrapped once, not once per reload."""
+    first = webui.processing.process_images_inner
+    assert getattr(first, "_memslice_annotates_oom", False)
+    reload_ui(webui)
+    assert webui.processing.process_images_inner is first

@@ -62,15 +62,20 @@ def process_images(p, sample):
     try:
         for k, v in p.override_settings.items():
             shared.opts.set(k, v, is_api=True, run_callbacks=False)
-        for script in p.alwayson_scripts:
-            script.process(p)
-        sample(p)
-        infotexts = [create_infotext(p, i) for i in range(p.batch_size)]
-        processed = Processed(p, infotexts)
-        for script in p.alwayson_scripts:
-            script.postprocess(p, processed)
-        return processed
+        return process_images_inner(p, sample)  # through the module's global, as the webui calls it
     finally:
         if p.override_settings_restore_afterwards:
             for k, v in stored_opts.items():
                 setattr(shared.opts, k, v)
+
+
+def process_images_inner(p, sample):
+    """The script hooks around ``sample(p)``; postprocess runs only when sampling returns (not on an error)."""
+    for script in p.alwayson_scripts:
+        script.process(p)
+    sample(p)
+    infotexts = [create_infotext(p, i) for i in range(p.batch_size)]
+    processed = Processed(p, infotexts)
+    for script in p.alwayson_scripts:
+        script.postprocess(p, processed)
+    return processed

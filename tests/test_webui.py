@@ -445,10 +445,11 @@ def test_console_wording_is_singular_for_one(webui):
     assert job.infotext() == "auto, max 1 slice, 1 OOM retry"
 
 
-def _failing_job(env, p_class, sample, **p_kwargs):
+def _failing_job(env, p_class, sample, raises=None, **p_kwargs):
+    """The text the webui would show for a generation whose sampling raises (memslice's error unless ``raises``)."""
     script = env.script.MemsliceScript()
     p = getattr(env.processing, p_class)(scripts=[script], **p_kwargs)
-    with pytest.raises(env.memslice.NotEnoughMemory) as info:
+    with pytest.raises(raises or env.memslice.NotEnoughMemory) as info:
         env.processing.process_images(p, sample)
     return str(info.value)
 
@@ -528,11 +529,7 @@ def _small_vae(env):
 
 
 def _failing_oom(env, p_class, sample, **p_kwargs):
-    script = env.script.MemsliceScript()
-    p = getattr(env.processing, p_class)(scripts=[script], **p_kwargs)
-    with pytest.raises(torch.cuda.OutOfMemoryError) as info:
-        env.processing.process_images(p, sample)
-    return str(info.value)
+    return _failing_job(env, p_class, sample, raises=torch.cuda.OutOfMemoryError, **p_kwargs)
 
 
 def test_an_out_of_memory_error_outside_attention_names_its_pass(webui):

@@ -50,39 +50,12 @@ from ..forwards import BasicHost, make_attnblock_forward, make_cross_attention_f
 from ..memtrack import CudaPeak, PeakTracker
 from ..models import SITE_ATTR, sites_from_modules
 from ..settings import Settings
+from .configs import SD15_DECODER, SD15_UNET
 from .sdxl_unet import build_sdxl_unet
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-#: v1-inference.yaml's UNet (unet_config params), as ldm's UNetModel takes them
-SD15_UNET: dict[str, Any] = dict(
-    image_size=32,
-    in_channels=4,
-    out_channels=4,
-    model_channels=320,
-    attention_resolutions=[4, 2, 1],
-    num_res_blocks=2,
-    channel_mult=[1, 2, 4, 4],
-    num_heads=8,
-    use_spatial_transformer=True,
-    transformer_depth=1,
-    context_dim=768,
-    legacy=False,
-)
-#: v1-inference.yaml's first-stage ddconfig: the SD VAE (SDXL's VAE has the same layers)
-SD15_DECODER: dict[str, Any] = dict(
-    double_z=True,
-    z_channels=4,
-    resolution=256,
-    in_channels=3,
-    out_ch=3,
-    ch=128,
-    ch_mult=[1, 2, 4, 4],
-    num_res_blocks=2,
-    attn_resolutions=[],
-    dropout=0.0,
-)
 KINDS: tuple[str, ...] = ("sd15", "sd2", "sdxl", "vae_decode", "vae_encode")
 UNET_KINDS: tuple[str, ...] = ("sd15", "sd2", "sdxl")
 #: v2-inference-v.yaml's UNet: SD1.x's with 64-channel heads, a 1024-wide context and linear projections

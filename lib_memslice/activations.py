@@ -67,8 +67,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .models import LATENT_DOWNSCALE
+
 ARCHS: tuple[str, ...] = ("sd15", "sd2", "sdxl")
-LATENT_DOWNSCALE = 8
 
 #: published widths (model_channels of the UNet, ch of the VAE)
 UNET_CHANNELS: dict[str, int] = {"sd15": 320, "sd2": 320, "sdxl": 320}

@@ -7,7 +7,7 @@ script, a test) it answers for a built-in model's published config with this mac
 
     from lib_memslice.api import job_fits
     plan = job_fits(1024, 1024, hr_scale=2)
-    if not plan.fits:
+    if plan.verdict != "fits":
         print(plan.limit, plan.advice, plan.max_square_resolution)
 """
 
@@ -20,7 +20,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class PassPlan:
-    """One pass of the job: its size, its parts in bytes, and whether it fits."""
+    """One pass of the job: its size, its parts in bytes (``allocator_bytes``: the most the device's allocator was
+    measured to add), its verdict (``fits``, ``tight`` or ``does not fit``)."""
 
     name: str
     width: int
@@ -30,15 +31,19 @@ class PassPlan:
     activation_bytes: int
     input_bytes: int
     weight_bytes: int
+    allocator_bytes: int
     total_bytes: int
+    verdict: str
     fits: bool
 
 
 @dataclass(frozen=True)
 class JobPlan:
-    """The whole job: whether every pass fits, the pass that binds, what to do, and the largest square first-pass
-    size at which the job fits (hires scaled alike). ``details`` is the planner's full answer (sites and slices)."""
+    """The whole job: its verdict (``fits``, ``tight``, ``does not fit``, or ``not planned`` for a model memslice
+    does not plan), the pass that binds, what to do, and the largest square first-pass size at which the job fits
+    (hires scaled alike). ``details`` is the planner's full answer (sites and slices)."""
 
+    verdict: str
     fits: bool
     limit: str
     advice: str
@@ -51,6 +56,7 @@ class JobPlan:
 def _from(result: dict[str, Any]) -> JobPlan:
     fields = PassPlan.__dataclass_fields__
     return JobPlan(
+        verdict=result["verdict"],
         fits=bool(result["fits"]),
         limit=result["limit"],
         advice=result["advice"],
@@ -62,8 +68,7 @@ def _from(result: dict[str, Any]) -> JobPlan:
 
 
 def _inside_webui() -> bool:
-    webui = sys.modules.get("lib_memslice.webui")
-    return webui is not None and getattr(webui, "STATS", None) is not None
+    return "lib_memslice.webui" in sys.modules
 
 
 def job_fits(
@@ -87,41 +92,28 @@ def job_fits(
     ``latent`` or ``image``; ``memory_bytes``, ``dtype`` and ``device`` apply outside the webui only.
     """
     if _inside_webui() and memory_bytes is None:
-        from . import webui
+        from .webui import plan_for
 
-        return _from(webui.plan_for(width, height, batch, model, None, {}, hr_scale, hr_width, hr_height,
-                                    hr_upscaler, img2img))  # fmt: skip
+        return _from(plan_for(width, height, batch, model, None, {}, hr_scale, hr_width, hr_height, hr_upscaler,
+                              img2img))  # fmt: skip
     import torch
 
     from . import kernels, probe
-    from .job_plan import DTYPE_BYTES, Job, hires_size, plan_job
+    from .job_plan import DTYPE_BYTES, make_job, plan_job
     from .models import BUILTIN
     from .settings import Settings
 
     name = model or "sd15"
+    if name not in BUILTIN:
+        raise ValueError(f"model must be one of {', '.join(BUILTIN)}, got {name!r}")
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if memory_bytes is None:
         memory_bytes = probe.free_memory(torch.device(kind)).bytes
-    element = DTYPE_BYTES[dtype]
-    compute = {2: torch.bfloat16 if dtype == "bf16" else torch.float16, 4: torch.float32}
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     settings = Settings()
-    job = Job(
-        BUILTIN[name],
-        name,
-        width,
-        height,
-        batch,
-        int(memory_bytes),
-        hires=hires_size(width, height, hr_scale, hr_width, hr_height),
-        hires_upscaler=hr_upscaler,
-        img2img=img2img,
-        element_size=element,
-        safety_factor=settings.safety_factor,
-        slice_cap=settings.slice_cap,
-        device_kind=probe.device_kind(torch.device(kind)),
-    )
-
-    def kernels_for(site: Any, element_size: int) -> Any:
-        return kernels.expected_kernels(job.device_kind, compute[element_size], site.head_dim, settings.kernel)
-
+    device_kind = probe.device_kind(torch.device(kind))
+    job = make_job(BUILTIN[name], name, width, height, batch, int(memory_bytes), settings, hr_scale=hr_scale,
+                   hr_width=hr_width, hr_height=hr_height, hr_upscaler=hr_upscaler, img2img=img2img,
+                   element_size=DTYPE_BYTES[dtype], device_kind=device_kind)  # fmt: skip
+    kernels_for = kernels.kernels_for_job(device_kind, dtypes[dtype], dtypes[dtype], settings.kernel)
     return _from(plan_job(job, kernels_for))

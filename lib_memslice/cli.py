@@ -8,16 +8,17 @@ import platform
 import re
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from . import __version__, kernels, probe
-from .costs import KernelChoice, format_bytes
-from .job_plan import DTYPE_BYTES, UPSCALERS, Job, hires_size, plan_job
+from .costs import GiB, format_bytes
+from .job_plan import DTYPE_BYTES, NOT_PLANNED, UPSCALERS, make_job, plan_job
 from .models import BUILTIN, MODEL_NAMES
 from .settings import KERNELS, SPEC_BY_KEY, Settings, coerce
-from .slicing import STRATEGY_NAMES
+from .strategies import NAMES as STRATEGY_NAMES
 
 #: binary units only: every memory number memslice prints is in GiB/MiB (2^30 / 2^20 bytes)
 _UNITS = {"": 1 << 30, "gib": 1 << 30, "g": 1 << 30, "mib": 1 << 20, "m": 1 << 20, "kib": 1 << 10, "tib": 1 << 40}
@@ -87,12 +88,17 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.model in NOT_PLANNED:
+        print(json.dumps({"model": args.model, "verdict": "not planned", "advice": NOT_PLANNED[args.model]}, indent=2)
+              if args.json else f"{args.model}: {NOT_PLANNED[args.model]}")  # fmt: skip
+        return 1
     settings = _settings(args)
     device_kind = args.device
     io = DTYPE_BYTES[args.dtype]
     compute = {2: torch.bfloat16 if args.dtype == "bf16" else torch.float16, 4: torch.float32}
     if args.budget is not None and args.safety_factor is not None:
-        print("warning: --safety-factor has no effect with --budget (a fixed budget is not divided)", file=sys.stderr)
+        print("warning: --safety-factor has no effect with --budget (the attention budget is not divided)",
+              file=sys.stderr)  # fmt: skip
     if args.memory is not None:
         memory, source = args.memory, f"--memory {format_bytes(args.memory)}"
     elif device_kind == best_device() or device_kind == "cpu":
@@ -102,32 +108,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: no {device_kind} device here to measure; pass --memory (e.g. --memory 8GiB)", file=sys.stderr)
         return 2
 
-    def kernels_for(site: Any, element_size: int) -> tuple[KernelChoice, ...]:
-        return kernels.expected_kernels(device_kind, compute[element_size], site.head_dim, settings.kernel,
-                                        ask_device=True, v_dim=site.head_dim)  # fmt: skip
-
-    hires = hires_size(args.width, args.height, args.hires_scale, args.hires_width, args.hires_height)
-    job = Job(
-        BUILTIN[args.model],
-        args.model,
-        args.width,
-        args.height,
-        args.batch,
-        memory,
-        hires=hires,
-        hires_upscaler=args.hires_upscaler,
-        img2img=args.img2img,
-        element_size=io,
-        vae_element_size=4 if args.no_half_vae else io,
-        upcast_attention=args.upcast,
-        medvram=args.medvram,
-        prompt_chunks=args.prompt_chunks,
-        strategy=args.strategy,
-        slice_cap=settings.slice_cap,
-        safety_factor=settings.safety_factor,
-        fixed_budget=args.budget,
-        device_kind=device_kind,
-    )
+    if args.budget is not None:
+        settings = replace(settings, budget_gb=args.budget / GiB)
+    job = make_job(BUILTIN[args.model], args.model, args.width, args.height, args.batch, memory, settings,
+                   hr_scale=args.hires_scale, hr_width=args.hires_width, hr_height=args.hires_height,
+                   hr_upscaler=args.hires_upscaler, img2img=args.img2img, strategy=args.strategy, element_size=io,
+                   vae_element_size=4 if args.no_half_vae else io, upcast_attention=args.upcast, medvram=args.medvram,
+                   prompt_chunks=args.prompt_chunks, device_kind=device_kind)  # fmt: skip
+    hires = job.hires
+    unet_dtype = compute[io]
+    kernels_for = kernels.kernels_for_job(device_kind, unet_dtype, torch.float32 if args.no_half_vae else unet_dtype,
+                                          settings.kernel, ask_device=True)  # fmt: skip
     result = plan_job(job, kernels_for)
     result.update(memory_source=source, device=device_kind)
     if args.json:
@@ -139,9 +130,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"batch {args.batch}, {args.dtype}{' upcast to fp32' if args.upcast else ''}"
         f"{', VAE fp32' if args.no_half_vae else ''}, strategy {args.strategy}, device {device_kind}"
     )
-    budget = f"attention budget fixed at {format_bytes(args.budget)}" if args.budget else (
-        f"attention budgets: what each call finds free / safety factor {settings.safety_factor:g}")  # fmt: skip
-    print(f"memory for the whole job {format_bytes(memory)} ({source}); {budget}; slice cap {settings.slice_cap}")
+    room = f"attention budget {format_bytes(args.budget)}" if args.budget else (
+        f"attention room: what each call finds free / safety factor {settings.safety_factor:g}")  # fmt: skip
+    print(f"memory for the whole job {format_bytes(memory)} ({source}); {room}; slice cap {settings.slice_cap}")
     print("\nattention per site")
     rows = [("pass", "site", "layers", "B*H", "q", "k", "d", "kernel used", "heads/slice", "queries/slice", "slices",
              "peak")]  # fmt: skip
@@ -152,19 +143,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      str(row["queries_per_slice"]) if row["fits"] else "-",
                      str(row["slices"]) if row["fits"] else "no fit", format_bytes(row["peak_bytes"])))  # fmt: skip
     print("\n".join(_table(rows)))
-    print("\npasses")
-    rows = [("pass", "size", "batch", "attention peak", "other activations", "inputs", "weights", "total", "fits")]
+    print(f"\npasses (allocator: {result['allocator_overhead']['source']})")
+    rows = [("pass", "size", "batch", "attention peak", "other activations", "inputs", "weights", "allocator",
+             "total", "verdict")]  # fmt: skip
     for p in result["passes"]:
         rows.append((p["name"], f"{p['width']}x{p['height']}", str(p["batch"]), format_bytes(p["attention_bytes"]),
                      format_bytes(p["activation_bytes"]), format_bytes(p["input_bytes"]),
-                     format_bytes(p["weight_bytes"]), format_bytes(p["total_bytes"]),
-                     "yes" if p["fits"] else "NO"))  # fmt: skip
+                     format_bytes(p["weight_bytes"]), format_bytes(p["allocator_bytes"]),
+                     format_bytes(p["total_bytes"]), p["verdict"]))  # fmt: skip
     print("\n".join(_table(rows)))
     side = result["max_square_resolution"]
-    if result["fits"]:
-        print(f"\nthe whole job fits in {format_bytes(memory)}; {result['advice']}")
-    else:
-        print(f"\nthe whole job does NOT fit in {format_bytes(memory)}: {result['advice']}")
+    verdict = {"fits": "fits in", "tight": "is TIGHT in", "does not fit": "does NOT fit in"}[result["verdict"]]
+    print(f"\nthe whole job {verdict} {format_bytes(memory)}: {result['advice']}")
     scaled = " (hires scaled alike)" if hires else ""
     print(f"largest square first-pass size at which the whole job fits{scaled}: {side}x{side}" if side
           else "no square size fits")  # fmt: skip
@@ -213,23 +203,20 @@ def doctor(device_name: str | None = None) -> dict[str, Any]:
     kind = probe.device_kind(device)
     settings = Settings()
     free = probe.free_memory(device)
-    budget = probe.budget_for(free, settings)
     fused = {}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in (40, 64, 80, 160, 512):
             kernel = kernels.expected_kernel(kind, dtype, head_dim, "auto", ask_device=True)
             fused[f"{str(dtype).removeprefix('torch.')} d{head_dim}"] = kernel.kind
     picks = {}
+    dtype = torch.float16 if kind == "cuda" else torch.float32
+    kernels_for = kernels.kernels_for_job(kind, dtype, dtype, "auto", ask_device=True)
     for model, side in (("sd15", 512), ("sd15", 1024), ("sdxl", 1024)):
-        element = 2 if kind == "cuda" else 4
-        job = Job(BUILTIN[model], model, side, side, 1, free.bytes, element_size=element, device_kind=kind,
-                  safety_factor=budget.safety_factor)  # fmt: skip
-        dtype = torch.float16 if kind == "cuda" else torch.float32
-        result = plan_job(
-            job, lambda s, e, dtype=dtype: kernels.expected_kernels(kind, dtype, s.head_dim, "auto", ask_device=True)
-        )
+        job = make_job(BUILTIN[model], model, side, side, 1, free.bytes, settings,
+                       element_size=torch.finfo(dtype).bits // 8, device_kind=kind)  # fmt: skip
+        result = plan_job(job, kernels_for)
         picks[f"{model} {side}px"] = {
-            "fits": result["fits"],
+            "verdict": result["verdict"],
             "limit": result["limit"],
             "max_slices": result["max_slices"],
             "max_square_resolution": result["max_square_resolution"],
@@ -254,8 +241,8 @@ def doctor(device_name: str | None = None) -> dict[str, Any]:
         "free_source": free.source,
         "free_trusted": free.trusted,
         "probe_cost_us": round(_probe_cost(device), 2),
-        "default_budget_bytes": budget.bytes,
-        "default_budget": budget.explanation,
+        "default_room_bytes": int(free.bytes / settings.safety_factor),
+        "safety_factor": settings.safety_factor,
         "automatic_picks": automatic,
         "plans": picks,
     }
@@ -278,12 +265,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"free memory: {format_bytes(info['free_bytes'])} ({info['free_source']}"
         f"{'' if info['free_trusted'] else ', NOT measured'}); probe costs {info['probe_cost_us']} us"
     )
-    print(f"default attention budget: {format_bytes(info['default_budget_bytes'])} ({info['default_budget']})")
+    print(f"memslice-auto's room at the default safety factor: {format_bytes(info['default_room_bytes'])} "
+          f"(free memory / {info['safety_factor']:g})")  # fmt: skip
     print(f"'Automatic' in Cross attention optimization picks: {info['automatic_picks']}")
     for name, plan in info["plans"].items():
-        fit = "fits" if plan["fits"] else "does not fit"
         print(
-            f"  {name}: {fit}, at most {plan['max_slices']} slices; largest square: {plan['max_square_resolution']} px"
+            f"  {name}: {plan['verdict']}, at most {plan['max_slices']} slices; "
+            f"largest square: {plan['max_square_resolution']} px"
         )
     return 0
 
@@ -297,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     plan = sub.add_parser("plan", help="plan every attention site of a model at a size: what fits, how sliced")
-    plan.add_argument("--model", choices=MODEL_NAMES, default="sd15", help="which published config (default sd15)")
+    plan.add_argument("--model", choices=(*MODEL_NAMES, *NOT_PLANNED), default="sd15",
+                      help="which published config (default sd15)")  # fmt: skip
     plan.add_argument("--width", type=_bounded_int(8, 65536), default=512, help="image width in pixels (default 512)")
     plan.add_argument("--height", type=_bounded_int(8, 65536), default=512, help="image height in pixels (default 512)")
     plan.add_argument("--batch", type=_bounded_int(1, 1024), default=1, help="images per batch (default 1)")
@@ -307,13 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--budget",
         type=parse_size,
-        help="fixed attention budget in GiB or with a unit: 4, 4GiB, 512MiB (default: probe)",
+        help="the attention budget (a fixed room per call) in GiB or with a unit: 4, 4GiB, 512MiB (default: probe)",
     )
     plan.add_argument("--strategy", choices=STRATEGY_NAMES, default="auto", help="which memslice entry (default auto)")
     plan.add_argument(
         "--safety-factor",
         dest="safety_factor",
-        help="probed free memory / this = budget (default 3.3; not with --budget)",
+        help="each call plans in the memory it finds free / this (default 3.3; not with --budget)",
     )
     plan.add_argument("--slice-cap", dest="slice_cap", help="most slices per attention call (default 4096)")
     plan.add_argument("--kernel", choices=KERNELS, default=None, help="the 'Kernel per slice' setting (default auto)")
@@ -321,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=("cuda", "mps", "xpu", "cpu", "unknown"),
         default=best_device(),
-        help="the device to plan for (default: the best one here); others need --budget",
+        help="the device to plan for (default: the best one here); others need --memory",
     )
     plan.add_argument(
         "--prompt-chunks",

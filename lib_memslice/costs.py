@@ -4,7 +4,7 @@ Every term was measured on the real kernels (live-tensor tracker plus the profil
 from the seed's multipliers:
 
 - ``fused`` (SDPA flash / memory-efficient / cuDNN): the output, a float32 log-sum-exp per query row, the kernel's
-  own scratch (per thread on CPU, see :mod:`lib_memslice.workspace`), CUDA's memory-efficient kernel's float32
+  own scratch (per thread on CPU, see :mod:`lib_memslice.cpu_scratch`), CUDA's memory-efficient kernel's float32
   output accumulator for half precision head dims over 128, and only the copies of the inputs the call really makes
   (a cast to the compute dtype, a contiguous or padded copy).
 - ``einsum`` (memslice's own matmul kernel): one score buffer reused by every chunk (scores are computed into it,
@@ -109,8 +109,9 @@ class AttentionShape:
 class KernelChoice:
     """The kernel that runs a call and the cost terms only it has.
 
-    ``workspace``: bytes of scratch allocated inside the kernel per call (CPU flash: per-thread buffers).
-    ``accumulator``: bytes per element of a slice's output the kernel allocates besides the output (CUDA's
+    ``scratch``: bytes allocated and freed inside the kernel per call (CPU flash: per-thread buffers; CUDA: library
+    scratch).
+    ``output_extra``: bytes per element of a slice's output the kernel allocates besides the output (CUDA's
     memory-efficient kernel: a float32 accumulator in half precision for value dims over 128; the einsum kernel on
     accelerators: a possible contiguous temporary of the slice's output and the softmax's row statistics).
     ``input_copies``: copies of a chunk's q/k/v the fused call makes (cast, contiguous or padded copy); ``None``
@@ -119,8 +120,8 @@ class KernelChoice:
     """
 
     kind: str
-    workspace: int = 0
-    accumulator: int = 0
+    scratch: int = 0
+    output_extra: int = 0
     input_copies: int | None = None
     backend: str = ""
 
@@ -154,8 +155,8 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
         return (
             o_c * ces
             + rows * queries_per_slice * LSE_BYTES
-            + o_c * kernel.accumulator
-            + kernel.workspace
+            + o_c * kernel.output_extra
+            + kernel.scratch
             + FUSED_SCALARS
             + copies * (q_c + kv_c) * ces
         )
@@ -166,7 +167,7 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
         return 2 * s_c * mes + s_c + 3 * (q_c + kv_c) * mes + o_c * (mes + ces)
     # einsum: the score buffer; when casting, reused buffers for the cast k, v, q and the chunk's output; on
     # accelerators a possible contiguous temporary of one slice's output and the softmax's row statistics
-    return s_c * ces + o_c * kernel.accumulator + ((kv_c + q_c + o_c) * ces if shape.cast else 0)
+    return s_c * ces + o_c * kernel.output_extra + ((kv_c + q_c + o_c) * ces if shape.cast else 0)
 
 
 def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: int, kernel: KernelChoice) -> int:

@@ -21,27 +21,16 @@ from typing import Any, Protocol
 import torch
 
 from . import kernels, probe
-from .costs import AttentionShape, KernelChoice, format_bytes
+from .costs import AttentionShape, GiB, KernelChoice, format_bytes
+from .limits import Attempt, Geometry, NotEnoughMemory, not_enough_memory, out_of_memory
 from .models import LATENT_DOWNSCALE, site_of
 from .settings import Settings
-from .slicing import (
-    Geometry,
-    NotEnoughMemory,
-    Room,
-    SlicePlan,
-    finest_need,
-    finest_plan,
-    not_enough_memory,
-    plan_attention,
-    strategy_room,
-)
+from .slicing import Room, SlicePlan, budget_room, plan_attention, room_for, smallest_peak_plan
 from .stats import CallRecord, Stats, plural
 
 log = logging.getLogger("memslice")
 
 Tensor = torch.Tensor
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class Host(Protocol):
@@ -113,7 +102,7 @@ _shapes: dict[tuple[Any, ...], tuple[AttentionShape, torch.dtype]] = {}
 
 def _shape_of(static: tuple[Any, ...], upcast: bool) -> tuple[AttentionShape, torch.dtype]:
     (batch, heads, q_tokens, head_dim), k_tokens, v_dim, dtype = static[:4]
-    compute_dtype = torch.float32 if upcast and dtype in _HALF else dtype
+    compute_dtype = torch.float32 if upcast and dtype in kernels.HALF else dtype
     shape = AttentionShape(
         batch_heads=batch * heads,
         q_tokens=q_tokens,
@@ -156,12 +145,22 @@ def describe(
 
 @dataclass(frozen=True)
 class Planned:
-    """A call's plan and what it was planned against."""
+    """A call's plan, the room it was planned in, and where that room came from."""
 
     plan: SlicePlan
-    budget: probe.Budget
-    strategy_budget: int  # what the strategy planned against (see slicing.strategy_room)
+    room: Room  # the call's room at any size of its layer
+    room_bytes: int  # the room the plan was made in (free memory itself for a plan over the safety margin)
+    free: probe.FreeMemory | None  # the probe's reading; None when the attention budget is set
+    over_margin: bool = False  # only the safety factor refused: planned in free memory itself
     retries: int = 0
+
+    def explain(self) -> str:
+        """Where the room came from, for logs."""
+        if self.free is None:
+            return f"attention budget {format_bytes(self.room.free)}"
+        divided = " (over the safety margin: free memory itself)" if self.over_margin else (
+            f" / {self.room.divisor:g}" if self.room.divisor != 1 else "")  # fmt: skip
+        return f"{format_bytes(self.free.bytes)} free ({self.free.source}){divided}"
 
 
 def _kernels_to_try(call: Call) -> tuple[KernelChoice, ...]:
@@ -178,62 +177,54 @@ def _bias(call: Call) -> Tensor | None:
     return None if call.mask is None else call.mask.bias
 
 
-def _room(call: Call, budget: probe.Budget) -> Room:
-    """The call's budget at any size of its layer: the probe read free memory after this call's inputs existed."""
-    free = None if budget.free is None else budget.free.bytes
-    return strategy_room(call.strategy, budget.bytes, fixed=budget.fixed, free_bytes=free,
-                         safety_factor=budget.safety_factor, inputs_bytes=call.shape.input_bytes)  # fmt: skip
+def read_room(call: Call, precise: bool = False) -> tuple[Room, probe.FreeMemory | None]:
+    """The call's room: the attention budget when set, else the probe's reading (taken after this call's inputs
+    existed, so they are added back: at any other size the room counts the inputs there)."""
+    settings = call.settings
+    if settings.budget_gb > 0:
+        return budget_room(int(settings.budget_gb * GiB)), None
+    free = probe.free_memory(call.q.device, precise)
+    return room_for(call.strategy, free.bytes, settings.safety_factor, call.shape.input_bytes), free
 
 
-def _plan_with(call: Call, choices: tuple[KernelChoice, ...], budget: probe.Budget, min_slices: int) -> Planned | None:
-    room = _room(call, budget).budget(call.shape)
+def _plan_in(call: Call, choices: tuple[KernelChoice, ...], room_bytes: int, min_slices: int) -> SlicePlan | None:
     for kernel in choices:
-        plan = plan_attention(
-            call.shape,
-            room,
-            strategy=call.strategy,
-            slice_cap=call.settings.slice_cap,
-            kernel=kernel,
-            device_kind=call.device_kind,
-            min_slices=min_slices,
-        )
+        plan = plan_attention(call.shape, room_bytes, strategy=call.strategy, slice_cap=call.settings.slice_cap,
+                              kernel=kernel, device_kind=call.device_kind, min_slices=min_slices)  # fmt: skip
         if plan is not None:
-            return Planned(plan, budget, room)
+            return plan
     return None
 
 
-def _over_margin(call: Call, choices: tuple[KernelChoice, ...], budget: probe.Budget) -> Planned | None:
-    """Nothing fits the budget, but the safety factor is a margin for slicing, not a refusal threshold: run the
-    plan with the smallest peak if it fits free memory itself (sdp would simply run the call)."""
-    room = _room(call, budget)
+def _planned(
+    call: Call, choices: tuple[KernelChoice, ...], room: Room, free: probe.FreeMemory | None
+) -> Planned | None:
+    """The strategy's plan in the room; else, when only the safety factor refuses (the room is a margin for
+    slicing, not a refusal threshold), the smallest-peak plan within free memory itself, as sdp would simply run."""
+    room_bytes = room.bytes_for(call.shape)
+    plan = _plan_in(call, choices, room_bytes, 1)
+    if plan is not None:
+        return Planned(plan, room, room_bytes, free)
     if room.fixed:
         return None
-    limit = room.hard().budget(call.shape)
+    limit = room.limit().bytes_for(call.shape)
     for kernel in choices:
-        plan = finest_plan(call.shape, limit, strategy=call.strategy, slice_cap=call.settings.slice_cap,
-                           kernel=kernel, device_kind=call.device_kind)  # fmt: skip
+        plan = smallest_peak_plan(call.shape, limit, strategy=call.strategy, slice_cap=call.settings.slice_cap,
+                                  kernel=kernel, device_kind=call.device_kind)  # fmt: skip
         if plan is not None:
-            return Planned(plan, budget, limit)
+            return Planned(plan, room, limit, free, over_margin=True)
     return None
 
 
-def _refused(call: Call, choices: tuple[KernelChoice, ...], budget: probe.Budget, min_slices: int = 1,
-             detail: str = "") -> NotEnoughMemory:  # fmt: skip
-    if budget.free is not None and budget.free.bytes <= 0 and not budget.fixed:
-        nothing = f"the memory probe reports nothing free ({budget.free.source}); 'Memory budget (GiB)' overrides it"
-        detail = "; ".join(filter(None, (detail, nothing)))
-    return not_enough_memory(
-        call.shape,
-        _room(call, budget),
-        choices,
-        strategy=call.strategy,
-        slice_cap=call.settings.slice_cap,
-        device_kind=call.device_kind,
-        min_slices=min_slices,
-        geometry=call.geometry,
-        site=call.site,
-        detail=detail,
-    )
+def _refused(
+    call: Call, choices: tuple[KernelChoice, ...], room: Room, free: probe.FreeMemory | None
+) -> NotEnoughMemory:
+    detail = ""
+    if free is not None and free.bytes <= 0:
+        detail = f"the memory probe reports nothing free ({free.source}); 'Attention budget (GiB)' overrides it"
+    return not_enough_memory(call.shape, room, choices, strategy=call.strategy, slice_cap=call.settings.slice_cap,
+                             device_kind=call.device_kind, geometry=call.geometry, site=call.site,
+                             detail=detail)  # fmt: skip
 
 
 @dataclass
@@ -244,7 +235,7 @@ class _Memo:
     probed_at: float = 0.0
 
 
-#: Plans are reused without probing while they left this much headroom in a budget read this recently.
+#: Plans are reused without probing while they left this much headroom in a room read this recently.
 FAST_PATH_HEADROOM = 4
 FAST_PATH_MAX_AGE_S = 0.25
 _memo: dict[tuple[Any, ...], _Memo] = {}
@@ -267,14 +258,14 @@ def _memo_key(call: Call) -> tuple[Any, ...]:
 
 
 def _reusable(memo: _Memo) -> bool:
-    """The last plan of this layer still stands: it is the strategy's first choice at any budget above its peak,
-    and the budget is fixed or was read recently with room to spare."""
+    """The last plan of this layer still stands: it is the same plan in any larger room, and the room is the
+    attention budget or was read recently with room to spare."""
     last = memo.planned
     if last is None or not last.plan.stable:
         return False
-    if last.budget.fixed:
+    if last.free is None:
         return True
-    ample = last.budget.bytes >= FAST_PATH_HEADROOM * last.plan.peak_bytes
+    ample = last.room_bytes >= FAST_PATH_HEADROOM * last.plan.peak_bytes
     return ample and time.perf_counter() - memo.probed_at < FAST_PATH_MAX_AGE_S
 
 
@@ -292,17 +283,14 @@ def _plan_call(call: Call) -> Planned:
         choices = memo.choices
     else:
         choices = _kernels_to_try(call)
-    device = call.q.device
-    budget = probe.device_budget(device, call.settings)
-    planned = _plan_with(call, choices, budget, 1)
-    if (planned is None or planned.plan.sliced) and call.device_kind == "cuda" and not budget.fixed:
+    room, free = read_room(call)
+    planned = _planned(call, choices, room, free)
+    if (planned is None or planned.plan.sliced) and call.device_kind == "cuda" and free is not None:
         # the cheap probe ignores torch's cached-but-free blocks: count them before slicing or refusing
-        budget = probe.device_budget(device, call.settings, precise=True)
-        planned = _plan_with(call, choices, budget, 1)
+        room, free = read_room(call, precise=True)
+        planned = _planned(call, choices, room, free)
     if planned is None:
-        planned = _over_margin(call, choices, budget)
-    if planned is None:
-        raise _refused(call, choices, budget)
+        raise _refused(call, choices, room, free)
     if memo is not None:
         memo.planned, memo.probed_at = planned, time.perf_counter()
     return planned
@@ -315,53 +303,42 @@ plan_call: Callable[[Call], Planned] = getattr(getattr(torch, "compiler", None),
 # --- 3. run -----------------------------------------------------------------------------------------------------
 
 
-def _exhausted(call: Call, planned: Planned, tried: tuple[KernelChoice, ...], detail: str) -> NotEnoughMemory:
-    """The error after out-of-memory retries: the budget was evidently wrong, so the numbers (and the largest size
-    that fits) come from a fresh reading of free memory, not from it."""
-    budget = planned.budget
-    if budget.fixed:  # no reading to go by: the numbers of the fixed budget, without a size it cannot vouch for
-        need = finest_need(call.shape, slice_cap=call.settings.slice_cap, kernel=tried[0], device_kind=call.device_kind)
-        return NotEnoughMemory(need, budget.bytes, site=call.site, slice_cap=call.settings.slice_cap,
-                               kernel=tried[0].kind, fixed_budget=True, ran_out=True, detail=detail)  # fmt: skip
-    budget = probe.device_budget(call.q.device, call.settings, precise=call.device_kind == "cuda")
-    return _refused(call, tried, budget, detail=detail)
+def _stopped(call: Call, attempts: list[Attempt], bound: str) -> NotEnoughMemory:
+    """The error once retries stop, with a fresh reading of free memory (the one planned with was wrong)."""
+    free = None
+    if call.settings.budget_gb <= 0:
+        free = probe.free_memory(call.q.device, precise=call.device_kind == "cuda").bytes
+    return out_of_memory(call.shape, attempts, bound, free=free, slice_cap=call.settings.slice_cap, site=call.site)
 
 
-def _after_oom(call: Call, planned: Planned, stage: str) -> tuple[Planned, str]:
+def _after_oom(call: Call, planned: Planned, stage: str, attempts: list[Attempt]) -> tuple[Planned, str]:
     """The plan to try after an out-of-memory error and the retry stage it starts, or NotEnoughMemory.
 
-    Einsum and SDPA-math plans double their slices up to the cap. A fused plan holds little more than its output,
-    and slicing never shrinks that: it is retried sliced at most once, and only when slicing shrinks its input
-    copies; then (``kernel = auto``) the einsum kernel's finest plan runs once; if that also runs out, the output
-    itself does not fit.
+    Einsum and SDPA-math plans double their slices (in the room they were planned in) up to the cap. A fused plan
+    holds little more than its output, and slicing never shrinks that: it is retried sliced at most once, and only
+    when slicing shrinks its input copies; then (``kernel = auto``) the einsum kernel's smallest-peak plan runs
+    once; if that also runs out, the output itself does not fit.
     """
     plan = planned.plan
     cap = call.settings.slice_cap
-    output = format_bytes(call.shape.output_bytes)
     if plan.kernel.kind == "fused" or stage == "einsum-last":
         if stage == "first" and plan.kernel.input_copies and plan.slices * 2 <= cap:
-            again = _plan_with(call, (plan.kernel,), planned.budget, plan.slices * 2)
+            again = _plan_in(call, (plan.kernel,), planned.room_bytes, plan.slices * 2)
             if again is not None:
-                return replace(again, retries=planned.retries + 1), "fused-sliced"
+                return replace(planned, plan=again, retries=planned.retries + 1), "fused-sliced"
         if stage != "einsum-last" and call.settings.kernel == "auto":
             einsum = kernels.einsum_kernel(call.q.device.type, call.compute_dtype)
-            last = finest_plan(call.shape, 1 << 62, strategy=call.strategy, slice_cap=cap, kernel=einsum,
-                               device_kind=call.device_kind)  # fmt: skip
+            last = smallest_peak_plan(call.shape, 1 << 62, strategy=call.strategy, slice_cap=cap, kernel=einsum,
+                                      device_kind=call.device_kind)  # fmt: skip
             if last is not None:
-                return Planned(last, planned.budget, planned.strategy_budget, planned.retries + 1), "einsum-last"
-        raise _exhausted(
-            call,
-            planned,
-            (plan.kernel,),
-            f"out of memory on the fused kernel, which holds little more than the call's output ({output}), "
-            f"and on the einsum kernel's finest plan: the output itself does not fit",
-        )
-    again = _plan_with(call, (plan.kernel,), planned.budget, plan.slices * 2)
+                return replace(planned, plan=last, retries=planned.retries + 1), "einsum-last"
+        raise _stopped(call, attempts, "output")
+    if plan.slices * 2 > cap:
+        raise _stopped(call, attempts, "cap")
+    again = _plan_in(call, (plan.kernel,), planned.room_bytes, plan.slices * 2)
     if again is None:
-        raise _exhausted(
-            call, planned, (plan.kernel,), f"out of memory at every slice count up to {plan.slices} slices"
-        )
-    return replace(again, retries=planned.retries + 1), stage
+        raise _stopped(call, attempts, "memory")
+    return replace(planned, plan=again, retries=planned.retries + 1), stage
 
 
 def run_call(call: Call, planned: Planned, scale: float) -> tuple[Tensor, Planned]:
@@ -370,6 +347,7 @@ def run_call(call: Call, planned: Planned, scale: float) -> tuple[Tensor, Planne
     A failed attempt's partial output is never returned: each attempt writes a fresh buffer.
     """
     stage = "first"
+    attempts: list[Attempt] = []
     while True:
         try:
             out = kernels.run_plan(call.q, call.k, call.v, planned.plan, scale, call.mask, call.compute_dtype)
@@ -383,7 +361,8 @@ def run_call(call: Call, planned: Planned, scale: float) -> tuple[Tensor, Planne
             del exc
         kernels.release_after_oom(call.q.device)
         before = planned.plan
-        planned, stage = _after_oom(call, planned, stage)
+        attempts.append(Attempt(before.kernel.kind, before.slices, before.peak_bytes))
+        planned, stage = _after_oom(call, planned, stage, attempts)
         log.info(
             "memslice: out of memory at %s on the %s kernel (%s); retrying with %s on the %s kernel",
             plural(before.slices, "slice"),
@@ -412,7 +391,7 @@ def record(call: Call, planned: Planned, host: Host) -> None:
             queries_per_slice=plan.queries_per_slice,
             slices=plan.slices,
             peak_bytes=plan.peak_bytes,
-            budget_bytes=planned.strategy_budget,
+            room_bytes=planned.room_bytes,
             retries=planned.retries,
         )
     )
@@ -431,8 +410,8 @@ def record(call: Call, planned: Planned, host: Host) -> None:
             plan.queries_per_slice,
             plan.kernel.kind,
             format_bytes(plan.peak_bytes),
-            format_bytes(planned.strategy_budget),
-            planned.budget.explanation,
+            format_bytes(planned.room_bytes),
+            planned.explain(),
             f", {plural(planned.retries, 'OOM retry')}" if planned.retries else "",
         )
 

@@ -18,17 +18,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import activations
-from .costs import AttentionShape, KernelChoice, format_bytes
+from .costs import AttentionShape, GiB, KernelChoice, format_bytes
+from .limits import MAX_RESOLUTION, max_square_resolution, not_enough_memory
 from .models import BUILTIN, WEIGHTS, ModelSpec, Site, Weights
-from .slicing import (
-    MAX_RESOLUTION,
-    Room,
-    finest_plan,
-    max_square_resolution,
-    not_enough_memory,
-    plan_attention,
-    strategy_room,
-)
+from .settings import Settings
+from .slicing import Room, budget_room, plan_attention, room_for, smallest_peak_plan
 
 #: the kernels a site's attention call may use, fastest first: (site, compute element size) -> choices
 KernelsFor = Callable[[Site, int], tuple[KernelChoice, ...]]
@@ -36,6 +30,37 @@ KernelsFor = Callable[[Site, int], tuple[KernelChoice, ...]]
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 UPSCALERS = ("latent", "image")
 LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class AllocatorOverhead:
+    """What a device's allocator held beyond a pass's live tensors, as a share of the pass's activations: the
+    smallest and the largest share measured. A pass *fits* with the largest, is *tight* when it fits only with the
+    smallest, and *does not fit* otherwise."""
+
+    low: float
+    high: float
+    source: str
+
+
+#: Measured per device kind. CUDA: ``torch.cuda.max_memory_allocated`` against the live-tensor tracker on an H200
+#: (torch 2.11, ``python -m memslice_tools.fit_activations --device cuda`` and ``make gpu-check``, 2026-11-30): SDXL
+#: UNet 0.2 %, VAE decode 6-8 %, SD1.5 fp16 UNet at 512 px 25 %. CPU: the profiler's replay of every allocation and
+#: the resident-set peak against the tracker (``python -m memslice_tools.overhead``, 2026-12-03, torch 2.13): 0-3.7 %.
+#: Devices never measured take the widest range measured (CUDA's).
+ALLOCATOR_OVERHEAD: dict[str, AllocatorOverhead] = {
+    "cuda": AllocatorOverhead(0.0, 0.25, "CUDA caching allocator, measured on an H200: 0-25 % of activations"),
+    "cpu": AllocatorOverhead(0.0, 0.04, "CPU allocator, measured with the tracker: 0-4 % of activations"),
+}
+VERDICTS = ("fits", "tight", "does not fit")
+
+
+def allocator_overhead(device_kind: str) -> AllocatorOverhead:
+    known = ALLOCATOR_OVERHEAD.get(device_kind)
+    if known is not None:
+        return known
+    cuda = ALLOCATOR_OVERHEAD["cuda"]
+    return AllocatorOverhead(cuda.low, cuda.high, f"not measured on {device_kind}: CUDA's range, 0-25 % of activations")
 
 
 @dataclass(frozen=True)
@@ -60,7 +85,7 @@ class Job:
     strategy: str = "auto"
     slice_cap: int = 4096
     safety_factor: float = 3.3
-    fixed_budget: int | None = None  # 'Memory budget (GiB)': every attention call's budget, fixed
+    attention_budget: int | None = None  # 'Attention budget (GiB)': every attention call's room, fixed
     device_kind: str = "cuda"
     include_vae: bool = True  # memslice plans the VAE's attention (off: the webui's own, planned the same here)
 
@@ -138,15 +163,11 @@ def weight_bytes(job: Job, kind: str) -> int:
 def _input_bytes(job: Job, p: Pass) -> int:
     tokens = activations.latent_tokens(p.width, p.height)
     if p.kind == "unet":
-        context = max(1, job.prompt_chunks) * 77 * _context_dim(job.spec)
+        context = max(1, job.prompt_chunks) * 77 * job.spec.context_dim
         return p.batch * (LATENT_CHANNELS * tokens + context) * job.unet_element
     if p.kind == "vae_decode":
         return LATENT_CHANNELS * tokens * job.vae_element
     return 3 * p.width * p.height * job.vae_element  # the image to encode
-
-
-def _context_dim(spec: ModelSpec) -> int:
-    return {"sd15": 768, "sd2": 1024, "sdxl": 2048}.get(spec.name, 1024)
 
 
 def _activations(job: Job, p: Pass) -> tuple[int, dict[str, int]]:
@@ -161,12 +182,11 @@ def _activations(job: Job, p: Pass) -> tuple[int, dict[str, int]]:
 
 
 def _room(job: Job, free_at_call: int, shape: AttentionShape) -> Room:
-    """The budget the call would get: what is free when it runs (its own q, k, v exist by then) over the safety
-    factor, or the fixed budget."""
-    if job.fixed_budget is not None:
-        return Room(int(job.fixed_budget), fixed=True)
-    return strategy_room(job.strategy, 0, free_bytes=max(0, free_at_call), safety_factor=job.safety_factor,
-                         inputs_bytes=shape.input_bytes)  # fmt: skip
+    """The room the call would get: what is free when it runs (its own q, k, v exist by then) over the safety
+    factor, or the attention budget."""
+    if job.attention_budget is not None:
+        return budget_room(job.attention_budget)
+    return room_for(job.strategy, max(0, free_at_call), job.safety_factor, shape.input_bytes)
 
 
 def plan_site(
@@ -183,12 +203,12 @@ def plan_site(
     options = dict(strategy=job.strategy, slice_cap=job.slice_cap, device_kind=job.device_kind)
     plan, over_margin = None, False
     for kernel in choices:
-        plan = plan_attention(shape, room.budget(shape), kernel=kernel, **options)  # type: ignore[arg-type]
+        plan = plan_attention(shape, room.bytes_for(shape), kernel=kernel, **options)  # type: ignore[arg-type]
         if plan is not None:
             break
-    if plan is None and not room.fixed:  # as at run time: the finest plan if free memory itself holds it
+    if plan is None and not room.fixed:  # as at run time: the smallest-peak plan if free memory itself holds it
         for kernel in choices:
-            plan = finest_plan(shape, room.hard().budget(shape), kernel=kernel, **options)  # type: ignore[arg-type]
+            plan = smallest_peak_plan(shape, room.limit().bytes_for(shape), kernel=kernel, **options)  # type: ignore[arg-type]
             if plan is not None:
                 over_margin = True
                 break
@@ -201,7 +221,7 @@ def plan_site(
         "k_tokens": shape.k_tokens,
         "head_dim": shape.head_dim,
         "element_size": element,
-        "budget_bytes": room.budget(shape),
+        "room_bytes": room.bytes_for(shape),
     }
     if plan is not None:
         row.update(kernel_used=plan.kernel.kind, heads_per_slice=plan.heads_per_slice,
@@ -213,11 +233,13 @@ def plan_site(
         row.update(kernel_used=error.kernel or choices[0].kind, heads_per_slice=0, queries_per_slice=0, slices=0,
                    peak_bytes=error.need, reason=str(error), fits=False, over_margin=False)  # fmt: skip
     if site_limit:
-        row["max_square_resolution"] = max_square_resolution(shape, site.geometry, room.hard(), choices, **options)
+        row["max_square_resolution"] = max_square_resolution(shape, site.geometry, room.limit(), choices, **options)
     return row
 
 
 def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = True) -> dict[str, Any]:
+    """One pass: weights + inputs + its peak (activations combined with each attention transient), plus what the
+    allocator was measured to add; its verdict against the job's memory."""
     weights = weight_bytes(job, p.kind)
     inputs = _input_bytes(job, p)
     peak, live = _activations(job, p)
@@ -225,8 +247,14 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
     sites = [s for s in job.spec.sites if s.vae == (p.kind != "unet")]
     rows = [plan_site(job, p, site, kernels_for, base - live.get(site.name, peak), site_limits) for site in sites]
     attention = {row["site"]: row["peak_bytes"] for row in rows}
-    total_peak = activations.pass_peak_bytes(peak, attention, live)
-    total = weights + inputs + total_peak
+    tensors = weights + inputs + activations.pass_peak_bytes(peak, attention, live)
+    overhead = allocator_overhead(job.device_kind)
+    least, most = int(peak * overhead.low), int(peak * overhead.high)
+    total = tensors + most
+    if not all(row["fits"] for row in rows) or tensors + least > job.memory_bytes:
+        verdict = "does not fit"
+    else:
+        verdict = "fits" if total <= job.memory_bytes else "tight"
     return {
         "name": p.name,
         "kind": p.kind,
@@ -237,32 +265,47 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
         "activation_bytes": peak,
         "input_bytes": inputs,
         "weight_bytes": weights,
+        "tensor_bytes": tensors,
+        "allocator_bytes": most,
         "total_bytes": total,
-        "fits": total <= job.memory_bytes and all(row["fits"] for row in rows),
+        "headroom_bytes": job.memory_bytes - total,
+        "verdict": verdict,
+        "fits": verdict == "fits",
         "layers": rows,
     }
 
 
 def _binding(planned: list[dict[str, Any]]) -> dict[str, Any]:
-    failing = [p for p in planned if not p["fits"]]
-    return failing[0] if failing else max(planned, key=lambda p: p["total_bytes"])
+    """The first pass that does not fit, else the first tight one, else the largest."""
+    for verdict in ("does not fit", "tight"):
+        found = [p for p in planned if p["verdict"] == verdict]
+        if found:
+            return found[0]
+    return max(planned, key=lambda p: p["total_bytes"])
 
 
 def advice(job: Job, limit: dict[str, Any]) -> str:
-    """What to do about the pass that binds, in a user's words."""
+    """What to do about the pass that binds, in a user's words (one sentence, naming the pass once)."""
     size = f"{limit['width']}x{limit['height']}"
-    need = f"{format_bytes(limit['total_bytes'])} of {format_bytes(job.memory_bytes)}"
+    memory = format_bytes(job.memory_bytes)
+    need = f"{format_bytes(limit['total_bytes'])} of {memory}"
     refused = [row for row in limit["layers"] if not row["fits"]]
-    if limit["fits"]:
-        return f"the largest pass is the {limit['name']} at {size} ({need})"
+    overhead = allocator_overhead(job.device_kind)
+    if limit["verdict"] == "fits":
+        return (f"the largest pass is the {limit['name']} at {size}: {need}, {format_bytes(limit['headroom_bytes'])} "
+                f"to spare")  # fmt: skip
+    if limit["verdict"] == "tight":
+        return (f"tight: the {limit['name']} at {size} needs {need} with the most the allocator was measured to add "
+                f"({overhead.source}), {format_bytes(limit['tensor_bytes'])} of tensors without it: it may run out "
+                "of memory; a smaller size or batch leaves a margin")  # fmt: skip
     if limit["weight_bytes"] + limit["input_bytes"] >= job.memory_bytes:
-        return (f"the weights alone ({format_bytes(limit['weight_bytes'])}) take the {format_bytes(job.memory_bytes)}"
+        return (f"the weights alone ({format_bytes(limit['weight_bytes'])}) take the {memory}"
                 + (": --medvram keeps only the running module on the device" if not job.medvram else ""))  # fmt: skip
-    if limit["kind"] != "unet" and not refused:
-        return (f"the {limit['name']} at {size} needs {need}, mostly its convolutions at full resolution, not "
-                "attention: lower the size, or decode in tiles with a tiling extension (e.g. Tiled VAE)")  # fmt: skip
     if refused:
         return f"the {limit['name']} at {size}: {refused[0]['reason']}"
+    if limit["kind"] != "unet":
+        return (f"the {limit['name']} at {size} needs {need}, mostly its convolutions at full resolution, not "
+                "attention: lower the size, or decode in tiles with a tiling extension (e.g. Tiled VAE)")  # fmt: skip
     return (f"the {limit['name']} at {size} needs {need}: lower the size or the batch"
             + (", or use --medvram" if not job.medvram else ""))  # fmt: skip
 
@@ -276,11 +319,12 @@ def _at(job: Job, side: int) -> Job:
 
 
 def job_fits(job: Job, kernels_for: KernelsFor) -> bool:
+    """Every pass fits, the most the allocator was measured to add included."""
     return all(plan_pass(job, p, kernels_for, site_limits=False)["fits"] for p in passes(job))
 
 
 def max_square(job: Job, kernels_for: KernelsFor, step: int = 64) -> int:
-    """The largest square first-pass size (hires scaled alike) at which every pass fits; 0 if none."""
+    """The largest square first-pass size (hires scaled alike) at which every pass fits (not tight); 0 if none."""
     lo, hi = 0, MAX_RESOLUTION // step // 4
     if not job_fits(_at(job, step), kernels_for):
         return 0
@@ -299,7 +343,10 @@ def plan_job(job: Job, kernels_for: KernelsFor) -> dict[str, Any]:
     at which the whole job fits."""
     planned = [plan_pass(job, p, kernels_for) for p in passes(job)]
     limit = _binding(planned)
+    verdict = next((v for v in reversed(VERDICTS) if any(p["verdict"] == v for p in planned)), "fits")
+    overhead = allocator_overhead(job.device_kind)
     return {
+        "planned": True,
         "model": job.spec.name,
         "width": job.width,
         "height": job.height,
@@ -310,11 +357,13 @@ def plan_job(job: Job, kernels_for: KernelsFor) -> dict[str, Any]:
         "memory_bytes": job.memory_bytes,
         "strategy": job.strategy,
         "slice_cap": job.slice_cap,
-        "fits": all(p["fits"] for p in planned),
+        "verdict": verdict,
+        "fits": verdict == "fits",
         "limit": limit["name"],
         "advice": advice(job, limit),
         "max_square_resolution": max_square(job, kernels_for),
         "max_slices": max((row["slices"] for p in planned for row in p["layers"]), default=0),
+        "allocator_overhead": {"low": overhead.low, "high": overhead.high, "source": overhead.source},
         "passes": [{k: v for k, v in p.items() if k != "layers"} for p in planned],
         "layers": [row for p in planned for row in p["layers"]],
     }
@@ -323,3 +372,69 @@ def plan_job(job: Job, kernels_for: KernelsFor) -> dict[str, Any]:
 def builtin_job(model: str, width: int, height: int, **kwargs: Any) -> Job:
     """A Job for a built-in model (its activation model is the model's own name)."""
     return Job(BUILTIN[model], model, width, height, **kwargs)
+
+
+def make_job(
+    spec: ModelSpec,
+    arch: str,
+    width: int,
+    height: int,
+    batch: int,
+    memory_bytes: int,
+    settings: Settings,
+    *,
+    hr_scale: float | None = None,
+    hr_width: int | None = None,
+    hr_height: int | None = None,
+    hr_upscaler: str = "latent",
+    img2img: bool = False,
+    strategy: str = "auto",
+    **model: Any,
+) -> Job:
+    """The one builder of a Job from (model, sizes, hires, memory, settings), for the CLI, the Python API and the
+    HTTP routes. ``model`` holds what the caller knows of how the model runs: ``element_size``,
+    ``vae_element_size``, ``upcast_attention``, ``weights``, ``medvram``, ``prompt_chunks``, ``device_kind``."""
+    return Job(
+        spec,
+        arch,
+        width,
+        height,
+        batch,
+        int(memory_bytes),
+        hires=hires_size(width, height, hr_scale, hr_width, hr_height),
+        hires_upscaler=hr_upscaler,
+        img2img=img2img,
+        strategy=strategy,
+        slice_cap=settings.slice_cap,
+        safety_factor=settings.safety_factor,
+        attention_budget=int(settings.budget_gb * GiB) if settings.budget_gb > 0 else None,
+        include_vae=settings.vae,
+        **model,
+    )
+
+
+#: What the webui 1.10 can load that memslice does not plan (its ``sd_models.set_model_type`` flags), and why.
+NOT_PLANNED = {
+    "sd3": "memslice does not plan SD3: its MMDiT and VAE run their own attention (modules.models.sd3), which "
+    "memslice leaves as the webui runs it"
+}
+
+
+def not_planned(model: str, width: int, height: int, batch: int, memory_bytes: int, why: str) -> dict[str, Any]:
+    """The answer for a model memslice does not plan (SD3 in webui 1.10): no numbers, only why."""
+    return {
+        "planned": False,
+        "model": model,
+        "width": width,
+        "height": height,
+        "batch": batch,
+        "memory_bytes": memory_bytes,
+        "verdict": "not planned",
+        "fits": False,
+        "limit": "",
+        "advice": why,
+        "max_square_resolution": 0,
+        "max_slices": 0,
+        "passes": [],
+        "layers": [],
+    }

@@ -17,34 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import workspace as workspace_model
+from . import cpu_scratch
 from .costs import EINSUM, KernelChoice
 from .slicing import SlicePlan
 
 log = logging.getLogger("memslice")
 
 Tensor = torch.Tensor
-_HALF = (torch.float16, torch.bfloat16)
+HALF = (torch.float16, torch.bfloat16)
 
-
-def _sdpa_has_scale() -> bool:
-    import inspect
-
-    try:
-        return "scale" in inspect.signature(F.scaled_dot_product_attention).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: torch >= 2.1 documents ``scale``
-        return True
-
-
-_HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
-_HAS_SCALE = _HAS_SDPA and _sdpa_has_scale()
 
 #: torch's SDPBackend numbering, as ``torch._fused_sdp_choice`` answers it
 _BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
@@ -56,20 +44,13 @@ def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) ->
     Asks torch's own dispatcher choice (``torch._fused_sdp_choice``), so backend switches and dtype or head-dim
     limits are honoured exactly. Older torch without it: assume a fused kernel only on CUDA half precision.
     """
-    if not _HAS_SDPA:
-        return "math"
     choose = getattr(torch, "_fused_sdp_choice", None)
     if choose is not None:
         try:
             return _BACKENDS.get(int(choose(q, k, v, attn_mask=mask)), "")
         except Exception:  # unknown signature or unsupported input: be conservative
             return "math"
-    return "" if q.is_cuda and q.dtype in _HALF else "math"
-
-
-def fused_sdpa_available(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> bool:
-    """Whether SDPA would run a fused kernel (no score matrix) for these inputs."""
-    return sdpa_backend(q, k, v, mask) != "math"
+    return "" if q.is_cuda and q.dtype in HALF else "math"
 
 
 _SDP_FLAGS = (
@@ -99,7 +80,7 @@ def fused_input_copies(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dty
 
 #: What CUDA's fused kernels allocated beyond their output and log-sum-exp, at most, on an H200 (torch 2.11): 0.75 MiB
 #: in bfloat16 at head dim 40 when sliced, nothing elsewhere (``make gpu-check``, kernel memory).
-CUDA_FUSED_WORKSPACE = 1 << 20
+CUDA_FUSED_SCRATCH = 1 << 20
 
 
 def fused_costs(
@@ -111,26 +92,26 @@ def fused_costs(
     kv_tokens: int | None = None,
     batch_heads: int | None = None,
 ) -> tuple[int, int, int]:
-    """``(workspace bytes, accumulator bytes per output element, extra input copies)`` of a fused SDPA call.
+    """``(scratch bytes, extra bytes per output element, extra input copies)`` of a fused SDPA call.
 
     CPU: per-thread scratch, and on AMX CPUs packed K/V copies that grow with the inputs (counted as one more
-    input copy), both measured (:mod:`lib_memslice.workspace`). CUDA: up to 1 MiB of library scratch (measured),
+    input copy), both measured (:mod:`lib_memslice.cpu_scratch`). CUDA: up to 1 MiB of library scratch (measured),
     and the memory-efficient kernel in half precision with value dims over 128 allocates a float32 output
     accumulator (twice a half output).
     """
     element = torch.finfo(dtype).bits // 8
     if device_type == "cpu":
         threads = torch.get_num_threads()
-        workspace = workspace_model.cpu_fused_workspace(
+        scratch = cpu_scratch.cpu_fused_scratch(
             head_dim, v_dim, element, threads, kv_tokens=kv_tokens, batch_heads=batch_heads, dtype=dtype
         )
-        packs = workspace_model.cpu_fused_can_pack(element, dtype) and workspace_model.cpu_fused_pack_copies(
+        packs = cpu_scratch.cpu_fused_can_pack(element, dtype) and cpu_scratch.cpu_fused_pack_copies(
             batch_heads or 1, kv_tokens or 512, head_dim, element, threads, dtype=dtype
         )
-        return workspace, 0, int(bool(packs))
+        return scratch, 0, int(bool(packs))
     if device_type == "cuda":
-        accumulator = 4 if backend in ("efficient", "") and dtype in _HALF and v_dim > 128 else 0
-        return CUDA_FUSED_WORKSPACE, accumulator, 0
+        extra = 4 if backend in ("efficient", "") and dtype in HALF and v_dim > 128 else 0
+        return CUDA_FUSED_SCRATCH, extra, 0
     return 0, 0, 0
 
 
@@ -140,7 +121,7 @@ def einsum_kernel(device_type: str, dtype: torch.dtype) -> KernelChoice:
     softmax runs as elementwise ops with two row statistics: counted as one element plus one byte per output."""
     if device_type == "cpu":
         return EINSUM
-    return KernelChoice("einsum", accumulator=torch.finfo(dtype).bits // 8 + 1)
+    return KernelChoice("einsum", output_extra=torch.finfo(dtype).bits // 8 + 1)
 
 
 def choose_kernel(
@@ -150,7 +131,7 @@ def choose_kernel(
     memslice's einsum kernel), ``sdpa`` (always SDPA; its math path where nothing fused applies) or ``einsum``.
     Asks torch with the real shapes (its rules look at sequence lengths too: cuDNN refuses a single key), so it
     costs microseconds; a cast to the compute dtype is asked with a broadcast view of one element, not a copy."""
-    if setting == "einsum" or not _HAS_SDPA:
+    if setting == "einsum":
         return einsum_kernel(q.device.type, compute_dtype)
     probe = [q, k, v]
     if compute_dtype != q.dtype:
@@ -163,11 +144,11 @@ def choose_kernel(
             else einsum_kernel(q.device.type, compute_dtype)
         )
     batch_heads = q.shape[0] * q.shape[1]
-    workspace, accumulator, packed = fused_costs(
+    scratch, extra, packed = fused_costs(
         q.device.type, backend, q.shape[-1], v.shape[-1], compute_dtype, k.shape[2], batch_heads
     )
     copies = fused_input_copies(q, k, v, compute_dtype) + packed
-    return KernelChoice("fused", workspace, accumulator, copies, backend)
+    return KernelChoice("fused", scratch, extra, copies, backend)
 
 
 #: What choose_kernel answered per (device type, compute dtype, head dim, setting) in real calls: lets the planner
@@ -199,7 +180,7 @@ def expected_kernel(
     generation runs.
     """
     v_dim = v_dim or head_dim
-    if setting == "einsum" or not _HAS_SDPA:
+    if setting == "einsum":
         return einsum_kernel(device_kind, dtype)
     seen = _observed.get((device_kind, dtype, head_dim, setting, sdp_flags()))
     if seen is not None:
@@ -215,12 +196,12 @@ def expected_kernel(
             if found.kind != "fused":
                 return found
             # sized for any call (the tiny probe tensors would understate the block-sized scratch)
-            workspace, accumulator, packed = fused_costs(device_kind, found.backend, head_dim, v_dim, dtype)
-            return replace(found, workspace=workspace, accumulator=accumulator, input_copies=packed)
+            scratch, extra, packed = fused_costs(device_kind, found.backend, head_dim, v_dim, dtype)
+            return replace(found, scratch=scratch, output_extra=extra, input_copies=packed)
     if device_kind == "cuda" and head_dim % 8 == 0 and v_dim % 8 == 0:
-        backend = "flash" if dtype in _HALF and max(head_dim, v_dim) <= 128 else "efficient"
-        workspace, accumulator, _ = fused_costs("cuda", backend, head_dim, v_dim, dtype)
-        return KernelChoice("fused", workspace, accumulator, 0, backend)
+        backend = "flash" if dtype in HALF and max(head_dim, v_dim) <= 128 else "efficient"
+        scratch, extra, _ = fused_costs("cuda", backend, head_dim, v_dim, dtype)
+        return KernelChoice("fused", scratch, extra, 0, backend)
     return KernelChoice("sdpa-math", backend="math") if setting == "sdpa" else einsum_kernel(device_kind, dtype)
 
 
@@ -238,6 +219,23 @@ def expected_kernels(
     if first.kind == "fused" and setting == "auto":
         return first, einsum_kernel(device_kind, dtype)
     return (first,)
+
+
+def kernels_for_job(
+    device_kind: str, dtype: torch.dtype, vae_dtype: torch.dtype, setting: str = "auto", ask_device: bool = False
+) -> Callable[[Any, int], tuple[KernelChoice, ...]]:
+    """The job planner's ``kernels_for(site, compute element size)``: the kernels a site's calls would get with
+    the UNet in ``dtype`` and the VAE in ``vae_dtype`` (4 bytes: float32, as with upcast or --no-half-vae)."""
+    half = dtype if dtype in HALF else torch.float16
+
+    def kernels_for(site: Any, element_size: int) -> tuple[KernelChoice, ...]:
+        wanted = vae_dtype if site.vae else dtype
+        chosen = (
+            wanted if torch.finfo(wanted).bits // 8 == element_size else (half if element_size == 2 else torch.float32)
+        )
+        return expected_kernels(device_kind, chosen, site.head_dim, setting, ask_device, site.head_dim)
+
+    return kernels_for
 
 
 # --- masks ------------------------------------------------------------------------------------------------
@@ -354,9 +352,7 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # no-ops unless upcasting
-    if _HAS_SCALE:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    return F.scaled_dot_product_attention(q * (scale * q.shape[-1] ** 0.5), k, v, attn_mask=bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def _autocast_takes_a_device() -> bool:
@@ -458,7 +454,7 @@ _OOM_TEXT = (
 def is_oom(exc: BaseException) -> bool:
     """Out-of-memory from any backend: torch's OOM types, MemoryError, or their runtime-error messages
     (cuBLAS and cuDNN report a failed workspace allocation as a status, not as torch's OOM type)."""
-    from .slicing import NotEnoughMemory
+    from .limits import NotEnoughMemory
 
     if isinstance(exc, NotEnoughMemory):
         return False

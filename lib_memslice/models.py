@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .costs import AttentionShape
-from .slicing import Geometry
+from .limits import Geometry
 
 LATENT_DOWNSCALE = 8  # every SD VAE here: 2 ** (len(ch_mult) - 1)
 PROMPT_TOKENS = 77  # one 75-token chunk plus start/end
@@ -62,6 +62,7 @@ class ModelSpec:
     name: str
     title: str
     sites: tuple[Site, ...] = field(default_factory=tuple)
+    context_dim: int = 768  # width of the prompt's token embeddings (the cross-attention keys' input)
 
 
 def unet_sites(
@@ -127,6 +128,7 @@ BUILTIN: dict[str, ModelSpec] = {
             unet_sites(model_channels=320, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2, 1), num_heads=8)
             + vae_sites()
         ),
+        context_dim=768,
     ),
     "sd2": ModelSpec(
         "sd2",
@@ -140,6 +142,7 @@ BUILTIN: dict[str, ModelSpec] = {
             )
             + vae_sites()
         ),
+        context_dim=1024,
     ),
     "sdxl": ModelSpec(
         "sdxl",
@@ -154,6 +157,7 @@ BUILTIN: dict[str, ModelSpec] = {
             )
             + vae_sites()
         ),
+        context_dim=2048,
     ),
 }
 MODEL_NAMES = tuple(BUILTIN)
@@ -229,8 +233,11 @@ def sites_from_modules(unet: Any = None, vae: Any = None, *, tag: bool = True) -
     Tags let a forward name its site and turn a failing token count back into an image size.
     """
     found: dict[str, Site] = {}
+    context_dim = 768
     if unet is not None:
         for prefix, ds, module, self_attn in _walk_unet(unet):
+            if not self_attn and hasattr(getattr(module, "to_k", None), "in_features"):
+                context_dim = int(module.to_k.in_features)
             inner = module.to_q.out_features
             kind = "self" if self_attn else "cross"
             site = Site(
@@ -252,7 +259,7 @@ def sites_from_modules(unet: Any = None, vae: Any = None, *, tag: bool = True) -
             found[site.name] = site if old is None else Site(**{**old.__dict__, "count": old.count + 1})
             if tag:
                 setattr(module, SITE_ATTR, (site.name, site.geometry))
-    return ModelSpec("loaded", "the loaded model", tuple(found.values()))
+    return ModelSpec("loaded", "the loaded model", tuple(found.values()), context_dim)
 
 
 def site_of(module: Any, default_name: str, default_geometry: Geometry | None = None) -> tuple[str, Geometry | None]:

@@ -1,4 +1,4 @@
-"""Free memory per device kind, and the attention budget derived from it.
+"""Free memory per device kind: what the next allocation can really get.
 
 A probe runs whenever a call is planned, so each one is a handful of microseconds: no ``memory_stats()`` dict
 on CUDA unless the cheap number would make a plan slice or fail, and ``/proc/meminfo`` (not psutil) on Linux CPUs.
@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from .costs import GiB
-from .settings import Settings
 
 log = logging.getLogger("memslice")
 
@@ -52,49 +52,130 @@ def _warn_once(key: str, message: str, *args: object) -> None:
         log.warning(message, *args)
 
 
-# --- CPU -------------------------------------------------------------------------------------------------
+# --- CPU ---------------------------------------------------------------------------------------------------
 
-_CGROUP_MAX = "/sys/fs/cgroup/memory.max"
-_CGROUP_CURRENT = "/sys/fs/cgroup/memory.current"
-_CGROUP_STAT = "/sys/fs/cgroup/memory.stat"
-_cgroup_limit: int | bool | None = False  # False: not looked up yet
+#: Where the kernel says this process's cgroups are, and where their hierarchies are mounted (tests point these at
+#: a fake tree).
+PROC_SELF = "/proc/self"
 
 
 def _read(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return os.read(fd, 8192)
+        return os.read(fd, 65536)
     finally:
         os.close(fd)
 
 
-def _inactive_file() -> int:
-    """Page cache the kernel reclaims before it kills for the cgroup's limit (counted in memory.current)."""
+def _number(path: str) -> int | None:
+    """A byte count from a cgroup file; None for "max", a missing file or garbage."""
     try:
-        text = _read(_CGROUP_STAT)
-        start = text.index(b"inactive_file ") + 14
+        text = _read(path).strip()
+    except OSError:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _stat(path: str, key: bytes) -> int:
+    try:
+        text = _read(path)
+        start = text.index(b"\n" + key + b" ") + len(key) + 2 if not text.startswith(key + b" ") else len(key) + 1
         return int(text[start : text.index(b"\n", start)])
     except (OSError, ValueError):
         return 0
 
 
-def _cgroup_headroom() -> int | None:
-    """Bytes left under a cgroup v2 memory limit (containers), or None where there is no limit. Reclaimable page
-    cache (``inactive_file``) counts as free, as the kernel and kubelet's working set count it."""
-    global _cgroup_limit
-    if _cgroup_limit is False:
-        try:
-            text = _read(_CGROUP_MAX).strip()
-            _cgroup_limit = None if text == b"max" else int(text)
-        except (OSError, ValueError):
-            _cgroup_limit = None
-    if _cgroup_limit is None:
-        return None
+@dataclass(frozen=True)
+class CgroupLevel:
+    """One cgroup directory with a memory limit: the files that say how much of it is used."""
+
+    path: str
+    limit: int
+    v2: bool
+
+    def headroom(self) -> int | None:
+        """Bytes left under the limit; reclaimable page cache (inactive file pages) counts as free, as the kernel
+        reclaims it before it kills for the limit (and kubelet's working set leaves it out)."""
+        usage = _number(os.path.join(self.path, "memory.current" if self.v2 else "memory.usage_in_bytes"))
+        if usage is None:
+            return None
+        cache = _stat(os.path.join(self.path, "memory.stat"), b"inactive_file" if self.v2 else b"total_inactive_file")
+        return max(0, self.limit - usage + cache)
+
+
+def _mounts() -> list[tuple[str, str, bool]]:
+    """(hierarchy root, mount point, v2) of the cgroup v2 hierarchy and the v1 memory controller."""
+    found = []
     try:
-        used = int(_read(_CGROUP_CURRENT).strip())
-    except (OSError, ValueError):
-        return None
-    return max(0, int(_cgroup_limit) - used + _inactive_file())
+        lines = _read(os.path.join(PROC_SELF, "mountinfo")).decode(errors="replace").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        head, _, tail = line.partition(" - ")
+        fields, after = head.split(), tail.split()
+        if len(fields) < 5 or len(after) < 3:
+            continue
+        if after[0] == "cgroup2":
+            found.append((fields[3], fields[4], True))
+        elif after[0] == "cgroup" and "memory" in after[2].split(","):
+            found.append((fields[3], fields[4], False))
+    return found
+
+
+def cgroup_levels() -> list[CgroupLevel]:
+    """Every cgroup with a memory limit from this process's own cgroup up to its hierarchy's mounted root, v2 and
+    v1 (``/proc/self/cgroup`` gives the path, ``/proc/self/mountinfo`` where each hierarchy is mounted and which of
+    its directories the mount shows: inside a container's cgroup namespace the own path is ``/``)."""
+    try:
+        lines = _read(os.path.join(PROC_SELF, "cgroup")).decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    own = {}
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
+            own[True] = parts[2]
+        elif len(parts) == 3 and "memory" in parts[1].split(","):
+            own[False] = parts[2]
+    levels = []
+    for root, mount, v2 in _mounts():
+        path = own.get(v2)
+        if path is None:
+            continue
+        relative = os.path.relpath(path, root) if path.startswith(root) else "."
+        here = os.path.normpath(os.path.join(mount, relative))
+        if not os.path.isdir(here):
+            here = mount  # a path from another namespace: the mount shows our own cgroup
+        while True:
+            limit = _number(os.path.join(here, "memory.max" if v2 else "memory.limit_in_bytes"))
+            if limit is not None and limit < 1 << 60:  # v1 says "no limit" with a huge number
+                levels.append(CgroupLevel(here, limit, v2))
+            if os.path.normpath(here) == os.path.normpath(mount) or len(here) <= len(mount):
+                break
+            here = os.path.dirname(here)
+    return levels
+
+
+_levels: list[CgroupLevel] | None = None
+
+
+def _cgroup_headroom() -> tuple[int, str] | None:
+    """The tightest headroom of any limited cgroup this process is in (looked up once), or None without limits."""
+    global _levels
+    if _levels is None:
+        try:
+            _levels = cgroup_levels()
+        except Exception:  # an unreadable tree: no limit known
+            _levels = []
+    best = None
+    for level in _levels:
+        room = level.headroom()
+        if room is not None and (best is None or room < best[0]):
+            best = (room, f"cgroup {'v2' if level.v2 else 'v1'} limit of {level.path}")
+    return best
 
 
 def _meminfo_available() -> int | None:
@@ -112,8 +193,8 @@ def cpu_free() -> FreeMemory:
         available = _meminfo_available()
         if available is not None:
             headroom = _cgroup_headroom()
-            if headroom is not None and headroom < available:
-                return FreeMemory(headroom, "cgroup memory.max - memory.current + inactive_file")
+            if headroom is not None and headroom[0] < available:
+                return FreeMemory(headroom[0], f"{headroom[1]} - usage + inactive file cache")
             return FreeMemory(available, "/proc/meminfo MemAvailable")
     import psutil  # the webui ships it; imported lazily because Linux never needs it
 
@@ -139,18 +220,60 @@ def cuda_free(device: Any, precise: bool = False) -> FreeMemory:
     return FreeMemory(int(free) + max(0, int(spare)), "cuda driver free + torch reserved-but-inactive")
 
 
+#: torch's MPS allocator refuses allocations past this many times Metal's recommended working set (its default
+#: ``default_high_watermark_ratio``; ``PYTORCH_MPS_HIGH_WATERMARK_RATIO`` overrides it, 0.0 = no limit). Read from
+#: ``aten/src/ATen/mps/MPSAllocator.h`` / ``.mm`` (torch 2.1-2.13: ``m_max_total_allowed_size = ratio x
+#: max_device_size()``, and cached blocks are released and the allocation retried before it fails).
+MPS_HIGH_WATERMARK_RATIO = 1.7
+
+
+def mps_watermark_ratio() -> float:
+    """The ratio torch's MPS allocator runs with: the environment's, parsed as ``strtod`` would (a number prefix,
+    else 0.0: no limit), or the default."""
+    text = os.environ.get("PYTORCH_MPS_HIGH_WATERMARK_RATIO")
+    if text is None:
+        return MPS_HIGH_WATERMARK_RATIO
+    match = re.match(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text)
+    return float(match.group(0)) if match else 0.0
+
+
+def _physical_memory() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def mps_recommended() -> tuple[int, str]:
+    """Metal's recommended working set: torch's own answer (``torch.mps.recommended_max_memory``, torch >= 2.5), or
+    on older torch (the webui's Apple pin is 2.3.1) the rule macOS applies on Apple Silicon: two thirds of the RAM
+    up to 36 GB, three quarters above (what ``recommendedMaxWorkingSetSize`` reports on 8-192 GB Macs)."""
+    import torch
+
+    ask = getattr(torch.mps, "recommended_max_memory", None)
+    if ask is not None:
+        return int(ask()), "recommended working set"
+    ram = _physical_memory()
+    share = 2 / 3 if ram <= 36 * 10**9 else 3 / 4
+    return int(
+        ram * share
+    ), f"recommended working set ({'2/3' if share < 0.7 else '3/4'} of RAM: this torch cannot read it)"
+
+
 def mps_free() -> FreeMemory:
-    """Metal's recommended working set minus what the driver has allocated (unified memory)."""
+    """What torch's MPS allocator will still grant: its limit (the watermark ratio x Metal's recommended working
+    set) minus what tensors occupy. Blocks it caches for reuse count as free: it releases them before refusing.
+    With the ratio 0.0 (no limit) the system's available memory plus those cached blocks."""
     import torch
 
     mps = torch.mps
-    if hasattr(mps, "recommended_max_memory") and hasattr(mps, "driver_allocated_memory"):
-        return FreeMemory(
-            int(mps.recommended_max_memory()) - int(mps.driver_allocated_memory()),
-            "mps recommended working set - driver allocated",
-        )
-    _warn_once("mps", "memslice: this torch cannot report Metal memory; using available system memory")
-    return FreeMemory(cpu_free().bytes, "system available (old torch on mps)", trusted=False)
+    if not hasattr(mps, "current_allocated_memory"):
+        _warn_once("mps", "memslice: this torch cannot report Metal memory; using available system memory")
+        return FreeMemory(cpu_free().bytes, "system available (old torch on mps)", trusted=False)
+    tensors = int(mps.current_allocated_memory())
+    ratio = mps_watermark_ratio()
+    if ratio <= 0:
+        cached = max(0, int(getattr(mps, "driver_allocated_memory", lambda: 0)()) - tensors)
+        return FreeMemory(cpu_free().bytes + cached, "no MPS limit (watermark ratio 0): system available + MPS cache")
+    recommended, source = mps_recommended()
+    return FreeMemory(int(ratio * recommended) - tensors, f"MPS limit {ratio:g} x {source} - tensors")
 
 
 def xpu_free(device: Any) -> FreeMemory:
@@ -212,33 +335,3 @@ def free_memory(device: Any, precise: bool = False) -> FreeMemory:
     return (
         found if value == found.bytes and type(found.bytes) is int else FreeMemory(value, found.source, found.trusted)
     )
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Bytes one attention call may allocate, how that number was reached, and whether the user fixed it."""
-
-    bytes: int
-    free: FreeMemory | None
-    explanation: str
-    fixed: bool = False
-    safety_factor: float = 1.0
-
-
-def budget_for(free: FreeMemory | None, settings: Settings) -> Budget:
-    """The user's fixed budget if set, else free memory divided by the safety factor."""
-    if settings.budget_gb > 0:
-        value = int(settings.budget_gb * GiB)
-        return Budget(value, free, f"fixed budget {settings.budget_gb:g} GiB", fixed=True)
-    if free is None:
-        free = _fallback("any", "no number", "no free-memory number was given")
-    factor = settings.safety_factor if math.isfinite(settings.safety_factor) else 3.3
-    factor = max(factor, 1.0)
-    return Budget(int(free.bytes / factor), free, f"{free.source} / safety factor {factor:g}", safety_factor=factor)
-
-
-def device_budget(device: Any, settings: Settings, precise: bool = False) -> Budget:
-    """Probe ``device`` (unless the budget is fixed) and derive the budget."""
-    if settings.budget_gb > 0:
-        return budget_for(None, settings)
-    return budget_for(free_memory(device, precise), settings)

@@ -13,11 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .slicing import MAX_SLICE_CAP
-
 log = logging.getLogger("memslice")
 
-STRATEGIES: tuple[str, ...] = ("auto", "doggettx", "invokeai", "mps", "heads")
+#: the highest slice cap the settings accept
+MAX_SLICE_CAP = 65536
 KERNELS: tuple[str, ...] = ("auto", "sdpa", "einsum")
 LOG_LEVELS: tuple[str, ...] = ("off", "summary", "every call")
 
@@ -53,7 +52,8 @@ SPECS: tuple[OptionSpec, ...] = (
         "float",
         3.3,
         "Safety factor",
-        "the attention budget is free memory divided by this; raise it if you still see out-of-memory errors",
+        "memslice's own strategies plan in free memory divided by this (the webui's Doggettx and InvokeAI rules in "
+        "free memory x 3.3 / this, never more than free memory); raise it if you still see out-of-memory errors",
         lo=1.0,
         hi=10.0,
         step=0.1,
@@ -72,8 +72,9 @@ SPECS: tuple[OptionSpec, ...] = (
         "budget_gb",
         "float",
         0.0,
-        "Memory budget (GiB)",
-        "0 = probe the device's free memory; any other value is a fixed attention budget (use it on DirectML)",
+        "Attention budget (GiB)",
+        "0 = probe the device's free memory; any other value is the room every attention call plans in, fixed "
+        "(use it on DirectML, where free memory cannot be read)",
         lo=0.0,
         hi=4096.0,
     ),

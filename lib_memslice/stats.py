@@ -37,7 +37,7 @@ class CallRecord:
     queries_per_slice: int
     slices: int
     peak_bytes: int  # predicted peak of the call's attention
-    budget_bytes: int  # the budget the strategy planned against
+    room_bytes: int  # the room the plan was made in
     retries: int = 0
     timestamp: float = field(default_factory=time.time)
 

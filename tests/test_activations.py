@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from lib_memslice import activations as act
-from lib_memslice.bench import fit_activations as fit
 from lib_memslice.models import BUILTIN
+from memslice_tools import fit_activations as fit
 
 WIDTHS = {"sd15": 64, "sd2": 64, "sdxl": 64, "vae_decode": 32, "vae_encode": 32}
 #: (width, height) px per pass, none of them a fit size; large enough that an unsliced score matrix outgrows the

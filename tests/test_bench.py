@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from lib_memslice.bench import limits
-from lib_memslice.bench import report as report_mod
-from lib_memslice.bench.contenders import all_contenders, make_case
-from lib_memslice.bench.run import judge_targets, main
 from lib_memslice.costs import MiB
+from memslice_tools import limits
+from memslice_tools import report as report_mod
+from memslice_tools.contenders import all_contenders, make_case
+from memslice_tools.run import judge_targets, main
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 
 from lib_memslice import kernels
 from lib_memslice.forwards import BasicHost, attend
+from lib_memslice.limits import NotEnoughMemory
 from lib_memslice.settings import Settings
-from lib_memslice.slicing import NotEnoughMemory
 
 from .conftest import ROOT, projected_qkv, reference
 from .test_webui import TITLES, select

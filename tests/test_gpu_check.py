@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lib_memslice.bench import gpu_check
-from lib_memslice.bench.run import main as bench_main
+from memslice_tools import gpu_check
+from memslice_tools.run import main as bench_main
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the check would run for real")

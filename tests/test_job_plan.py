@@ -55,8 +55,8 @@ def test_published_weights_match_the_real_modules():
         from ldm.modules.diffusionmodules.model import Decoder, Encoder
         from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-        from lib_memslice.bench.configs import SD15_DECODER, SD15_UNET
-        from lib_memslice.bench.sdxl_unet import build_sdxl_unet
+        from memslice_tools.configs import SD15_DECODER, SD15_UNET
+        from memslice_tools.sdxl_unet import build_sdxl_unet
 
         def count(module):
             return sum(p.numel() for p in module.parameters())

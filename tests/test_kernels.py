@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from lib_memslice import kernels
 from lib_memslice.costs import EINSUM, AttentionShape, KernelChoice, MiB, peak_bytes
-from lib_memslice.memtrack import PeakTracker
-from lib_memslice.slicing import STRATEGY_NAMES, plan_attention
+from lib_memslice.slicing import plan_attention
+from lib_memslice.strategies import NAMES as STRATEGY_NAMES
+from memslice_tools.memtrack import PeakTracker
 
 from .conftest import CPU_HALF, projected_qkv, reference, sdpa_math_only
 
@@ -118,7 +119,7 @@ def test_einsum_kernel_allocates_exactly_the_prediction(plan_shape, upcast):
 
 def test_einsum_kernel_allocates_nothing_per_slice_in_the_op_either():
     """The profiler sees every allocation, also ones an op frees before returning: none happen per slice."""
-    from lib_memslice.workspace import inop_peak_bytes
+    from memslice_tools.inop import inop_peak_bytes
 
     q, k, v = projected_qkv(2, 8, 512, 512, 40)
     plan = plan_attention(shape_of(q, k, v, q.dtype), 64 * MiB, kernel=EINSUM)
@@ -256,7 +257,7 @@ OOMS = [
 
 
 def test_is_oom_knows_every_backends_words_and_nothing_else():
-    from lib_memslice.slicing import NotEnoughMemory
+    from lib_memslice.limits import NotEnoughMemory
 
     assert all(kernels.is_oom(e) for e in OOMS)
     assert not kernels.is_oom(NotEnoughMemory(2, 1))

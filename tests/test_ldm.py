@@ -8,7 +8,7 @@ import torch
 from lib_memslice.forwards import BasicHost, make_attnblock_forward, make_cross_attention_forward
 from lib_memslice.models import sites_from_modules
 from lib_memslice.settings import Settings
-from lib_memslice.slicing import STRATEGY_NAMES
+from lib_memslice.strategies import NAMES as STRATEGY_NAMES
 
 
 def hosts():

@@ -11,8 +11,8 @@ import threading
 import pytest
 import torch
 
-from lib_memslice import memtrack
-from lib_memslice.memtrack import PeakTracker
+from memslice_tools import memtrack
+from memslice_tools.memtrack import PeakTracker
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,7 +184,7 @@ def test_python_weakref_fallback_where_wrappers_are_kept(monkeypatch):
 def test_interpreter_exits_cleanly_with_live_tracked_storages():
     code = (
         "import torch\n"
-        "from lib_memslice.memtrack import PeakTracker\n"
+        "from memslice_tools.memtrack import PeakTracker\n"
         "t = PeakTracker()\n"
         "with t:\n"
         "    keep = [torch.empty(1000) for _ in range(50)]\n"

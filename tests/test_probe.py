@@ -10,8 +10,8 @@ import torch
 from lib_memslice import forwards, probe
 from lib_memslice.costs import GiB, MiB
 from lib_memslice.forwards import BasicHost, attend
+from lib_memslice.limits import NotEnoughMemory
 from lib_memslice.settings import Settings
-from lib_memslice.slicing import NotEnoughMemory
 
 from .conftest import projected_qkv, reference
 

@@ -7,7 +7,7 @@ import torch
 
 from lib_memslice.forwards import BasicHost, attend, make_attnblock_forward, make_cross_attention_forward
 from lib_memslice.settings import Settings
-from lib_memslice.slicing import STRATEGY_NAMES
+from lib_memslice.strategies import NAMES as STRATEGY_NAMES
 
 from .conftest import reference, requires_cpu_half
 

@@ -1,4 +1,6 @@
-"""The slicing planner: pure arithmetic, so its promises are checked against brute force."""
+"""The exact search, the room and the error: pure arithmetic, so their promises are checked against brute force.
+
+The rules of the strategies and the promise that no strategy slices more with more room: test_strategies.py."""
 
 from __future__ import annotations
 
@@ -10,39 +12,44 @@ from hypothesis import strategies as st
 
 from lib_memslice.costs import EINSUM, FUSED, GiB, KernelChoice, MiB, peak_bytes
 from lib_memslice.costs import AttentionShape as Shape
-from lib_memslice.slicing import (
-    MAX_SLICE_CAP,
-    MPS_BAD_MULTIPLE,
-    MPS_MAX_ELEMENTS,
-    SEED_SAFETY,
-    STRATEGY_NAMES,
+from lib_memslice.limits import (
+    Attempt,
     Geometry,
     NotEnoughMemory,
-    Room,
-    _search,
-    finest_need,
     max_square_resolution,
     not_enough_memory,
-    plan_attention,
+    out_of_memory,
     shape_at_resolution,
-    strategy_room,
 )
+from lib_memslice.settings import MAX_SLICE_CAP
+from lib_memslice.slicing import (
+    MPS_BAD_MULTIPLE,
+    MPS_MAX_ELEMENTS,
+    Room,
+    budget_room,
+    chunkings,
+    plan_attention,
+    room_for,
+    smallest_need,
+    smallest_peak_plan,
+)
+from lib_memslice.strategies import NAMES as STRATEGY_NAMES
 
 SD15_SELF = Shape(16, 4096, 4096, 40, heads=8)  # SD1.5 512 px level 0, cond + uncond
 KERNELS = (
     EINSUM,
     FUSED,
-    KernelChoice("fused", workspace=3000, input_copies=1),
+    KernelChoice("fused", scratch=3000, input_copies=1),
     KernelChoice("sdpa-math"),
-    KernelChoice("einsum", accumulator=5),
-    KernelChoice("fused", accumulator=4, input_copies=0),
+    KernelChoice("einsum", output_extra=5),
+    KernelChoice("fused", output_extra=4, input_copies=0),
 )
 DEVICES = ("cpu", "cuda", "mps")
 
 
-def search(shape, budget, strategy="auto", cap=4096, kernel=EINSUM, device="cpu", min_slices=1):
-    return _search(shape, budget, strategy=strategy, slice_cap=cap, kernel=kernel, device_kind=device,
-                   min_slices=min_slices)  # fmt: skip
+def search(shape, room, strategy="auto", cap=4096, kernel=EINSUM, device="cpu", min_slices=1):
+    return chunkings(shape, room, strategy=strategy, slice_cap=cap, kernel=kernel, device_kind=device,
+                     min_slices=min_slices)  # fmt: skip
 
 
 def fitting(s):
@@ -68,7 +75,7 @@ shapes = st.builds(
     st.booleans(),
 )
 common = dict(
-    budget=st.integers(1, 2 * MiB),
+    room=st.integers(1, 2 * MiB),
     strategy=st.sampled_from(STRATEGY_NAMES),
     kernel=st.sampled_from(KERNELS),
     cap=st.integers(1, 80),
@@ -79,16 +86,16 @@ common = dict(
 
 @settings(max_examples=250, deadline=None)
 @given(shape=shapes, **common)
-def test_a_plan_fits_and_none_is_refused_while_any_fits(shape, budget, strategy, kernel, cap, device, min_slices):
+def test_a_plan_fits_and_none_is_refused_while_any_fits(shape, room, strategy, kernel, cap, device, min_slices):
     """Exactness, every strategy (Metal's rules included): a plan fits; None only when no chunking fits."""
-    plan = plan_attention(shape, budget, strategy=strategy, kernel=kernel, slice_cap=cap, device_kind=device,
+    plan = plan_attention(shape, room, strategy=strategy, kernel=kernel, slice_cap=cap, device_kind=device,
                           min_slices=min_slices)  # fmt: skip
-    s = search(shape, budget, strategy, cap, kernel, device, min_slices)
+    s = search(shape, room, strategy, cap, kernel, device, min_slices)
     if plan is None:
         assert next(fitting(s), None) is None
         return
     assert s.fits(plan.heads_per_slice, plan.queries_per_slice)
-    assert plan.peak_bytes == peak_bytes(shape, plan.heads_per_slice, plan.queries_per_slice, kernel) <= budget
+    assert plan.peak_bytes == peak_bytes(shape, plan.heads_per_slice, plan.queries_per_slice, kernel) <= room
     assert min_slices <= plan.slices <= cap
     # ceil division: the slices cover the tensor, the last one may be short
     assert plan.query_slices == math.ceil(shape.q_tokens / plan.queries_per_slice)
@@ -96,10 +103,10 @@ def test_a_plan_fits_and_none_is_refused_while_any_fits(shape, budget, strategy,
 
 
 @settings(max_examples=200, deadline=None)
-@given(shape=shapes, budget=common["budget"], kernel=common["kernel"], cap=common["cap"],
+@given(shape=shapes, room=common["room"], kernel=common["kernel"], cap=common["cap"],
        device=st.sampled_from(["cuda", "mps"]), at_least=st.integers(1, 40))  # fmt: skip
-def test_fewest_is_the_true_minimum(shape, budget, kernel, cap, device, at_least):
-    s = search(shape, budget, "auto", cap, kernel, device)
+def test_fewest_is_the_true_minimum(shape, room, kernel, cap, device, at_least):
+    s = search(shape, room, "auto", cap, kernel, device)
     found = s.fewest(at_least)
     best = min((n for _h, _q, n in fitting(s) if n >= at_least), default=None)
     assert (None if found is None else s.slices(*found)) == best
@@ -107,32 +114,18 @@ def test_fewest_is_the_true_minimum(shape, budget, kernel, cap, device, at_least
         assert s.fits(*found)
 
 
-@settings(max_examples=150, deadline=None)
-@given(shape=shapes, strategy=common["strategy"], kernel=common["kernel"], cap=common["cap"],
-       device=common["device"], budgets=st.lists(st.integers(1, 2 * MiB), min_size=2, max_size=8))  # fmt: skip
-def test_slice_counts_never_grow_with_the_budget(shape, strategy, kernel, cap, device, budgets):
-    counts = []
-    for budget in sorted(budgets):
-        plan = plan_attention(shape, budget, strategy=strategy, kernel=kernel, slice_cap=cap, device_kind=device)
-        counts.append(None if plan is None else plan.slices)
-    fitted = [n for n in counts if n is not None]
-    assert fitted == sorted(fitted, reverse=True), counts
-    assert counts[counts.index(fitted[0]) :] == fitted if fitted else True  # once it fits, it keeps fitting
-
-
 @pytest.mark.parametrize(
     ("strategy", "kernel"),
     [("doggettx", EINSUM), ("mps", EINSUM), ("doggettx", FUSED), ("auto", EINSUM), ("invokeai", EINSUM)],
 )
-def test_slice_counts_at_sd15_1304px_fall_as_the_budget_grows(strategy, kernel):
-    """The reported regression: at 16 x 26569 x 26569 the counts went 496 -> 2044 from 256 to 384 MiB."""
+def test_slice_counts_at_sd15_1304px_fall_as_the_room_grows(strategy, kernel):
+    """An early regression: at 16 x 26569 x 26569 the counts went 496 -> 2044 from 256 to 384 MiB."""
     shape = Shape(16, 26569, 26569, 40, heads=8)
     counts = []
     for mib in (128, 192, 256, 320, 384, 512, 768, 1024, 2048, 8192):
         plan = plan_attention(shape, mib * MiB, strategy=strategy, kernel=kernel, device_kind="cuda")
-        counts.append(None if plan is None else plan.slices)
-    fitted = [n for n in counts if n is not None]
-    assert fitted and fitted == sorted(fitted, reverse=True), counts
+        counts.append(math.inf if plan is None else plan.slices)
+    assert counts == sorted(counts, reverse=True), counts
 
 
 def _exists_large(s):
@@ -168,102 +161,21 @@ def test_metal_element_limit_is_strict():
     assert s.fits(1, MPS_MAX_ELEMENTS // 2**15 - 1)
 
 
-def test_fused_kernel_needs_no_slicing_at_sd15_512():
-    plan = plan_attention(SD15_SELF, 64 * MiB, kernel=FUSED)
-    assert plan.slices == 1 and plan.stable
-
-
-def test_einsum_on_cpu_prefers_cache_sized_slices_and_gpus_the_fewest():
-    cpu = plan_attention(SD15_SELF, 64 * GiB, kernel=EINSUM, device_kind="cpu")
-    assert cpu.heads_per_slice == 1 and cpu.queries_per_slice * 4096 * 4 <= 8 * MiB and cpu.stable
-    gpu = plan_attention(SD15_SELF, 64 * GiB, kernel=EINSUM, device_kind="cuda")
-    assert gpu.slices == 1
-    # a tighter budget keeps one head per slice (the fast shape) with fewer queries
-    tight = plan_attention(SD15_SELF, 4 * MiB + SD15_SELF.output_bytes, kernel=EINSUM, device_kind="cpu")
-    assert tight.heads_per_slice == 1 and tight.slices > cpu.slices
-    assert tight.peak_bytes <= 4 * MiB + SD15_SELF.output_bytes
-
-
-# --- the seed rules, reproduced -------------------------------------------------------------------------------
-
-
-def seed_doggettx_slices(shape, free):
-    """webui 1.10.1 split_cross_attention_forward: slices it runs for this free memory (facts, our code)."""
-    modifier = 3 if shape.element_size == 2 else 2.5
-    required = shape.score_bytes * modifier
-    steps = 1 if required <= free else 2 ** math.ceil(math.log2(required / free))
-    size = shape.q_tokens // steps
-    return math.ceil(shape.q_tokens / size)
-
-
-def seed_invokeai_slices(shape, free):
-    """webui 1.10.1 einsum_op_cuda / einsum_op_tensor_mem with a tensor budget of free / 3.3."""
-    max_mb = free / 3.3 / MiB
-    size_mb = shape.score_bytes // MiB
-    if size_mb <= max_mb:
-        return 1
-    div = 1 << int((size_mb - 1) / max_mb).bit_length()
-    if div <= shape.batch_heads:
-        return math.ceil(shape.batch_heads / (shape.batch_heads // div))
-    return math.ceil(shape.q_tokens / max(shape.q_tokens // div, 1))
-
-
-SD_SHAPES = [Shape(2 * 8, t * t, t * t, 40, element_size=es, heads=8) for t in (64, 96, 128, 163) for es in (2, 4)] + [
-    Shape(2 * 5, t * t, t * t, 64, element_size=2, heads=5) for t in (96, 120)
-]
-
-
-@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: f"{s.batch_heads}x{s.q_tokens}x{s.element_size}B")
-def test_doggettx_and_invokeai_reproduce_the_seed_at_default_settings(shape):
-    for free_gib in (0.5, 1, 2, 3, 6, 12, 24):
-        free = int(free_gib * GiB)
-        budget = int(free / SEED_SAFETY)  # the default safety factor
-        for strategy, seed in (("doggettx", seed_doggettx_slices), ("invokeai", seed_invokeai_slices)):
-            room = strategy_room(strategy, budget, free_bytes=free, safety_factor=3.3, inputs_bytes=shape.input_bytes)
-            plan = plan_attention(shape, room.budget(shape), strategy=strategy, kernel=EINSUM, device_kind="cuda")
-            expected = seed(shape, free)
-            if expected <= 4096:
-                assert plan is not None and plan.slices == expected, (strategy, free_gib, plan)
-
-
-def test_seed_strategies_see_free_memory_unless_the_budget_is_fixed():
-    tiny = Shape(1, 1, 1, 1)
-    for strategy, expected in (("doggettx", 330), ("invokeai", 330), ("auto", 100), ("heads", 100)):
-        assert strategy_room(strategy, 100, inputs_bytes=tiny.input_bytes).budget(tiny) == expected
-    assert strategy_room("doggettx", 100, fixed=True).budget(tiny) == 100
-    assert strategy_room("doggettx", 303, free_bytes=1000, safety_factor=3.3).budget(Shape(0, 0, 0, 0)) == 1000
-    assert strategy_room("invokeai", 151, free_bytes=1000, safety_factor=6.6).budget(Shape(0, 0, 0, 0)) == 500
-    assert strategy_room("auto", 303, free_bytes=1000, safety_factor=3.3).budget(Shape(0, 0, 0, 0)) == 303
-
-
-def test_a_probed_room_shrinks_with_the_layers_inputs_a_fixed_one_does_not():
-    room = strategy_room("auto", 0, free_bytes=GiB, safety_factor=2.0, inputs_bytes=SD15_SELF.input_bytes)
-    assert room.budget(SD15_SELF) == GiB // 2
+def test_a_probed_room_shrinks_with_the_layers_inputs_an_attention_budget_does_not():
+    room = room_for("auto", GiB, 2.0, SD15_SELF.input_bytes)
+    assert room.bytes_for(SD15_SELF) == GiB // 2
     bigger = shape_at_resolution(SD15_SELF, Geometry(8, True), 1024, 1024)
-    assert room.budget(bigger) == (GiB + SD15_SELF.input_bytes - bigger.input_bytes) // 2
-    assert Room(GiB, fixed=True).budget(bigger) == GiB
+    assert room.bytes_for(bigger) == (GiB + SD15_SELF.input_bytes - bigger.input_bytes) // 2
+    assert budget_room(GiB).bytes_for(bigger) == GiB
+    assert room.limit().bytes_for(SD15_SELF) == GiB and budget_room(GiB).limit() == budget_room(GiB)
 
 
-def test_seed_strategies_on_a_fused_kernel_slice_only_as_the_cost_model_needs():
-    for strategy in ("doggettx", "invokeai"):
-        assert plan_attention(SD15_SELF, 256 * MiB, strategy=strategy, kernel=FUSED).slices == 1
-
-
-def test_heads_strategy_is_half_the_heads_then_one():
-    plan = plan_attention(SD15_SELF, 8 * GiB, strategy="heads", kernel=EINSUM, device_kind="cuda")
-    assert plan.heads_per_slice == 4 and plan.slices == 4  # diffusers: slices of heads // 2 rows
-    plan = plan_attention(SD15_SELF, 200 * MiB, strategy="heads", kernel=EINSUM, device_kind="cuda")
-    assert plan.heads_per_slice == 1
-
-
-def test_mps_rules():
-    small = Shape(16, 4096, 4096, 40, heads=8)  # 16 x 4096 = 2^16 rows: the seed never slices
-    assert plan_attention(small, 8 * GiB, strategy="mps", kernel=EINSUM, device_kind="mps").slices == 1
-    big = Shape(16, 16384, 16384, 40, heads=8)
-    for strategy in ("mps", "auto"):
-        plan = plan_attention(big, 64 * GiB, strategy=strategy, kernel=EINSUM, device_kind="mps")
-        assert plan.queries_per_slice % 4096 != 0
-        assert min(plan.heads_per_slice, 8) * plan.queries_per_slice * 16384 < 2**31
+def test_the_smallest_peak_plan_runs_only_within_its_room():
+    need = smallest_need(SD15_SELF, slice_cap=64, kernel=EINSUM)
+    plan = smallest_peak_plan(SD15_SELF, need, slice_cap=64, kernel=EINSUM)
+    assert plan is not None and plan.peak_bytes == need and plan.slices <= 64
+    assert smallest_peak_plan(SD15_SELF, need - 1, slice_cap=64, kernel=EINSUM) is None
+    assert plan_attention(SD15_SELF, need - 1, slice_cap=64, kernel=EINSUM) is None
 
 
 @pytest.mark.parametrize("tokens", [77, 154, 231, 4097, 9801, 15625, 163 * 163])
@@ -282,12 +194,12 @@ def test_the_error_carries_the_best_kernels_numbers():
     """SD1.5 2880 px level 0 with 1 GiB: einsum cannot fit under a cap of 64, the fused kernel can."""
     t = 360 * 360
     shape = Shape(16, t, t, 40, heads=8)
-    room = strategy_room("auto", GiB, inputs_bytes=shape.input_bytes)
+    room = room_for("auto", GiB, 1.0, shape.input_bytes)
     einsum_only = not_enough_memory(shape, room, (EINSUM,), slice_cap=64, geometry=Geometry(8, True))
-    small = strategy_room("auto", 64 * MiB, inputs_bytes=shape.input_bytes)
+    small = room_for("auto", 64 * MiB, 1.0, shape.input_bytes)
     both = not_enough_memory(shape, small, (FUSED, EINSUM), slice_cap=64, geometry=Geometry(8, True))
     assert einsum_only.kernel == "einsum" and einsum_only.need > 4 * GiB
-    assert both.kernel == "fused" and both.need == finest_need(shape, slice_cap=64, kernel=FUSED)
+    assert both.kernel == "fused" and both.need == smallest_need(shape, slice_cap=64, kernel=FUSED)
     assert both.max_resolution > 1000 and "largest query token count" not in str(both)
 
 
@@ -298,8 +210,7 @@ def test_the_largest_square_size_counts_the_layers_inputs_and_output(kernels, mi
     """At the size the error names, the layer's inputs plus its attention fit in what was free before them."""
     geometry = Geometry(8, True)
     free_after_inputs = mib * MiB
-    room = strategy_room("auto", 0, free_bytes=free_after_inputs, safety_factor=safety,
-                         inputs_bytes=SD15_SELF.input_bytes)  # fmt: skip
+    room = room_for("auto", free_after_inputs, safety, SD15_SELF.input_bytes)
     free_before = free_after_inputs + SD15_SELF.input_bytes
     side = max_square_resolution(SD15_SELF, geometry, room, kernels, slice_cap=4096)
     assert side > 0 and side % 8 == 0
@@ -316,7 +227,7 @@ def test_the_largest_square_size_counts_the_layers_inputs_and_output(kernels, mi
 
 
 def test_max_resolution_depends_on_the_layer_shape():
-    budget = Room(512 * MiB, fixed=True)
+    budget = budget_room(512 * MiB)
     kernels = (EINSUM,)
     self_l0 = max_square_resolution(SD15_SELF, Geometry(8, True), budget, kernels, slice_cap=64)
     self_l1 = max_square_resolution(Shape(16, 1024, 1024, 80, heads=8), Geometry(16, True), budget, kernels,
@@ -333,20 +244,31 @@ def test_an_untagged_call_gets_advice_it_can_act_on():
     assert "largest query token count" not in text
 
 
-def test_advice_depends_on_how_the_budget_was_set():
-    probed = str(not_enough_memory(SD15_SELF, strategy_room("auto", 16 * MiB), (EINSUM,), slice_cap=64))
+def test_advice_depends_on_where_the_room_came_from():
+    probed = str(not_enough_memory(SD15_SELF, room_for("auto", 16 * MiB, 3.3, SD15_SELF.input_bytes), (EINSUM,),
+                                   slice_cap=64))  # fmt: skip
     fixed = str(not_enough_memory(SD15_SELF, 16 * MiB, (EINSUM,), slice_cap=64))
-    # a probed budget is refused only past free memory itself: the safety factor is not the obstacle then
-    assert "is free" in probed and "free memory on the device" in probed and "safety factor" not in probed
-    assert "the budget is" in fixed and "Memory budget (GiB)" in fixed and "safety factor" not in fixed
+    # a probed room is refused only past free memory itself: the safety factor is not the obstacle then
+    assert "16.0 MiB is free" in probed and "free memory on the device" in probed and "safety factor" not in probed
+    assert "the attention budget is" in fixed and "Attention budget (GiB)" in fixed and "safety factor" not in fixed
     # when finer slicing cannot help (the output alone is over), it is not suggested
     tiny = str(not_enough_memory(SD15_SELF, 1024, (EINSUM,), slice_cap=65536))
     assert "slice cap" not in tiny.split("To fit:")[1]
 
 
-def test_retries_are_named_in_the_error():
-    e = not_enough_memory(SD15_SELF, 8 * GiB, (EINSUM,), slice_cap=64, min_slices=128)
-    assert "retries" in str(e)
+def test_the_error_after_retries_names_exactly_what_was_tried_and_what_stopped():
+    tried = [Attempt("einsum", 16, 40 * MiB), Attempt("einsum", 32, 20 * MiB)]
+    capped = str(out_of_memory(SD15_SELF, tried, "cap", free=GiB, slice_cap=32))
+    assert "einsum kernel at 16 and 32 slices (predicted 40.0 MiB, 20.0 MiB)" in capped
+    assert "slice cap (32)" in capped and "raise the slice cap" in capped
+    memory = str(out_of_memory(SD15_SELF, tried, "memory", free=GiB, slice_cap=4096))
+    assert "1.0 GiB free now" in memory and "raise the slice cap" not in memory
+    fused = str(out_of_memory(SD15_SELF, [Attempt("fused", 1, 6 * MiB)], "output", free=GiB, slice_cap=4096))
+    assert "fused kernel at 1 slice " in fused and "einsum" not in fused and "raise the slice cap" not in fused
+    both = str(out_of_memory(SD15_SELF, [Attempt("fused", 1, 6 * MiB), Attempt("einsum", 1024, 7 * MiB)], "output",
+                             free=None, slice_cap=4096))  # fmt: skip
+    assert "fused kernel at 1 slice (predicted 6.0 MiB) and on the einsum kernel at 1024 slices" in both
+    assert "Attention budget (GiB)" in both
 
 
 @pytest.mark.parametrize("budget", [float("nan"), -5, 0, "x", None])
@@ -374,8 +296,10 @@ def test_bad_shapes_and_names_are_rejected_clearly():
 
 
 def test_not_enough_memory_is_a_runtime_error_with_numbers():
-    e = NotEnoughMemory(2 * GiB, GiB, site="x", slice_cap=64)
-    assert isinstance(e, RuntimeError) and e.need == 2 * GiB and e.have == GiB and "2.0 GiB" in str(e)
+    e = not_enough_memory(SD15_SELF, 2 * MiB, (EINSUM,), slice_cap=64, site="x")
+    assert isinstance(e, NotEnoughMemory) and isinstance(e, RuntimeError)
+    assert e.need == smallest_need(SD15_SELF, slice_cap=64, kernel=EINSUM) and e.have == 2 * MiB
+    assert e.site == "x" and e.q_tokens == 4096 and "at x:" in str(e)
 
 
 def test_the_error_advises_a_higher_slice_cap_only_where_one_would_fit():

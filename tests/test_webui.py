@@ -457,8 +457,8 @@ def _failing_job(env, p_class, sample, raises=None, **p_kwargs):
 def test_a_generation_that_fails_names_the_pass_and_what_would_fit(webui):
     """The hires UNet pass (the webui flags it with ``p.is_hr_pass``) and the final VAE decode (run after the flag
     is reset: its latent size tells) are named, with the job planner's largest size for the whole job."""
+    from lib_memslice.limits import Geometry
     from lib_memslice.models import SITE_ATTR
-    from lib_memslice.slicing import Geometry
 
     select(webui, TITLES["auto"])
     webui.shared.opts.set("memslice_budget_gb", 1 / 4096)  # 256 KiB: the layers' outputs alone do not fit

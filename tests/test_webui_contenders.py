@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from lib_memslice.bench import webui_attention as W
-from lib_memslice.bench import webui_real as R
+from memslice_tools import webui_attention as W
+from memslice_tools import webui_real as R
 
 from .conftest import CPU_HALF, CPU_HALF_ERROR, projected_qkv, reference
 

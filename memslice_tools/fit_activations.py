@@ -1,6 +1,6 @@
 """Measure the activation memory of whole passes on the real ldm modules and fit ``lib_memslice.activations``.
 
-``python -m lib_memslice.bench.fit_activations`` (about 6 minutes on 2 idle cores, under 2 GiB) builds SD1.x, SD2.x
+``python -m memslice_tools.fit_activations`` (about 6 minutes on 2 idle cores, under 2 GiB) builds SD1.x, SD2.x
 and SDXL-shaped UNets and the SD VAE's decode and encode at reduced widths, runs each forward under
 :class:`~lib_memslice.memtrack.PeakTracker` with memslice's attention forwards patched in, and prints:
 
@@ -44,13 +44,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import activations
-from ..activations import Linear, PassModel, latent_tokens
-from ..forwards import BasicHost, make_attnblock_forward, make_cross_attention_forward
-from ..memtrack import CudaPeak, PeakTracker
-from ..models import SITE_ATTR, sites_from_modules
-from ..settings import Settings
+from lib_memslice import activations
+from lib_memslice.activations import Linear, PassModel, latent_tokens
+from lib_memslice.forwards import BasicHost, make_attnblock_forward, make_cross_attention_forward
+from lib_memslice.models import SITE_ATTR, sites_from_modules
+from lib_memslice.settings import Settings
+
 from .configs import SD15_DECODER, SD15_UNET
+from .memtrack import CudaPeak, PeakTracker
 from .sdxl_unet import build_sdxl_unet
 
 MiB = 1 << 20
@@ -701,7 +702,7 @@ def model_literal(models: dict[str, dict[int, PassModel]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lib_memslice.bench.fit_activations", description=(__doc__ or "").split("\n")[0]
+        prog="python -m memslice_tools.fit_activations", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {', '.join(KINDS)}")
     parser.add_argument("--quick", action="store_true", help="two widths per pass, fp32 validation only, no checks")

@@ -32,14 +32,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import kernels
-from ..costs import AttentionShape, GiB, MiB, format_bytes
-from ..forwards import BasicHost, attend
-from ..memtrack import PeakTracker
-from ..settings import Settings
-from ..slicing import NotEnoughMemory, plan_attention
+from lib_memslice import kernels
+from lib_memslice.costs import AttentionShape, GiB, MiB, format_bytes
+from lib_memslice.forwards import BasicHost, attend
+from lib_memslice.limits import NotEnoughMemory
+from lib_memslice.settings import Settings
+from lib_memslice.slicing import plan_attention
+
 from . import webui_attention
 from .limits import probe_reads, sdpa_math_only
+from .memtrack import PeakTracker
 
 Tensor = torch.Tensor
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -276,7 +278,7 @@ def _free_for_contenders(ctx: Ctx) -> int:
 
 def _patch(contender: str, ctx: Ctx, free: Callable[[], int]) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
     """(CrossAttention.forward, AttnBlock.forward) for a contender."""
-    from ..forwards import make_attnblock_forward, make_cross_attention_forward
+    from lib_memslice.forwards import make_attnblock_forward, make_cross_attention_forward
 
     if contender == "memslice-auto":
         host = BasicHost(Settings())

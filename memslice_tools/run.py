@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from ..costs import GiB, MiB, format_bytes
-from ..forwards import describe, plan_call
-from ..settings import Settings
+from lib_memslice.costs import GiB, MiB, format_bytes
+from lib_memslice.forwards import describe, plan_call
+from lib_memslice.settings import Settings
+
 from . import report as report_mod
 from .contenders import MEMSLICE_AUTO, SDPA, Contender, all_contenders, heads_view, make_case, make_inputs
 from .harness import Regime, budget_label, run_case

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from ..costs import format_bytes
+from lib_memslice.costs import format_bytes
 
 STATUS_PASS, STATUS_FAIL, STATUS_NA = "PASS", "FAIL", "N/A"
 

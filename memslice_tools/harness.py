@@ -4,7 +4,7 @@ A regime is whether torch's fused SDPA kernels may run and how much free memory 
 no-fused regime turns the fused backends off (``sdpa_kernel([SDPBackend.MATH])``; the CPU flash kernel obeys the
 same switches), which reproduces on a CPU the situation of Apple MPS, DirectML and ROCm without fused attention.
 
-Peaks: :func:`lib_memslice.workspace.inop_peak_bytes` replays the profiler's allocation events, so what a kernel
+Peaks: :func:`lib_memslice.inop.inop_peak_bytes` replays the profiler's allocation events, so what a kernel
 allocates and frees inside an op counts too; the output is allocated inside the call and counts; the inputs do
 not (the largest-size search in :mod:`.limits` counts them). Times: all contenders of a case and regime run one
 after another in each round, rounds repeated, so drift and busy neighbours hit them alike; a ratio is the median
@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from .. import workspace
-from ..costs import MiB, format_bytes
+from lib_memslice.costs import MiB, format_bytes
+
+from . import inop
 from .contenders import Call, Case, Contender, make_inputs
 from .limits import sdpa_math_only, traced_cpu, traced_peak
 
@@ -127,7 +128,7 @@ def measure(entry: Entry, reference: Tensor | None) -> None:
     out: list[Tensor] = []
     try:
         with entry.regime.context(), profiler_chatter_hidden():
-            peak = workspace.inop_peak_bytes(lambda: out.append(entry.call()))
+            peak = inop.inop_peak_bytes(lambda: out.append(entry.call()))
     except Exception as exc:
         if not does_not_fit(exc):
             raise

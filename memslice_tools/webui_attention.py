@@ -4,7 +4,7 @@ Not part of the extension runtime; nothing in memslice imports this module. Each
 re-implementation of the attention core of one entry of stable-diffusion-webui 1.10.1's
 ``modules/sd_hijack_optimizations.py`` (and ``modules/sub_quadratic_attention.py``), written from what that code
 does (names, numbers, order of operations) so that memslice is measured against the webui's behaviour, not against
-memslice's own strategies of the same names. :func:`lib_memslice.bench.webui_real.from_webui` offers the same
+memslice's own strategies of the same names. :func:`memslice_tools.webui_real.from_webui` offers the same
 contenders driven through the real functions of a user's webui checkout, to check these against.
 
 Left to the caller, as everything outside the attention core: the projections (``to_q``/``to_k``/``to_v``/

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..costs import GiB
-from ..forwards import BasicHost, attend
-from ..models import BUILTIN, Site
-from ..settings import Settings
-from ..slicing import STRATEGY_NAMES
+from lib_memslice.costs import GiB
+from lib_memslice.forwards import BasicHost, attend
+from lib_memslice.models import BUILTIN, Site
+from lib_memslice.settings import Settings
+from lib_memslice.strategies import NAMES as STRATEGY_NAMES
+
 from . import webui_attention
 
 Tensor = torch.Tensor

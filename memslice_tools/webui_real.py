@@ -324,7 +324,7 @@ def _meta_slices(name: str, contender_cross: Callable | None, contender_block: C
 
 
 def from_webui(webui_dir: str) -> list[WebuiContender]:
-    """The contenders of :func:`lib_memslice.bench.webui_attention.reimplemented`, running the real functions."""
+    """The contenders of :func:`memslice_tools.webui_attention.reimplemented`, running the real functions."""
     mod = load_webui_attention(webui_dir)
 
     def with_free(free_bytes: int) -> None:

@@ -8,7 +8,7 @@ measurements, as the CPU does it:
 - torch's SDPA on meta tensors always takes its math path; where the CPU would run its fused kernel (4-D inputs,
   last dims contiguous, float32/bfloat16, ``d_k == d_v``, fused backends on) the tracer allocates what that kernel
   allocates instead: the output, a float32 log-sum-exp per row and its per-thread scratch
-  (:func:`lib_memslice.workspace.cpu_fused_workspace`, checked byte for byte against the profiler's in-op events);
+  (:func:`lib_memslice.cpu_scratch.cpu_fused_scratch`, checked byte for byte against the profiler's in-op events);
 - memslice's probe reads the same free-memory number every contender is told.
 
 tests/test_bench.py checks that a traced peak equals a real CPU run's (profiler) peak for every contender at small
@@ -24,9 +24,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import forwards, kernels, probe, workspace
-from ..memtrack import PeakTracker
+from lib_memslice import cpu_scratch, forwards, kernels, probe
+
+from . import inop
 from .contenders import Case, Contender, make_inputs
+from .memtrack import PeakTracker
 
 Tensor = torch.Tensor
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -65,7 +67,7 @@ def traced_cpu(fused: bool) -> Iterator[None]:
             del flags
             return out
         b, h, n, _ = q.shape
-        scratch = workspace.cpu_fused_workspace(q.shape[-1], v.shape[-1], q.element_size(), torch.get_num_threads(),
+        scratch = cpu_scratch.cpu_fused_scratch(q.shape[-1], v.shape[-1], q.element_size(), torch.get_num_threads(),
                                                 q_rows=n, kv_tokens=k.shape[-2])  # fmt: skip
         # the CPU kernel writes a [B, N, H, d] buffer and returns it as [B, H, N, d]
         out = torch.empty(b, n, h, v.shape[-1], dtype=q.dtype, device="meta").transpose(1, 2)
@@ -199,7 +201,7 @@ def traced_vs_real(contender: Contender, case: Case, free_bytes: int, fused: boo
             contender.prepare(case, qkv, _told(contender, left))()
 
     with contextlib.nullcontext() if fused else sdpa_math_only():
-        measured = workspace.inop_peak_bytes(real)
+        measured = inop.inop_peak_bytes(real)
     return traced, measured
 
 

@@ -1,124 +1,17 @@
-"""What a kernel allocates *inside* one call: a profiler replay, and the fused CPU SDPA kernel's scratch formula.
+"""The fused CPU SDPA kernel's in-op scratch: a formula read from torch's source, measured by a profiler replay.
 
-Why this exists: the dispatch-level tracker (:mod:`.memtrack`) sees only the tensors an op returns, and the
-profiler's per-op ``cpu_memory_usage`` is allocations *minus* frees, so scratch that a kernel allocates and frees
-before returning nets to zero in both. On CPU, ``scaled_dot_product_attention`` with 4-D ``[B, H, N, d]`` inputs
-runs the fused flash kernel (``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``), which allocates per-thread
-buffers in exactly that way. :func:`inop_peak_bytes` replays the profiler's individual ``[memory]`` events in time
-order to see that peak; :func:`cpu_fused_workspace` is the formula for it, read from torch's source and checked
-against the replay (``tests/test_workspace.py``).
+The kernel (``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``) allocates per-thread buffers after its output
+and log-sum-exp and frees them before returning, so no live-tensor tracker sees them, yet they are resident at the
+call's peak: the cost model adds them. ``memslice_tools.inop.inop_peak_bytes`` replays the profiler's memory events
+to measure them; ``tests/test_cpu_scratch.py`` checks this formula against it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 import torch
-
-#: The profiler's name for an allocation (+bytes) or free (-bytes) record.
-MEMORY_EVENT = "[memory]"
-
-
-@dataclass(frozen=True)
-class OpSpan:
-    """One profiled op call: its name and the nanosecond interval the memory records are matched against."""
-
-    name: str
-    start_ns: int
-    end_ns: int
-
-
-def _start_ns(event: Any) -> int:
-    # torch 2.13 stamps kineto events in ns; 2.1 has only start_us(). Records sharing a microsecond keep the
-    # profiler's recording order (seen on 2.1.2), which the stable sort in memory_timeline preserves.
-    if hasattr(event, "start_ns"):
-        return int(event.start_ns())
-    return int(event.start_us()) * 1000
-
-
-def _duration_ns(event: Any) -> int:
-    if hasattr(event, "duration_ns"):
-        return int(event.duration_ns())
-    return int(event.duration_us()) * 1000
-
-
-def _is_cpu(event: Any) -> bool:
-    device_type = getattr(event, "device_type", None)
-    if device_type is None:
-        return True
-    return str(device_type()).split(".")[-1].upper() == "CPU"
-
-
-def _kineto_events(fn: Callable[[], Any]) -> list[Any]:
-    """The raw profiler records of one ``fn()`` call: ops (with start and duration) and ``[memory]`` records.
-
-    ``prof.events()`` / ``key_averages()`` fold each in-op memory record into its op's net ``cpu_memory_usage``;
-    the kineto result underneath keeps every record with its own timestamp and signed byte count, on torch 2.1.2,
-    2.11 and 2.13 alike (``prof.profiler.kineto_results.events()``).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    del result
-    inner = getattr(prof, "profiler", None)
-    kineto = getattr(inner, "kineto_results", None)
-    if kineto is None:
-        raise RuntimeError("this torch profiler keeps no kineto results: cannot replay memory events")
-    return list(kineto.events())
-
-
-def memory_timeline(fn: Callable[[], Any]) -> tuple[list[tuple[int, int]], list[OpSpan]]:
-    """``fn()``'s CPU memory records as ``(time_ns, signed bytes)`` in time order, and its op spans.
-
-    Records with equal timestamps keep the order the profiler reported them in (a stable sort).
-    """
-    events = _kineto_events(fn)
-    memory: list[tuple[int, int]] = []
-    spans: list[OpSpan] = []
-    for event in events:
-        name = event.name()
-        if name == MEMORY_EVENT:
-            if _is_cpu(event):
-                memory.append((_start_ns(event), int(event.nbytes())))
-        else:
-            start = _start_ns(event)
-            spans.append(OpSpan(name, start, start + _duration_ns(event)))
-    memory.sort(key=lambda record: record[0])
-    return memory, spans
-
-
-def _replay_peak(records: list[tuple[int, int]]) -> int:
-    level = peak = 0
-    for _, nbytes in records:
-        level += nbytes
-        peak = max(peak, level)
-    return peak
-
-
-def inop_peak_bytes(fn: Callable[[], Any], op: str | None = None) -> int:
-    """Peak CPU bytes allocated while ``fn()`` runs, above the level at entry, counting memory freed before return.
-
-    Runs ``fn`` once under ``torch.profiler.profile(activities=[CPU], profile_memory=True)`` and replays every
-    ``[memory]`` record (allocation +bytes, free -bytes) in time order. With ``op`` (an exact profiler name such as
-    ``"aten::scaled_dot_product_attention"``) only records inside that op's calls count, each call replayed from
-    zero at its entry, and the largest call's peak is returned. Only allocations made through torch's CPU allocator
-    are seen: a kernel that ``malloc``s directly (``std::make_unique`` buffers) is invisible here too.
-    """
-    memory, spans = memory_timeline(fn)
-    if op is None:
-        return _replay_peak(memory)
-    peak = 0
-    for span in spans:
-        if span.name == op:
-            inside = [r for r in memory if span.start_ns <= r[0] <= span.end_ns]
-            peak = max(peak, _replay_peak(inside))
-    return peak
-
 
 #: torch 2.1.x: the blocked kernel without any packing (checked on 2.1.2).
 NEVER_PACKS = (2, 1)
@@ -216,7 +109,7 @@ def _packs(
     return blocks_per_thread * q_split / batch_heads >= (4 if bf16 else 1)
 
 
-def cpu_fused_workspace(
+def cpu_fused_scratch(
     head_dim: int,
     v_dim: int,
     element_size: int,
@@ -250,12 +143,12 @@ def cpu_fused_workspace(
     160, 1.00 at 512; bf16 and fp16 add 0.25 MiB. Unknown ``q_rows`` / ``kv_tokens`` take the largest blocks
     (256 x 512); unknown ``batch_heads`` / ``dtype`` assume the packed path wherever the CPU could take it.
 
-    Checked equal, byte for byte, to :func:`inop_peak_bytes` minus output and logsumexp on torch 2.1.2 (never
-    packs; fp32 and bf16, its CPU kernel has no fp16), 2.13 (AVX-512 CPU without AMX: fp32, bf16, fp16) and 2.11
-    (AMX-BF16 CPU: bf16 packed), over head dims 8-512, 1-16 threads, 1-4096 query rows and 5-2048 keys. For the
-    releases between (2.2-2.10, unchecked; their fp16 packing padded blocks to 64 columns and allocated outside
-    torch's allocator), where the CPU could pack the bound pads every block instead. The kernels checked require
-    ``v_dim == head_dim``; SDPA runs the math path otherwise.
+    Checked equal, byte for byte, to ``memslice_tools.inop.inop_peak_bytes`` minus output and logsumexp on torch
+    2.1.2 (never packs; fp32 and bf16, its CPU kernel has no fp16), 2.13 (AVX-512 CPU without AMX: fp32, bf16,
+    fp16) and 2.11 (AMX-BF16 CPU: bf16 packed), over head dims 8-512, 1-16 threads, 1-4096 query rows and 5-2048
+    keys. For the releases between (2.2-2.10, unchecked; their fp16 packing padded blocks to 64 columns and
+    allocated outside torch's allocator), where the CPU could pack the bound pads every block instead. The kernels
+    checked require ``v_dim == head_dim``; SDPA runs the math path otherwise.
     """
     threads = max(int(threads), 1)
     q_split, kv_split = _splits(q_rows, kv_tokens)
@@ -286,13 +179,13 @@ def cpu_fused_pack_copies(
 ) -> int:
     """Bytes of the packed K and V copies the fused CPU kernel makes on its packed path (0 where it does not pack).
 
-    Why separate: unlike :func:`cpu_fused_workspace` these scale with the inputs (``batch_heads`` = batch x heads
+    Why separate: unlike :func:`cpu_fused_scratch` these scale with the inputs (``batch_heads`` = batch x heads
     of the call; K/V heads equal query heads, as in Stable Diffusion), like an input copy, and live through the
     whole call. torch >= 2.11 (checked equal on 2.11 with AMX-BF16, 1-16 threads)::
 
         e * batch_heads * ((head_dim rounded up to even) * kv_tokens + kv_padded * head_dim)
 
-    where ``kv_padded`` rounds every key block of ``kS`` (see :func:`cpu_fused_workspace`) up to even. torch 2.1
+    where ``kv_padded`` rounds every key block of ``kS`` (see :func:`cpu_fused_scratch`) up to even. torch 2.1
     never packs. For unchecked releases between, whose fp16 packing padded to 64 and allocated outside torch's
     allocator (invisible to the profiler), a padded bound.
     """

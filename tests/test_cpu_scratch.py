@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_memslice.workspace import cpu_fused_pack_copies, cpu_fused_workspace, inop_peak_bytes
+from lib_memslice.cpu_scratch import cpu_fused_pack_copies, cpu_fused_scratch
+from memslice_tools.inop import inop_peak_bytes
 
 SDPA = "aten::scaled_dot_product_attention"
 MiB = 1 << 20
@@ -131,10 +132,10 @@ def test_fused_cpu_scratch_is_covered_and_tight(dtype_name: str, thread_count: i
             k, v = (torch.randn(1, keys, heads, head_dim, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
             measured = measured_scratch(q, k, v)
             shape = {"q_rows": rows, "kv_tokens": keys, "batch_heads": heads, "dtype": dtype}
-            workspace = cpu_fused_workspace(head_dim, head_dim, element_size, thread_count, **shape)
+            workspace = cpu_fused_scratch(head_dim, head_dim, element_size, thread_count, **shape)
             copies = cpu_fused_pack_copies(heads, keys, head_dim, element_size, thread_count, rows, dtype=dtype)
             predicted = workspace + copies
-            bound = cpu_fused_workspace(head_dim, head_dim, element_size, thread_count)  # nothing but dims known
+            bound = cpu_fused_scratch(head_dim, head_dim, element_size, thread_count)  # nothing but dims known
             tight = predicted - measured <= SLACK_FRACTION * measured + SLACK_BYTES
             if not (0 < measured <= predicted and workspace <= bound and tight):
                 failures.append(f"d {head_dim} rows {rows} keys {keys}: measured {measured} predicted {predicted}")
@@ -143,7 +144,7 @@ def test_fused_cpu_scratch_is_covered_and_tight(dtype_name: str, thread_count: i
 
 def test_workspace_scales_with_threads_and_reduced_precision():
     """The formula's own shape, independent of a measurement: linear in threads, bf16 adds its probability copy."""
-    one = cpu_fused_workspace(40, 40, 4, 1)
-    assert cpu_fused_workspace(40, 40, 4, 2) == 2 * one
-    assert cpu_fused_workspace(40, 40, 2, 1) > one
-    assert cpu_fused_workspace(40, 40, 4, 1, q_rows=8, kv_tokens=8) <= one
+    one = cpu_fused_scratch(40, 40, 4, 1)
+    assert cpu_fused_scratch(40, 40, 4, 2) == 2 * one
+    assert cpu_fused_scratch(40, 40, 2, 1) > one
+    assert cpu_fused_scratch(40, 40, 4, 1, q_rows=8, kv_tokens=8) <= one

@@ -1,0 +1,121 @@
+"""The strategies, each one rule: a pure function from a call to the slice count it aims for.
+
+A rule answers two things and nothing else: how many slices it wants for this call in this room (its *aim*), and
+which rows per slice it prefers among plans with equally few slices. It never looks at the search, the slice cap or
+the other strategies. The one exact search in :mod:`lib_memslice.slicing` then returns the fitting plan with the
+fewest slices at or above the aim. Every rule here gives an aim that never rises when the room grows (a constant,
+or a count of steps that falls as the room grows), and the search's answer never rises with the room nor falls
+with its floor, so no strategy slices more when it gets more memory: by construction, and checked exhaustively in
+``tests/test_strategies.py``.
+
+The webui's rules (Doggettx and InvokeAI, as webui 1.10.1 computes them) keep their own margin, their multipliers:
+they plan in free memory itself at the default safety factor, so at the same free memory they run the webui's
+slice counts exactly (``tests/test_strategies.py::test_the_webuis_rules_give_the_webuis_slice_counts``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .costs import AttentionShape, KernelChoice, MiB, fixed_and_per_query, format_bytes
+
+#: The webui's InvokeAI rule takes a tensor budget of free memory / 3.3; its Doggettx rule multiplies the scores by
+#: 2.5 or 3. Both are their margin, so they plan in ``free x WEBUI_MARGIN / safety factor``, at most free memory.
+WEBUI_MARGIN = 3.3
+WEBUI_RULES = ("doggettx", "invokeai")
+
+#: The einsum kernel's fastest score buffer on CPUs, per 64 channels of head dim: one head per slice, queries filling
+#: about this much (measured on 2 cores, fp32: larger buffers fall out of cache; whole-item slices re-read every
+#: head's keys). GPUs get the fewest slices instead: they want large kernels.
+CPU_EINSUM_TARGET_BYTES = 8 * MiB
+
+
+@dataclass(frozen=True)
+class Aim:
+    """A rule's answer: at least ``slices`` slices; among plans with equally few, rows per slice closest to
+    ``heads_per_slice`` (0: as many as possible); ``why`` for the plan's reason. ``settled``: no larger room changes
+    the aim (so a plan made at it stays the plan while the room only grows: the fast path may reuse it)."""
+
+    slices: int
+    heads_per_slice: int
+    why: str
+    settled: bool
+
+
+Rule = Callable[[AttentionShape, int, KernelChoice, str], Aim]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(x: float) -> int:
+    return 1 if x <= 1 else 1 << math.ceil(math.log2(x))
+
+
+def auto(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: str) -> Aim:
+    """The fastest plan that fits. A fused kernel holds no score matrix and GPUs want large kernels: the fewest
+    slices. On CPUs memslice's einsum kernel is fastest with one head per slice and a cache-sized score buffer, or
+    as many queries as the room holds when that is less (fewer queries in a smaller room: the aim only falls as the
+    room grows)."""
+    if kernel.kind != "einsum" or device_kind != "cpu":
+        return Aim(1, 0, "fewest slices that fit", True)
+    target = CPU_EINSUM_TARGET_BYTES * max(1.0, shape.head_dim / 64)
+    queries = max(1, min(shape.q_tokens, int(target // max(1, shape.k_tokens * shape.element_size))))
+    why = f"one head per slice, ~{format_bytes(target)} score buffer (fastest on CPUs)"
+    fixed, per_query = fixed_and_per_query(shape, 1, kernel)
+    fitting = (room - fixed) // per_query if per_query > 0 else queries
+    settled = fitting >= queries
+    if not settled:
+        queries, why = max(1, fitting), f"{why}, fewer queries to fit the room"
+    return Aim(shape.batch_heads * _ceil_div(shape.q_tokens, queries), 1, why, settled)
+
+
+def doggettx(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: str) -> Aim:
+    """The webui's Doggettx rule: the scores times 3 (2-byte) or 2.5 against the room, in power-of-two query
+    steps of ``q_tokens // steps`` queries (the last slice takes the remainder), all of batch x heads at once."""
+    if kernel.kind == "fused":
+        return Aim(1, 0, "fused kernel: fewest slices the cost model needs", True)
+    modifier = 3.0 if shape.element_size == 2 else 2.5
+    estimate = shape.score_bytes * modifier
+    steps = min(_pow2_at_least(estimate / max(room, 1)), max(shape.q_tokens, 1))
+    slices = _ceil_div(shape.q_tokens, max(1, shape.q_tokens // steps))
+    why = f"Doggettx rule: scores x{modifier:g} = {format_bytes(estimate)} in {format_bytes(room)}: {steps} steps"
+    return Aim(slices, shape.batch_heads, why, steps == 1)
+
+
+def invokeai(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: str) -> Aim:
+    """The webui's InvokeAI rule (its CUDA form): the score tensor in MB against a tensor budget of room / 3.3;
+    over it, a power-of-two divisor slices batch x heads first, then queries."""
+    if kernel.kind == "fused":
+        return Aim(1, 0, "fused kernel: fewest slices the cost model needs", True)
+    tensor_mb = room / WEBUI_MARGIN / MiB
+    size_mb = shape.score_bytes // MiB
+    why = f"InvokeAI rule: scores {size_mb} MB vs tensor budget {tensor_mb:.0f} MB"
+    if size_mb <= tensor_mb:
+        return Aim(1, shape.batch_heads, why, True)
+    div = 1 << int((size_mb - 1) / max(tensor_mb, 1e-9)).bit_length()
+    if div <= shape.batch_heads:
+        rows = shape.batch_heads // div
+        return Aim(_ceil_div(shape.batch_heads, rows), rows, f"{why}: batch x heads in {div}", False)
+    queries = max(shape.q_tokens // div, 1)
+    return Aim(_ceil_div(shape.q_tokens, queries), shape.batch_heads, f"{why}: queries in {div}", False)
+
+
+def mps(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: str) -> Aim:
+    """Apple Metal's limits on every plan (the search enforces them for this strategy on any device): no tensor
+    of 2^31 elements or 4 GiB, no query slice a multiple of 4096; otherwise the fewest slices that fit."""
+    return Aim(1, 0, "fewest slices within Metal's tensor limits", True)
+
+
+def heads(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: str) -> Aim:
+    """diffusers' head slicing: half of each item's heads per slice; more slices where that does not fit, rows per
+    slice still as close to half the heads as the room allows."""
+    half = max(1, shape.heads // 2)
+    return Aim(_ceil_div(shape.batch_heads, half), half, "diffusers: half the heads per slice", True)
+
+
+RULES: dict[str, Rule] = {"auto": auto, "doggettx": doggettx, "invokeai": invokeai, "mps": mps, "heads": heads}
+NAMES: tuple[str, ...] = tuple(RULES)

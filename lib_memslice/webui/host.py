@@ -1,0 +1,77 @@
+"""What every room of the webui glue shares: the Host the forwards run with, the stats, the active entry.
+
+The only modules that import the webui (``modules``) are this package's; everything else in lib_memslice runs
+without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from modules import shared  # type: ignore[import-not-found]
+
+from .. import probe
+from ..limits import NotEnoughMemory
+from ..settings import Settings, read_settings
+from ..stats import CallRecord, Stats
+
+# Records go through the webui's own logging configuration (it sets the root level from --loglevel or
+# SD_WEBUI_LOG_LEVEL); memslice only asks for INFO on its own logger so the one-line job summary is not dropped
+# by Python's default WARNING threshold, and adds no handler of its own.
+log = logging.getLogger("memslice")
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
+
+STATS = Stats()
+
+
+class WebuiHost:
+    """The Host the forwards use inside the webui: options, hypernetworks, upcast and autocast from ``modules``."""
+
+    def settings(self) -> Settings:
+        opts = getattr(shared, "opts", None)
+        return read_settings(lambda key, default: getattr(opts, key, default))
+
+    def apply_hypernetworks(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from modules.hypernetworks import hypernetwork  # type: ignore[import-not-found]
+
+        return hypernetwork.apply_hypernetworks(shared.loaded_hypernetworks, context)
+
+    def upcast(self) -> bool:
+        return bool(getattr(shared.opts, "upcast_attn", False))
+
+    def without_autocast(self) -> Any:
+        from modules import devices  # type: ignore[import-not-found]
+
+        return devices.without_autocast()
+
+    def record(self, record: CallRecord) -> None:
+        STATS.record(record)
+
+    def record_failure(self, error: NotEnoughMemory) -> None:
+        STATS.record_failure()
+
+
+HOST = WebuiHost()
+
+
+def device_kind() -> str:
+    try:
+        return probe.device_kind(shared.device)
+    except Exception:
+        return "unknown"
+
+
+def active_entry() -> Any | None:
+    """The memslice entry the webui applied last, if any (``sd_hijack.current_optimizer``)."""
+    from modules import sd_hijack  # type: ignore[import-not-found]
+
+    current = getattr(sd_hijack, "current_optimizer", None)
+    return current if getattr(current, "is_memslice", False) else None
+
+
+def device() -> torch.device:
+    found = getattr(shared, "device", None)
+    return found if isinstance(found, torch.device) else torch.device("cpu")

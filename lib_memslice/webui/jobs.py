@@ -1,0 +1,188 @@
+"""One generation: its slicing summary (infotext, console line) and, when it fails for memory, what the error says.
+
+A memslice entry's ``apply()`` wraps the webui's ``processing.process_images_inner`` (txt2img, img2img and the API
+reach it through ``process_images``) and its ``undo()`` unwraps it. For an out-of-memory error on its way out, from
+memslice's own planner or from torch (a VAE decoder convolution, a hires UNet ResBlock), the wrapper reads the
+innermost ldm/sgm ``UNetModel``, ``Decoder`` or ``Encoder`` forward in the traceback and the size of its input,
+names the pass as the job planner does, and adds the largest size at which the whole job fits, planned with the
+memory free when the job started (read precisely at its start).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from typing import Any
+
+import torch
+
+from .. import kernels, probe
+from ..costs import format_bytes
+from ..job_plan import NOT_PLANNED
+from ..limits import NotEnoughMemory
+from . import planner
+from .host import HOST, STATS, active_entry, device
+
+log = logging.getLogger("memslice")
+
+_running: dict[str, Any] = {"p": None, "free": None}  # a weak reference to the running job, its starting free
+
+
+def _infotext(**_: Any) -> str | None:
+    job = STATS.current_job()
+    return job.infotext() if job.calls else None
+
+
+def on_job_start(p: Any) -> None:
+    """From the AlwaysVisible script's ``process``: reset the job summary, read free memory (precisely) for the
+    failure context, promise an infotext field."""
+    if active_entry() is None:
+        return
+    STATS.start_job()
+    try:
+        _running["p"] = weakref.ref(p)
+    except TypeError:
+        _running["p"] = None
+    try:
+        _running["free"] = probe.free_memory(device(), precise=True)
+    except Exception:  # never costs a generation
+        _running["free"] = None
+    try:
+        p.extra_generation_params["Memslice"] = _infotext  # evaluated per image, after that image's attention ran
+    except Exception as exc:
+        log.warning("memslice: could not add the infotext field: %s", exc)
+
+
+def on_job_end(p: Any = None, processed: Any = None) -> None:
+    if active_entry() is None:
+        return
+    _running["p"] = None
+    job = STATS.finish_job()
+    if job.calls and HOST.settings().log != "off":
+        log.info("%s", job.line())
+
+
+# --- the failing pass -------------------------------------------------------------------------------------
+
+#: the modules whose forward marks a pass, and the factor from their first tensor's last two dims to pixels
+_PASS_MODULES = {"UNetModel": ("UNet", 8), "Decoder": ("VAE decode", 8), "Encoder": ("VAE encode", 1)}
+
+
+def failing_module(tb: Any) -> tuple[str, tuple[int, int]] | None:
+    """The innermost ldm/sgm UNet, VAE decoder or encoder ``forward`` in a traceback, and the image size its input
+    tensor stands for: which pass an out-of-memory error (in attention or anywhere else) happened in."""
+    found = None
+    while tb is not None:
+        frame = tb.tb_frame
+        module = frame.f_locals.get("self")
+        kind = _PASS_MODULES.get(type(module).__name__)
+        if kind and frame.f_code.co_name == "forward" and type(module).__module__.split(".")[0] in ("ldm", "sgm"):
+            names = frame.f_code.co_varnames[1 : frame.f_code.co_argcount]
+            x = frame.f_locals.get(names[0]) if names else None
+            if isinstance(x, torch.Tensor) and x.dim() == 4:
+                found = (kind[0], (int(x.shape[-1]) * kind[1], int(x.shape[-2]) * kind[1]))
+        tb = tb.tb_next
+    return found
+
+
+def pass_name(module_pass: str, size: tuple[int, int], p: Any, first: tuple[int, int],
+              hires: tuple[int, int] | None) -> str:  # fmt: skip
+    """The job planner's name of a pass: the webui flags the hires UNet pass (``p.is_hr_pass``); a VAE pass at the
+    hires size is the hires one (the encode of an image upscaler, or the final decode)."""
+    if module_pass == "UNet":
+        return "UNet (hires)" if hires is not None and getattr(p, "is_hr_pass", False) else "UNet"
+    at_hires = hires is not None and size == hires and hires != first
+    return f"{module_pass} (hires)" if at_hires else module_pass
+
+
+def _job_of(p: Any) -> tuple[tuple[int, int], int, tuple[int, int] | None, str, bool]:
+    """(first-pass size, batch, hires size or None, upscaler kind, img2img) as the webui holds them on ``p``."""
+    first = (int(p.width), int(p.height))
+    batch = max(1, int(getattr(p, "batch_size", 1) or 1))
+    hires = None
+    if getattr(p, "enable_hr", False) and getattr(p, "hr_upscale_to_x", 0) and getattr(p, "hr_upscale_to_y", 0):
+        hires = (int(p.hr_upscale_to_x), int(p.hr_upscale_to_y))
+    # the webui's latent upscale modes are all named "Latent..." (None: its default, "Latent")
+    upscaler = "latent" if str(getattr(p, "hr_upscaler", None) or "Latent").startswith("Latent") else "image"
+    return first, batch, hires, upscaler, getattr(p, "init_images", None) is not None
+
+
+def failure_context(exc: BaseException) -> str:
+    """The sentence an out-of-memory error gets: the pass that failed, and what fits. Empty outside a memslice
+    job, for a model memslice does not plan, or when anything goes wrong (the original error must reach the user)."""
+    ref = _running.get("p")
+    p = ref() if ref is not None else None
+    where = failing_module(exc.__traceback__)
+    if p is None or where is None or planner.loaded_kind() in NOT_PLANNED:
+        return ""
+    module_pass, size = where
+    first, batch, hires, upscaler, img2img = _job_of(p)
+    name = pass_name(module_pass, size, p, first, hires)
+    plan = planner.plan_for(*first, batch, hr_width=hires[0] if hires else None, hr_height=hires[1] if hires else None,
+                            hr_upscaler=upscaler, img2img=img2img, free=_running.get("free"))  # fmt: skip
+    side = plan["max_square_resolution"]
+    scaled = " (first pass; hires scaled alike)" if hires else ""
+    budget = HOST.settings().budget_gb
+    if isinstance(exc, NotEnoughMemory) and exc.fixed_budget:
+        basis = f"with the attention budget of {format_bytes(budget * (1 << 30))}, which refused this call,"
+    else:
+        basis = f"with the {format_bytes(plan['free_bytes'])} free when this job started"
+    if side:
+        fits = f"{basis} the whole job fits up to {side}x{side}{scaled}"
+        if max(first) <= side:
+            fits += (": this size was within it, so that reading may be optimistic (memory taken after the job "
+                     "started, or more allocator overhead than measured)")  # fmt: skip
+    else:
+        fits = f"{basis} no size of this job fits (its binding pass: {plan['limit']})"
+    return f"In this job: the {name} pass at {size[0]}x{size[1]} failed; {fits}."
+
+
+def annotate(exc: BaseException) -> None:
+    """Add the failure context to an out-of-memory error or memslice's NotEnoughMemory; never raises."""
+    try:
+        if active_entry() is None or getattr(exc, "_memslice_job_context", False):
+            return
+        if not (isinstance(exc, NotEnoughMemory) or kernels.is_oom(exc)):
+            return
+        if not exc.args or not isinstance(exc.args[0], str):
+            return
+        context = failure_context(exc)
+        if context:
+            exc.args = (f"{exc.args[0]} {context}", *exc.args[1:])
+            exc._memslice_job_context = True  # type: ignore[attr-defined]
+    except Exception as err:  # the original error must still reach the user
+        log.debug("memslice: no job context for the error: %s", err)
+
+
+_WRAPPED = "_memslice_annotates_oom"
+
+
+def install_failure_context() -> None:
+    """Wrap ``processing.process_images_inner`` once: it only annotates an error on its way out."""
+    from modules import processing  # type: ignore[import-not-found]
+
+    inner = getattr(processing, "process_images_inner", None)
+    if inner is None or getattr(inner, _WRAPPED, False):
+        return
+
+    @functools.wraps(inner)
+    def process_images_inner(p: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return inner(p, *args, **kwargs)
+        except Exception as exc:
+            annotate(exc)
+            raise
+
+    setattr(process_images_inner, _WRAPPED, True)
+    processing.process_images_inner = process_images_inner
+
+
+def remove_failure_context() -> None:
+    """Unwrap ``process_images_inner`` if the wrapper on it is ours (another extension's wrapper on top stays, and
+    ours then passes errors through unchanged: no memslice entry is active)."""
+    from modules import processing  # type: ignore[import-not-found]
+
+    current = getattr(processing, "process_images_inner", None)
+    if getattr(current, _WRAPPED, False):
+        processing.process_images_inner = current.__wrapped__

@@ -1,0 +1,135 @@
+"""The loaded model as memslice sees it, and the whole-job planner for it (routes, Python API, failure context).
+
+``on_model_loaded`` tags every attention module with its site and reads the model's kind, layout and weights.
+:func:`plan_for` answers "will this job fit?" for the loaded model (or a named built-in one) with the memory free
+now plus the loaded weights: switching model unloads the current one, so its weights count as memory once, and the
+planned model's own weights count against it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from modules import shared  # type: ignore[import-not-found]
+
+from .. import kernels, probe
+from ..costs import format_bytes
+from ..job_plan import NOT_PLANNED, make_job, not_planned, plan_job
+from ..models import BUILTIN, ModelSpec, Weights, sites_from_modules
+from ..settings import Settings, read_settings
+from .host import HOST, active_entry, device, device_kind
+
+log = logging.getLogger("memslice")
+
+_loaded: dict[str, Any] = {"spec": None, "kind": None, "weights": None}
+
+
+def model_kind(sd_model: Any) -> str:
+    """sd15 | sd2 | sdxl | sd3, from the flags the webui sets on the model it loads."""
+    for flag, kind in (("is_sd3", "sd3"), ("is_sdxl", "sdxl"), ("is_sd2", "sd2")):
+        if getattr(sd_model, flag, False) is True:
+            return kind
+    return "sd15"
+
+
+def _parameter_bytes(module: Any) -> int:
+    try:
+        return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+    except Exception:  # a module without parameters() (a stub), or one that fails to list them
+        return 0
+
+
+def on_model_loaded(sd_model: Any) -> None:
+    """Tag every attention module with its site (runs after hijack: never inside ``apply()``, see design.md)."""
+    kind = model_kind(sd_model)
+    _loaded.update(spec=None, kind=kind, weights=None)
+    if kind in NOT_PLANNED:
+        return
+    try:
+        unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+        vae = getattr(sd_model, "first_stage_model", None)
+        spec = sites_from_modules(unet, vae)
+        _loaded["spec"] = ModelSpec(kind, f"loaded {kind} model", spec.sites, spec.context_dim)
+        text = getattr(sd_model, "cond_stage_model", None) or getattr(sd_model, "conditioner", None)
+        _loaded["weights"] = Weights(_parameter_bytes(unet), _parameter_bytes(vae), _parameter_bytes(text))
+    except Exception as exc:  # a model we cannot read still generates, just without site names
+        log.warning("memslice: could not read the model's attention layout: %s", exc)
+        _loaded["spec"] = None
+
+
+def loaded_kind() -> str | None:
+    return _loaded["kind"]
+
+
+def loaded_spec() -> ModelSpec | None:
+    return _loaded["spec"]
+
+
+def _resident_weights() -> tuple[Weights | None, bool]:
+    """(bytes of the loaded model's UNet, VAE and text encoders, whether --medvram/--lowvram keep them off)."""
+    opts = getattr(shared, "cmd_opts", None)
+    low = bool(getattr(opts, "medvram", False) or getattr(opts, "lowvram", False))
+    if getattr(opts, "medvram_sdxl", False) and _loaded["kind"] == "sdxl":
+        low = True
+    return _loaded.get("weights"), low
+
+
+def settings_with(overrides: dict[str, Any]) -> Settings:
+    """The saved settings with the planner panel's unsaved slider values on top (validated the same way)."""
+    base = HOST.settings().as_options()
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return read_settings(lambda key, default: base.get(key, default))
+
+
+def plan_for(
+    width: int,
+    height: int,
+    batch: int = 1,
+    model: str | None = None,
+    strategy: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    hr_scale: float | None = None,
+    hr_width: int | None = None,
+    hr_height: int | None = None,
+    hr_upscaler: str = "latent",
+    img2img: bool = False,
+    free: probe.FreeMemory | None = None,
+) -> dict[str, Any]:
+    """The job planner's answer for the loaded model (or a named built-in one): arithmetic only. ``free`` is a
+    reading already taken (the failure context passes the one from the job's start); None reads it now."""
+    settings = settings_with(overrides or {})
+    kind = model or _loaded["kind"] or "sd15"
+    free = free or probe.free_memory(device())
+    weights, medvram = _resident_weights()
+    resident = 0 if medvram or weights is None else weights.unet + weights.vae + weights.text
+    memory = free.bytes + resident
+    if kind in NOT_PLANNED:
+        result = not_planned(kind, width, height, batch, memory, NOT_PLANNED[kind])
+        result.update(model_source="loaded", memory_source=free.source)
+        return result
+    named = model is not None
+    spec = BUILTIN[kind] if named else (loaded_spec() or BUILTIN[kind])
+    entry = active_entry()
+    from modules import devices  # type: ignore[import-not-found]
+
+    dtype = getattr(devices, "dtype", torch.float16)
+    vae_dtype = getattr(devices, "dtype_vae", dtype)  # float32 with --no-half-vae
+    job = make_job(spec, kind, width, height, batch, memory, settings, hr_scale=hr_scale, hr_width=hr_width,
+                   hr_height=hr_height, hr_upscaler=hr_upscaler, img2img=img2img,
+                   strategy=strategy or (entry.strategy if entry else "auto"),
+                   element_size=torch.finfo(dtype).bits // 8, vae_element_size=torch.finfo(vae_dtype).bits // 8,
+                   upcast_attention=HOST.upcast(), weights=None if named else weights, medvram=medvram,
+                   device_kind=device_kind())  # fmt: skip
+    result = plan_job(job, kernels.kernels_for_job(device_kind(), dtype, vae_dtype, settings.kernel))
+    budget = settings.budget_gb > 0
+    result.update(
+        model_source="named" if named else ("loaded" if loaded_spec() else "default (no model loaded yet)"),
+        memory_source=f"{free.source} + the loaded model's weights" if resident else free.source,
+        free_bytes=free.bytes,
+        room=(f"attention budget {format_bytes(settings.budget_gb * (1 << 30))}" if budget
+              else f"what each call finds free / safety factor {settings.safety_factor:g}"),
+        settings=settings.as_options(),
+    )  # fmt: skip
+    return result

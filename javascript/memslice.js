@@ -1,10 +1,10 @@
 // memslice: a live planner in Settings > Memory slicing, and a one-line slicing summary under each generation.
 // Loaded by the webui as a classic script; uses its onUiLoaded()/gradioApp() and talks only to this server's
-// /memslice/v1 routes. No external assets.
+// page routes (/internal/memslice/v1: outside --api-auth, like the webui's own /internal/progress). No external assets.
 (function () {
     "use strict";
 
-    var API = "memslice/v1/";
+    var API = "internal/memslice/v1/";
     var KEYS = ["memslice_safety_factor", "memslice_slice_cap", "memslice_budget_gb"];
     var BATCHES = [1, 2, 4];
     var sequence = 0;
@@ -69,7 +69,7 @@
         var table = element("table", {"class": "memslice-table"});
         var head = element("tr");
         head.appendChild(element("th", {}, "batch"));
-        head.appendChild(element("th", {}, "largest square size the whole job fits"));
+        head.appendChild(element("th", {"class": "memslice-max-label"}, "largest square size the whole job fits"));
         table.appendChild(head);
         BATCHES.forEach(function (batch) {
             var row = element("tr", {"data-batch": String(batch)});
@@ -79,6 +79,7 @@
         });
         box.appendChild(table);
         box.appendChild(element("div", {"class": "memslice-current"}, "..."));
+        box.appendChild(element("table", {"class": "memslice-passes"}));
         box.appendChild(element("div", {"class": "memslice-error"}, ""));
         column.insertBefore(box, column.firstChild);
         return box;
@@ -129,18 +130,34 @@
             var current = results[0];
             box.querySelector(".memslice-error").textContent = "";
             box.querySelector(".memslice-budget").textContent =
-                "budget " + current.budget + " (" + current.budget_source + "), slice cap " + current.slice_cap +
-                ", model: " + current.model + " (" + current.model_source + ")";
+                "room: " + current.room + ", slice cap " + current.slice_cap + ", memory for a job " +
+                formatBytes(current.memory_bytes) + " (" + current.memory_source + "), model: " + current.model +
+                " (" + current.model_source + ")";
+            box.querySelector(".memslice-max-label").textContent = current.hires ?
+                "largest square first-pass size the whole job fits (hires scaled alike)" :
+                "largest square size the whole job fits";
             BATCHES.forEach(function (b, i) {
-                var side = results[i + 1].max_square_resolution;
-                box.querySelector("tr[data-batch='" + b + "'] .memslice-max").textContent =
-                    side > 0 ? side + " x " + side : "nothing fits";
+                var answer = results[i + 1];
+                box.querySelector("tr[data-batch='" + b + "'] .memslice-max").textContent = !answer.planned ?
+                    "not planned" : answer.max_square_resolution > 0 ?
+                    answer.max_square_resolution + " x " + answer.max_square_resolution : "nothing fits";
             });
             var hr = current.hires ? ", hires " + current.hires[0] + " x " + current.hires[1] : "";
             box.querySelector(".memslice-current").textContent =
-                "txt2img " + width + " x " + height + hr + ", batch " + batch + ": " +
-                (current.fits ? "fits, " + plural(current.max_slices, "slice") + " at most; " : "does NOT fit; ") +
-                "the largest pass is the " + current.limit + " (" + current.advice + ")";
+                "txt2img " + width + " x " + height + hr + ", batch " + batch + ": " + current.verdict +
+                (current.verdict === "fits" ? " (" + plural(current.max_slices, "slice") + " at most)" : "") +
+                "; " + current.advice;
+            var passes = box.querySelector(".memslice-passes");
+            passes.textContent = "";
+            (current.passes || []).forEach(function (p) {
+                var row = element("tr", {"data-verdict": p.verdict});
+                row.appendChild(element("td", {}, p.name));
+                row.appendChild(element("td", {}, p.width + " x " + p.height));
+                row.appendChild(element("td", {}, formatBytes(p.total_bytes)));
+                row.appendChild(element("td", {}, p.verdict));
+                passes.appendChild(row);
+            });
+            box.setAttribute("data-verdict", current.verdict);
             box.setAttribute("data-fits", String(current.fits));
             box.setAttribute("data-limit", current.limit);
             box.setAttribute("data-max-slices", String(current.max_slices));
@@ -169,12 +186,16 @@
             formatBytes(job.max_peak_bytes) + ", " + plural(job.retries, "retry");
     }
 
+    // After a job the webui fills #html_info_<tab> with the infotext; after a failed one it empties it and puts the
+    // error in #html_log_<tab> (modules/call_queue.py): the line then says the job failed, never the last job's plan.
     function showStatus(tab) {
         var info = app().querySelector("#html_info_" + tab);
-        if (!info || !info.textContent.trim()) return Promise.resolve();
+        var log = app().querySelector("#html_log_" + tab);
+        var failed = !!(log && log.querySelector(".error"));
+        if (!info || (!failed && !info.textContent.trim())) return Promise.resolve();
         return getJSON("status", {limit: 0}).then(function (status) {
             var line = app().querySelector("#memslice_status_" + tab);
-            var failed = status.current_job && status.current_job.failures > 0; // a job that stopped with an error
+            var refused = status.current_job && status.current_job.failures > 0;
             if (!status.active || (!failed && (!status.last_job || !status.last_job.calls))) {
                 if (line) line.remove();
                 return;
@@ -183,13 +204,17 @@
                 line = element("div", {id: "memslice_status_" + tab, "class": "memslice-status"});
                 info.parentNode.insertBefore(line, info.nextSibling);
             }
+            line.title = "";
             if (failed) {
-                line.textContent = "memslice: " + plural(status.current_job.failures, "attention call") +
-                    " did not fit the budget; see the error for the largest size that fits";
-                line.title = "";
+                line.textContent = refused ?
+                    "memslice: the job failed: " + plural(status.current_job.failures, "attention call") +
+                    " did not fit; the error names the pass and the largest size that fits" :
+                    "memslice: the job failed (see the error)";
+                line.setAttribute("data-failed", "true");
             } else {
                 line.textContent = compact(status.last_job);
                 line.title = status.last_job.line;
+                line.removeAttribute("data-failed");
             }
         }).catch(function () {});
     }
@@ -197,12 +222,15 @@
     function watchOutputs() {
         ["txt2img", "img2img"].forEach(function (tab) {
             var info = app().querySelector("#html_info_" + tab);
-            if (!info || info.getAttribute("data-memslice-watched")) return;
-            info.setAttribute("data-memslice-watched", "1");
+            var log = app().querySelector("#html_log_" + tab);
             var update = debounce(function () {
                 showStatus(tab);
             }, 150);
-            new MutationObserver(update).observe(info, {childList: true, subtree: true, characterData: true});
+            [info, log].forEach(function (node) {
+                if (!node || node.getAttribute("data-memslice-watched")) return;
+                node.setAttribute("data-memslice-watched", "1");
+                new MutationObserver(update).observe(node, {childList: true, subtree: true, characterData: true});
+            });
         });
     }
 

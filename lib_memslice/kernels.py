@@ -233,7 +233,11 @@ def kernels_for_job(
         chosen = (
             wanted if torch.finfo(wanted).bits // 8 == element_size else (half if element_size == 2 else torch.float32)
         )
-        return expected_kernels(device_kind, chosen, site.head_dim, setting, ask_device, site.head_dim)
+        found = expected_kernels(device_kind, chosen, site.head_dim, setting, ask_device, site.head_dim)
+        if chosen is wanted or found[0].kind != "fused":
+            return found
+        # upcast: the call casts its q, k and v to the compute dtype first (fused_input_copies counts it at run time)
+        return (replace(found[0], input_copies=(found[0].input_copies or 0) + 1), *found[1:])
 
     return kernels_for
 

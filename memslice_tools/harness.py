@@ -140,7 +140,7 @@ def measure(entry: Entry, reference: Tensor | None) -> None:
     if host is not None and host.stats.recent():
         r = host.stats.recent()[-1]
         row.update(slices=r.slices, kernel_used=r.kernel_used, predicted_peak_bytes=r.peak_bytes,
-                   plan_budget_bytes=r.budget_bytes, heads_per_slice=r.heads_per_slice,
+                   plan_room_bytes=r.room_bytes, heads_per_slice=r.heads_per_slice,
                    queries_per_slice=r.queries_per_slice)  # fmt: skip
     if reference is not None:
         row["max_abs_error"] = float((as_layout(out[0], reference).float() - reference.float()).abs().max())

@@ -25,7 +25,37 @@ def client(webui):
 
 def test_routes_are_added_once(client):
     paths = [r.path for r in client.app.routes]
-    assert paths.count("/memslice/v1/status") == 1 and paths.count("/memslice/v1/plan") == 1
+    for prefix in ("/memslice/v1", "/internal/memslice/v1"):
+        assert paths.count(f"{prefix}/status") == 1 and paths.count(f"{prefix}/plan") == 1
+
+
+def test_every_new_app_gets_the_routes_even_at_a_reused_address(webui):
+    """Reload UI makes a new app; one at the address of a collected one (CPython reuses them) still gets routes."""
+    import gc
+
+    for _ in range(20):
+        app = FastAPI()
+        webui.script_callbacks.app_started_callback(None, app)
+        assert "/memslice/v1/plan" in [r.path for r in app.routes]
+        del app
+        gc.collect()
+
+
+def test_api_auth_protects_the_api_routes_as_it_protects_sdapi(webui):
+    """--api-auth: the API routes want the same credentials (HTTP Basic), the page's routes stay as the webui's own
+    /internal routes are."""
+    webui.shared.cmd_opts.api_auth = "alice:secret,bob:pa:ss"
+    try:
+        app = FastAPI()
+        webui.script_callbacks.app_started_callback(None, app)
+        with TestClient(app) as c:
+            assert c.get("/memslice/v1/status").status_code == 401
+            assert c.get("/memslice/v1/plan", auth=("alice", "wrong")).status_code == 401
+            assert c.get("/memslice/v1/plan", auth=("alice", "secret")).status_code == 200
+            assert c.get("/memslice/v1/status", auth=("bob", "pa:ss")).status_code == 200
+            assert c.get("/internal/memslice/v1/status").status_code == 200
+    finally:
+        webui.shared.cmd_opts.api_auth = None
 
 
 def test_status_reports_device_budget_entry_settings_and_recent_plans(client):
@@ -37,7 +67,7 @@ def test_status_reports_device_budget_entry_settings_and_recent_plans(client):
         layer(torch.randn(2, 300, 64))
     body = client.get("/memslice/v1/status", params={"limit": 5}).json()
     assert body["device_kind"] == "cpu" and body["active"] == TITLES["doggettx"]
-    assert body["budget_bytes"] == 1 << 18 and "fixed" in body["budget_source"]
+    assert body["attention_budget_bytes"] == body["room_bytes"] == 1 << 18 and body["free_bytes"] > 0
     assert body["settings"]["memslice_budget_gb"] == 1 / 4096
     last = body["recent"][-1]
     for key in ("site", "batch_heads", "q_tokens", "k_tokens", "slices", "peak_bytes", "timestamp", "retries"):
@@ -95,7 +125,7 @@ def test_plan_previews_unsaved_slider_values(client):
     client.webui.devices.dtype = torch.float32
     base = client.get("/memslice/v1/plan", params=dict(width=2048, height=2048, budget_gb=1)).json()
     tighter = client.get("/memslice/v1/plan", params=dict(width=2048, height=2048, budget_gb=0.25)).json()
-    assert tighter["budget_bytes"] == 1 << 28 and base["budget_bytes"] == 1 << 30
+    assert "attention budget 256.0 MiB" in tighter["room"] and "attention budget 1.0 GiB" in base["room"]
     assert tighter["max_square_resolution"] < base["max_square_resolution"]
     capped = client.get("/memslice/v1/plan", params=dict(width=2048, height=2048, budget_gb=1, slice_cap=2)).json()
     assert capped["slice_cap"] == 2 and capped["max_slices"] <= 2
@@ -163,8 +193,8 @@ def test_the_largest_request_is_bounded_work(client, monkeypatch):
     from lib_memslice import slicing
 
     calls = []
-    real = slicing._choose
-    monkeypatch.setattr(slicing, "_choose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = slicing._search
+    monkeypatch.setattr(slicing, "_search", lambda *a, **k: calls.append(1) or real(*a, **k))
     body = client.get(
         "/memslice/v1/plan", params=dict(width=16384, height=16384, batch=64, model="sdxl", slice_cap=4096)
     ).json()
@@ -204,3 +234,36 @@ def test_the_plan_route_plans_the_whole_job_with_hires_and_img2img(client):
                                                          img2img=True)).json()  # fmt: skip
     assert [p["name"] for p in body["passes"]][:3] == ["VAE encode", "UNet", "VAE decode"]
     assert body["passes"][3]["name"] == "VAE encode (hires)" and body["passes"][3]["width"] == 768
+
+
+def test_a_named_model_counts_the_loaded_weights_once(client, monkeypatch):
+    """SD1.5 loaded, 3 GiB free: the loaded model's plan and the same model named plan in the same memory (free +
+    the loaded weights, which switching model would unload) and agree."""
+    from lib_memslice import probe
+    from lib_memslice.api import job_fits
+    from lib_memslice.models import Weights
+
+    monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: probe.FreeMemory(3 << 30, "test"))
+    planner = __import__("lib_memslice.webui.planner", fromlist=["_loaded"])
+    published = Weights(859_520_964 * 2, 83_653_863 * 2, 123_060_480 * 2)
+    monkeypatch.setitem(planner._loaded, "kind", "sd15")
+    monkeypatch.setitem(planner._loaded, "weights", published)
+    client.webui.devices.dtype = client.webui.devices.dtype_vae = torch.float16
+    loaded = client.get("/memslice/v1/plan", params=dict(width=512, height=512)).json()
+    named = client.get("/memslice/v1/plan", params=dict(width=512, height=512, model="sd15")).json()
+    total = (3 << 30) + published.unet + published.vae + published.text
+    assert loaded["memory_bytes"] == named["memory_bytes"] == total
+    assert loaded["max_square_resolution"] == named["max_square_resolution"] > 0
+    assert loaded["verdict"] == named["verdict"] == job_fits(512, 512, model="sd15").verdict
+
+
+def test_sd3_is_detected_and_not_planned(client):
+    """webui 1.10 loads SD3 Medium (``is_sd3``): memslice says it does not plan it, never SD1.5 numbers."""
+    model = type("SD3", (), {"is_sd3": True, "is_sdxl": False, "is_sd2": False})()
+    client.webui.script_callbacks.model_loaded_callback(model)
+    body = client.get("/memslice/v1/plan").json()
+    assert body["verdict"] == "not planned" and "SD3" in body["advice"] and body["passes"] == []
+    assert body["max_square_resolution"] == 0 and not body["fits"]
+    assert client.get("/memslice/v1/status").json()["model"] == "sd3"
+    named = client.get("/memslice/v1/plan", params=dict(model="sd3")).json()
+    assert named["verdict"] == "not planned"

@@ -29,8 +29,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def call_queue_outputs(fn):
+    """What the webui's ``wrap_gradio_call`` (modules/call_queue.py) gives the page for txt2img: on success the
+    function's (generation_info, infotext html, log html) with the "Time taken" div appended to the log; on an error
+    ``extra_outputs`` ``[None, '', '']`` (gallery, generation info, infotext: emptied) and the escaped error in a
+    ``<div class='error'>`` as the log, the timing appended. The gallery is left out of this page."""
+    import html as html_module
+
+    performance = ("<div class='performance'><p class='time'>Time taken: <wbr><span class='measurement'>0.1 sec."
+                   "</span></p></div>")  # fmt: skip
+
+    def wrapped():
+        try:
+            res = list(fn())
+        except Exception as e:
+            res = ["", "", f"<div class='error'>{html_module.escape(f'{type(e).__name__}: {e}')}</div>"]
+        res[-1] += performance
+        return tuple(res)
+
+    return wrapped
+
+
 def build_page(env):
-    """The webui's txt2img size controls, its output info box, and the Memory slicing settings column."""
+    """The webui's txt2img size controls, its output infotext and log boxes (``modules/ui_common.py``:
+    ``html_info_<tab>`` and ``html_log_<tab>`` in one group), and the Memory slicing settings column."""
     import gradio as gr
 
     opts = env.shared.opts
@@ -44,12 +66,13 @@ def build_page(env):
             with torch.no_grad():
                 layer(torch.randn(2, 300, 64))
 
-        _, processed = generate(env, sample)
-        opts.set("memslice_budget_gb", 2.0)
-        return "<p>" + processed.infotexts[0].replace("\n", "<br>") + "</p>"
+        try:
+            _, processed = generate(env, sample)
+        finally:
+            opts.set("memslice_budget_gb", 2.0)
+        return "{}", "<p>" + processed.infotexts[0].replace("\n", "<br>") + "</p>", "<p class='comments'></p>"
 
     def run_failing_generation():
-        """Like the webui's wrap_gradio_call: a failed job's error text lands in the info box."""
         select(env, TITLES["auto"])
         opts.set("memslice_budget_gb", 1 / 1024 / 1024)  # 1 KiB: nothing fits
         layer = env.ldm_attention.CrossAttention(query_dim=64, heads=4, dim_head=16)
@@ -60,11 +83,19 @@ def build_page(env):
 
         try:
             generate(env, sample)
-        except Exception as e:
-            return f"<div class='error'>{type(e).__name__}: {e}</div>"
         finally:
             opts.set("memslice_budget_gb", 2.0)
-        return "<p>unexpectedly fitted</p>"
+        return "{}", "<p>unexpectedly fitted</p>", ""
+
+    def run_torch_oom():
+        """A job that a memslice entry runs and torch's allocator stops outside attention (no memslice failure)."""
+        select(env, TITLES["auto"])
+
+        def sample(p):
+            raise MemoryError("out of memory in a convolution (simulated)")
+
+        generate(env, sample)
+        return "{}", "<p>unexpectedly ran</p>", ""
 
     with gr.Blocks(analytics_enabled=False, title="fake webui") as demo:
         with gr.Tabs(elem_id="tabs"):
@@ -86,7 +117,11 @@ def build_page(env):
                           interactive=True)  # fmt: skip
                 button = gr.Button("Generate", elem_id="txt2img_generate")
                 failing = gr.Button("Generate too large", elem_id="generate_too_large")
-                info = gr.HTML(elem_id="html_info_txt2img")
+                oom = gr.Button("Generate into a torch OOM", elem_id="generate_torch_oom")
+                with gr.Group():
+                    info = gr.HTML(elem_id="html_info_txt2img", elem_classes="infotext")
+                    log = gr.HTML(elem_id="html_log_txt2img", elem_classes="html-log")
+                    generation_info = gr.Textbox(visible=False, elem_id="generation_info_txt2img")
             with (
                 gr.TabItem("Settings", elem_id="tab_settings"),
                 gr.Tabs(elem_id="settings"),
@@ -99,8 +134,10 @@ def build_page(env):
                     component = option.component or gr.Checkbox
                     args = dict(option.component_args or {}, interactive=True)  # inputs of Apply in the webui
                     component(label=option.label, value=getattr(opts, key), elem_id=f"setting_{key}", **args)
-        button.click(fn=run_generation, outputs=[info])
-        failing.click(fn=run_failing_generation, outputs=[info])
+        outputs = [generation_info, info, log]
+        button.click(fn=call_queue_outputs(run_generation), outputs=outputs)
+        failing.click(fn=call_queue_outputs(run_failing_generation), outputs=outputs)
+        oom.click(fn=call_queue_outputs(run_torch_oom), outputs=outputs)
     return demo
 
 
@@ -210,7 +247,7 @@ def test_planner_panel_shows_largest_sizes_per_batch(page):
     for batch in (1, 2, 4):
         expected = api(page, "plan", width=512, height=512, batch=batch)["max_square_resolution"]
         wait_for_text(page, f"tr[data-batch='{batch}'] .memslice-max", lambda t, e=expected: t == f"{e} x {e}")
-    assert "budget" in planner_text(page, ".memslice-budget")
+    assert "room" in planner_text(page, ".memslice-budget")
     assert not page.js_errors
 
 
@@ -221,7 +258,7 @@ def test_planner_recomputes_from_unsaved_inputs(page):
     budget.fill("0.05")  # typed, not applied: nothing is saved
     expected = api(page, "plan", width=512, height=512, batch=1, budget_gb=0.05)["max_square_resolution"]
     wait_for_text(page, "tr[data-batch='1'] .memslice-max", lambda t: t == f"{expected} x {expected}")
-    wait_for_text(page, ".memslice-budget", lambda t: "fixed budget 0.05 GiB" in t)
+    wait_for_text(page, ".memslice-budget", lambda t: "attention budget 51.2 MiB" in t)
     assert page.env.shared.opts.memslice_budget_gb == 2.0  # typed values are previews; nothing was saved
     cap = page.locator("#setting_memslice_slice_cap input[type=number]")
     cap.fill("1")
@@ -240,10 +277,9 @@ def test_planner_follows_the_txt2img_size(page):
     expected = api(page, "plan", width=2048, height=1536, batch=1, budget_gb=0.01)
     wait_for_text(page, ".memslice-current", lambda t: "2048 x 1536" in t)
     text = planner_text(page, ".memslice-current")
+    assert expected["verdict"] in text and expected["advice"] in text
     if expected["fits"]:
         assert f"{expected['max_slices']} slices at most" in text
-    else:
-        assert "does NOT fit" in text and expected["limit"] in text
 
 
 def test_planner_reads_hires_fix_and_names_the_binding_pass(page):
@@ -253,8 +289,12 @@ def test_planner_reads_hires_fix_and_names_the_binding_pass(page):
     expected = api(page, "plan", width=512, height=512, batch=1, hr_scale=2, hr_upscaler="latent")
     assert [p["name"] for p in expected["passes"]] == ["UNet", "UNet (hires)", "VAE decode (hires)"]
     text = wait_for_text(page, ".memslice-current", lambda t: "hires 1024 x 1024" in t)
-    assert expected["limit"] in text
+    assert expected["limit"] in text and text.count(expected["limit"]) == 1  # named once, not repeated
     assert page.get_attribute("#memslice_planner", "data-limit") == expected["limit"]
+    rows = page.locator("#memslice_planner .memslice-passes tr").all_inner_texts()
+    assert [r.split("\t")[0] for r in rows] == [p["name"] for p in expected["passes"]]
+    assert [r.split("\t")[-1] for r in rows] == [p["verdict"] for p in expected["passes"]]
+    assert "first-pass size" in planner_text(page, ".memslice-max-label")
     side = api(page, "plan", width=512, height=512, batch=1, hr_scale=2)["max_square_resolution"]
     wait_for_text(page, "tr[data-batch='1'] .memslice-max", lambda t: t == f"{side} x {side}")
     assert not page.js_errors
@@ -275,10 +315,23 @@ def test_status_line_after_a_generation(page):
 
 
 def test_status_line_after_a_job_that_did_not_fit(page):
+    """The real page after a failed job: the infotext is empty and the error is in the log box. The line must say
+    the job failed, never keep showing the previous job's plan."""
     page.click("#txt2img_generate")
     wait_for_text(page, "#memslice_status_txt2img", lambda t: "slices max" in t, timeout=60)
     page.click("#generate_too_large")
-    line = wait_for_text(page, "#memslice_status_txt2img", lambda t: "did not fit" in t, timeout=60)
-    assert line.startswith("memslice: 1 attention call did not fit the budget")
-    assert "not enough memory" in page.inner_text("#html_info_txt2img")
+    line = wait_for_text(page, "#memslice_status_txt2img", lambda t: "failed" in t, timeout=60)
+    assert line.startswith("memslice: the job failed: 1 attention call did not fit")
+    assert "not enough memory" in page.inner_text("#html_log_txt2img")
+    assert page.inner_text("#html_info_txt2img").strip() == ""
+    assert not page.js_errors
+
+
+def test_status_line_after_a_job_torch_stopped(page):
+    page.click("#txt2img_generate")
+    wait_for_text(page, "#memslice_status_txt2img", lambda t: "slices max" in t, timeout=60)
+    page.click("#generate_torch_oom")
+    line = wait_for_text(page, "#memslice_status_txt2img", lambda t: "failed" in t, timeout=60)
+    assert line == "memslice: the job failed (see the error)"
+    assert "MemoryError" in page.inner_text("#html_log_txt2img")
     assert not page.js_errors

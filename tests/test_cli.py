@@ -25,18 +25,19 @@ def run_json(capsys, *args):
 def test_plan_json_contract(capsys):
     code, out = run_json(capsys, "--model", "sd15", "--width", "512", "--height", "512", "--memory", "8GiB",
                          "--device", "cuda")  # fmt: skip
-    assert code == 0 and out["fits"] is True and isinstance(out["max_square_resolution"], int)
+    assert code == 0 and out["fits"] is True and out["verdict"] == "fits"
+    assert isinstance(out["max_square_resolution"], int) and out["allocator_overhead"]["high"] > 0
     assert [p["name"] for p in out["passes"]] == ["UNet", "VAE decode"] and out["limit"] in ("UNet", "VAE decode")
     for p in out["passes"]:
-        for key in ("name", "width", "height", "attention_bytes", "activation_bytes", "weight_bytes", "total_bytes",
-                    "fits"):  # fmt: skip
+        for key in ("name", "width", "height", "attention_bytes", "activation_bytes", "weight_bytes",
+                    "allocator_bytes", "total_bytes", "headroom_bytes", "verdict", "fits"):  # fmt: skip
             assert key in p
-        assert p["total_bytes"] <= 8 * GiB
+        assert p["total_bytes"] <= 8 * GiB and p["verdict"] == "fits"
     sites = {row["site"] for row in out["layers"]}
     assert {"unet.level0.self", "unet.level0.cross", "unet.mid.self", "vae.mid"} <= sites
     for row in out["layers"]:
         for key in ("pass", "site", "batch_heads", "q_tokens", "k_tokens", "heads_per_slice", "queries_per_slice",
-                    "slices", "peak_bytes", "kernel_used", "budget_bytes"):  # fmt: skip
+                    "slices", "peak_bytes", "kernel_used", "room_bytes"):  # fmt: skip
             assert key in row
 
 
@@ -161,3 +162,27 @@ def test_module_entry_point_runs():
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["fits"] is True
+
+
+def test_a_job_at_the_edge_of_the_card_is_not_called_fits(capsys):
+    """The reported case: the hires VAE decode at 99.7 % of 4 GiB was "fits" with no room for what CUDA's allocator
+    adds. Now it is tight (fits only with the smallest overhead measured) and its advice says so."""
+    code, out = run_json(capsys, "--model", "sd15", "--width", "512", "--height", "512", "--hires-scale", "2",
+                         "--memory", "4GiB", "--device", "cuda")  # fmt: skip
+    decode = out["passes"][-1]
+    assert decode["name"] == "VAE decode (hires)" and decode["tensor_bytes"] <= 4 * GiB < decode["total_bytes"]
+    assert decode["verdict"] == out["verdict"] == "tight" and code == 1 and not out["fits"]
+    assert out["limit"] == "VAE decode (hires)" and out["advice"].startswith("tight:")
+    assert cli.main(["plan", "--model", "sd15", "--width", "512", "--height", "512", "--hires-scale", "2",
+                     "--memory", "4GiB", "--device", "cuda"]) == 1  # fmt: skip
+    assert "is TIGHT in 4.0 GiB" in capsys.readouterr().out
+    side = out["max_square_resolution"]
+    code, smaller = run_json(capsys, "--model", "sd15", "--width", str(side), "--height", str(side), "--hires-scale",
+                             "2", "--memory", "4GiB", "--device", "cuda")  # fmt: skip
+    assert code == 0 and smaller["verdict"] == "fits" and all(p["headroom_bytes"] >= 0 for p in smaller["passes"])
+
+
+def test_sd3_is_not_planned_by_the_cli(capsys):
+    assert cli.main(["plan", "--model", "sd3", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"] == "not planned" and "SD3" in out["advice"]

@@ -371,3 +371,26 @@ def test_fake_dataclass_stand_ins_set_only_real_fields():
         assigned -= {"alwayson_scripts"}  # fake-only: the real p.scripts is a ScriptRunner the fake does without
         problems += [f"{node.name}.{a} is not a field of the real class" for a in sorted(assigned - real)]
     assert not problems, "\n".join(problems)
+
+
+def test_the_fake_pages_outputs_are_the_webuis():
+    """With WEBUI_DIR: the output boxes and the error path the browser test's page reproduces
+    (``test_browser.call_queue_outputs``, ``build_page``) are the real 1.10.1 ones."""
+    webui_dir = os.environ.get("WEBUI_DIR")
+    if not webui_dir:
+        pytest.skip("WEBUI_DIR is not set: the fake page's outputs are checked against the real source only with it")
+    with open(os.path.join(webui_dir, "modules", "ui_common.py")) as f:
+        ui_common = f.read()
+    assert """gr.HTML(elem_id=f'html_info_{tabname}', elem_classes="infotext")""" in ui_common
+    assert """gr.HTML(elem_id=f'html_log_{tabname}', elem_classes="html-log")""" in ui_common
+    with open(os.path.join(webui_dir, "modules", "call_queue.py")) as f:
+        call_queue = f.read()
+    assert """res = extra_outputs_array + [f"<div class='error'>{html.escape(error_message)}</div>"]""" in call_queue
+    assert "error_message = f'{type(e).__name__}: {e}'" in call_queue
+    assert """res[-1] += f"<div class='performance'>""" in call_queue
+    with open(os.path.join(webui_dir, "modules", "ui.py")) as f:
+        ui = f.read()
+    assert "fn=wrap_gradio_gpu_call(modules.txt2img.txt2img, extra_outputs=[None, '', ''])" in ui
+    tree = ast.parse(ui)
+    outputs = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.keyword) and node.arg == "outputs"]
+    assert any("output_panel.generation_info, output_panel.infotext, output_panel.html_log" in o for o in outputs)

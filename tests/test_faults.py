@@ -9,10 +9,12 @@ import threading
 import pytest
 import torch
 
-from lib_memslice import kernels
+from lib_memslice import kernels, probe
+from lib_memslice.costs import AttentionShape
 from lib_memslice.forwards import BasicHost, attend
 from lib_memslice.limits import NotEnoughMemory
 from lib_memslice.settings import Settings
+from lib_memslice.slicing import smallest_need
 
 from .conftest import ROOT, projected_qkv, reference
 from .test_webui import TITLES, select
@@ -81,12 +83,35 @@ def test_no_output_when_nothing_fits_after_retries(monkeypatch):
     monkeypatch.setattr(kernels, "_softmax_", fake)
     host = BasicHost(Settings(budget_gb=64, slice_cap=8, kernel="einsum"))
     result = None
-    with pytest.raises(NotEnoughMemory, match="every slice count up to 8 slices") as info:
+    with pytest.raises(NotEnoughMemory, match=r"einsum kernel at 2, 4 and 8 slices \(predicted ") as info:
         result = attend(q, k, v, scale=1.0, strategy="auto", host=host)
     assert result is None and host.stats.total_failures == 1
-    # the fixed budget (64 GiB) was evidently more than the device had: no size from it, and the advice says so
-    assert "lower 'Memory budget (GiB)'" in str(info.value) and "fit: about" not in str(info.value)
+    assert "twice the slices would pass the slice cap (8)" in str(info.value)
+    # the attention budget (64 GiB) was evidently more than the device had: no size from it, and the advice says so
+    assert "lower it to what is free" in str(info.value) and "fit: about" not in str(info.value)
     assert fake.calls == 3  # 2 (one head per slice), 4 and 8 slices: each attempt fails at its first slice
+
+
+def test_a_plan_over_the_safety_margin_that_runs_out_says_only_what_was_tried(monkeypatch):
+    """The reported case: the smallest-peak plan (run because only the safety factor refused) ran out once, and
+    the error claimed every slice count had been tried and advised a higher slice cap although memory bound."""
+    q, k, v = projected_qkv(1, 2, 64, 64, 8)
+    shape = AttentionShape(2, 64, 64, 8, heads=2)
+    need = smallest_need(shape, slice_cap=64, kernel=kernels.EINSUM)
+    free = shape.input_bytes + int(need * 1.5)  # over the room (free / 3.3), within free memory itself
+    monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: probe.FreeMemory(free, "test"))
+    fake = Failing(kernels._softmax_, range(1, 10_000), OOM("CUDA out of memory"))
+    monkeypatch.setattr(kernels, "_softmax_", fake)
+    with pytest.raises(NotEnoughMemory) as info:
+        attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(slice_cap=64, kernel="einsum")))
+    text = str(info.value)
+    tried = text.split("einsum kernel at ")[1].split(" (predicted")[0]
+    assert tried.count(",") + tried.count(" and ") + 1 == fake.calls  # exactly the plans that ran out, no more
+    assert "every slice count" not in text
+    if "free now" in text:  # memory stopped the retries: a higher cap is not the remedy
+        assert "raise the slice cap" not in text
+    else:
+        assert "pass the slice cap (64)" in text
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
@@ -137,8 +162,10 @@ def test_a_fused_call_that_copies_its_inputs_is_retried_sliced_once(monkeypatch)
 def test_a_fused_call_with_no_einsum_to_go_to_says_the_output_does_not_fit(monkeypatch):
     q, k, v = projected_qkv(2, 4, 300, 300, 16)
     monkeypatch.setattr(kernels, "_sdpa", Failing(kernels._sdpa, range(1, 100), OOM("CUDA out of memory")))
-    with pytest.raises(NotEnoughMemory, match="the output itself does not fit"):
+    with pytest.raises(NotEnoughMemory, match="more slices cannot shrink a fused call's output") as info:
         attend(q, k, v, scale=0.25, strategy="auto", host=BasicHost(Settings(budget_gb=1, kernel="sdpa")))
+    assert "on the fused kernel at 1 slice (predicted" in str(info.value)
+    assert "einsum" not in str(info.value)  # kernel=sdpa: never tried, never named
 
 
 def test_after_a_fused_oom_the_einsum_kernel_gets_one_try_not_a_loop(monkeypatch):
@@ -148,9 +175,10 @@ def test_after_a_fused_oom_the_einsum_kernel_gets_one_try_not_a_loop(monkeypatch
     einsum = Failing(kernels._softmax_, range(1, 10_000), OOM("CUDA out of memory"))
     monkeypatch.setattr(kernels, "_sdpa", fused)
     monkeypatch.setattr(kernels, "_softmax_", einsum)
-    with pytest.raises(NotEnoughMemory, match="the output itself does not fit"):
+    with pytest.raises(NotEnoughMemory, match="more slices cannot shrink a fused call's output") as info:
         attend(q, k, v, scale=0.25, strategy="auto", host=BasicHost(Settings()))
     assert fused.calls == 1 and einsum.calls == 1
+    assert "fused kernel at 1 slice" in str(info.value) and "and on the einsum kernel at " in str(info.value)
 
 
 def test_retry_off_reraises_the_original_error(monkeypatch):

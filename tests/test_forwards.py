@@ -88,13 +88,13 @@ def test_changed_settings_or_sdpa_switches_plan_again():
     assert run(host, q, k, v).kernel_used == "fused"
 
 
-def test_only_the_safety_margin_refusing_runs_the_finest_plan_within_free_memory(monkeypatch):
-    """Free 256 KiB, safety factor 3.3: the 128 KiB output alone is over 78 KiB, yet the finest plan fits 256 KiB:
-    it runs (as sdp would), planned against free memory itself."""
+def test_only_the_safety_margin_refusing_runs_the_smallest_peak_plan_within_free_memory(monkeypatch):
+    """Free 256 KiB, safety factor 3.3: the 128 KiB output alone is over 78 KiB, yet the smallest-peak plan fits
+    256 KiB: it runs (as sdp would), planned in free memory itself."""
     monkeypatch.setattr(probe, "free_memory", CountingProbe(256 * 1024))
     q, k, v = projected_qkv(2, 4, 256, 256, 16)
     record = run(BasicHost(Settings(kernel="einsum")), q, k, v)
-    assert record.peak_bytes <= 256 * 1024 and record.budget_bytes == 256 * 1024
+    assert record.peak_bytes <= 256 * 1024 and record.room_bytes == 256 * 1024
     with pytest.raises(forwards.NotEnoughMemory, match="is free"):  # and past free memory itself, a clean refusal
         monkeypatch.setattr(probe, "free_memory", CountingProbe(64 * 1024))
         run(BasicHost(Settings(kernel="einsum")), q, k, v)

@@ -10,8 +10,17 @@ import torch
 
 from lib_memslice import activations, kernels
 from lib_memslice.costs import GiB, MiB
-from lib_memslice.job_plan import builtin_job, hires_size, max_square, passes, plan_job, plan_pass, weight_bytes
-from lib_memslice.models import WEIGHTS, clip_text_parameters
+from lib_memslice.job_plan import (
+    ALLOCATOR_OVERHEAD,
+    builtin_job,
+    hires_size,
+    max_square,
+    passes,
+    plan_job,
+    plan_pass,
+    weight_bytes,
+)
+from lib_memslice.models import BUILTIN, WEIGHTS, clip_text_parameters
 
 
 def cuda_kernels(site, element_size):
@@ -91,9 +100,10 @@ def test_a_pass_is_weights_inputs_and_its_measured_peak():
     live = activations.unet_live_bytes("sd15", 768, 768, 2, 2)
     attention = {row["site"]: row["peak_bytes"] for row in unet["layers"]}
     assert unet["activation_bytes"] == peak
-    assert unet["total_bytes"] == unet["weight_bytes"] + unet["input_bytes"] + activations.pass_peak_bytes(
-        peak, attention, live
-    )
+    tensors = unet["weight_bytes"] + unet["input_bytes"] + activations.pass_peak_bytes(peak, attention, live)
+    assert unet["tensor_bytes"] == tensors
+    assert unet["allocator_bytes"] == int(peak * ALLOCATOR_OVERHEAD["cuda"].high) > 0  # measured: activations only
+    assert unet["total_bytes"] == tensors + unet["allocator_bytes"] and unet["verdict"] == "fits"
     assert unet["fits"] and all(row["slices"] == 1 and row["kernel_used"] == "fused" for row in unet["layers"])
 
 
@@ -107,7 +117,7 @@ def test_attention_is_planned_for_what_its_call_finds_free():
     planned = plan_pass(tight, passes(tight)[0], einsum_only)
     level0 = next(row for row in planned["layers"] if row["site"] == "unet.level0.self")
     assert planned["fits"] and level0["slices"] > roomy
-    assert level0["budget_bytes"] < 256 * MiB  # what is left at that moment, over the safety factor
+    assert level0["room_bytes"] < 256 * MiB  # what is left at that moment, over the safety factor
 
 
 def test_when_the_vae_decode_binds_the_advice_says_tiles_not_slices():
@@ -172,3 +182,16 @@ def test_the_api_inside_the_webui_plans_for_the_loaded_model(webui):
     plan = job_fits(512, 512, hr_scale=2, model="sd15")
     assert [p.name for p in plan.passes] == ["UNet", "UNet (hires)", "VAE decode (hires)"]
     assert "loaded" in plan.details["memory_source"] or plan.details["model_source"] == "named"
+
+
+def test_upcast_previews_count_the_cast_copy_a_call_makes():
+    """'Upcast cross attention layer to float32': the preview's fused kernel must count the float32 copy of q, k
+    and v that the real call makes (choose_kernel's fused_input_copies), or the job plan understates it."""
+    q = torch.randn(1, 2, 64, 40, dtype=torch.bfloat16)
+    runtime = kernels.choose_kernel("auto", q, q, q, torch.float32)
+    site = next(s for s in BUILTIN["sd15"].sites if s.name == "unet.level0.self")
+    preview = kernels.kernels_for_job("cpu", torch.bfloat16, torch.bfloat16, "auto")(site, 4)[0]
+    assert runtime.kind == preview.kind == "fused" and runtime.input_copies >= 1
+    assert preview.input_copies == runtime.input_copies
+    plain = kernels.kernels_for_job("cpu", torch.float32, torch.float32, "auto")(site, 4)[0]
+    assert plain.input_copies == preview.input_copies - 1  # a float32 model's call: no cast copy

@@ -143,8 +143,8 @@ def test_fused_kernel_live_tensors_match_the_prediction(upcast):
         plan = plan_attention(shape, 1 << 40, kernel=kernel, min_slices=slices)
         with PeakTracker() as tracker:
             kernels.run_plan(q, k, v, plan, 40**-0.5, None, compute)
-        assert tracker.peak <= plan.peak_bytes - kernel.workspace
-        assert plan.peak_bytes - kernel.workspace - tracker.peak <= 0.02 * plan.peak_bytes
+        assert tracker.peak <= plan.peak_bytes - kernel.scratch
+        assert plan.peak_bytes - kernel.scratch - tracker.peak <= 0.02 * plan.peak_bytes
 
 
 def test_sdpa_math_half_precision_is_predicted_in_float32():
@@ -161,9 +161,9 @@ def test_sdpa_math_half_precision_is_predicted_in_float32():
 
 def test_cpu_fused_kernel_runs_only_for_4d_and_is_detected():
     q, k, v = projected_qkv(1, 2, 64, 64, 16)
-    assert kernels.fused_sdpa_available(q, k, v)
+    assert kernels.sdpa_backend(q, k, v) == "flash"
     flat = q.reshape(2, 64, 16)
-    assert not kernels.fused_sdpa_available(flat, flat, flat)
+    assert kernels.sdpa_backend(flat, flat, flat) == "math"
     assert kernels.choose_kernel("auto", q, k, v, q.dtype).kind == "fused"
     assert kernels.choose_kernel("einsum", q, k, v, q.dtype).kind == "einsum"
     with sdpa_math_only():
@@ -173,15 +173,15 @@ def test_cpu_fused_kernel_runs_only_for_4d_and_is_detected():
 
 def test_cuda_previews_follow_torchs_rules():
     """Without a device: flash for half precision up to 128, memory-efficient above (the VAE's 512), its float32
-    accumulator counted for half precision over 128."""
+    accumulator counted (output_extra) for half precision over 128."""
     vae = kernels.expected_kernel("cuda", torch.float16, 512)
-    assert vae.kind == "fused" and vae.backend == "efficient" and vae.accumulator == 4
-    assert kernels.expected_kernel("cuda", torch.float32, 512).accumulator == 0
+    assert vae.kind == "fused" and vae.backend == "efficient" and vae.output_extra == 4
+    assert kernels.expected_kernel("cuda", torch.float32, 512).output_extra == 0
     unet = kernels.expected_kernel("cuda", torch.float16, 40)
-    assert unet.kind == "fused" and unet.accumulator == 0
+    assert unet.kind == "fused" and unet.output_extra == 0
     assert kernels.expected_kernel("cuda", torch.float16, 44).kind == "einsum"  # not a multiple of 8
     assert [k.kind for k in kernels.expected_kernels("cuda", torch.float16, 64)] == ["fused", "einsum"]
-    # the accumulator is in the prediction: twice a half output
+    # the float32 accumulator (output_extra) is in the prediction: twice a half output
     shape = AttentionShape(1, 4096, 4096, 512, element_size=2, heads=1)
     assert peak_bytes(shape, 1, 4096, vae) - peak_bytes(shape, 1, 4096, unet) == 2 * shape.output_bytes
 
@@ -260,7 +260,7 @@ def test_is_oom_knows_every_backends_words_and_nothing_else():
     from lib_memslice.limits import NotEnoughMemory
 
     assert all(kernels.is_oom(e) for e in OOMS)
-    assert not kernels.is_oom(NotEnoughMemory(2, 1))
+    assert not kernels.is_oom(NotEnoughMemory("memslice: not enough memory for attention: out of memory"))
     assert not kernels.is_oom(ValueError("out of memory"))
     assert not kernels.is_oom(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"))
 

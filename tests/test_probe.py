@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -33,32 +34,136 @@ def test_cpu_probe_reads_available_memory():
     assert abs(found.bytes - psutil.virtual_memory().available) < 0.1 * psutil.virtual_memory().total
 
 
-def fake_cgroup(monkeypatch, tmp_path, limit, current, inactive=None):
-    (tmp_path / "max").write_text(f"{limit}\n")
-    (tmp_path / "current").write_text(f"{current}\n")
-    stat = "anon 1\n" + ("" if inactive is None else f"inactive_file {inactive}\n") + "active_file 7\n"
-    (tmp_path / "stat").write_text(stat)
-    monkeypatch.setattr(probe, "_CGROUP_MAX", str(tmp_path / "max"))
-    monkeypatch.setattr(probe, "_CGROUP_CURRENT", str(tmp_path / "current"))
-    monkeypatch.setattr(probe, "_CGROUP_STAT", str(tmp_path / "stat"))
-    monkeypatch.setattr(probe, "_cgroup_limit", False)
+def cgroup_tree(monkeypatch, tmp_path, levels, *, v2=True, own="/kubepods/pod1/ctr", root="/"):
+    """A fake /proc/self and cgroup hierarchy: ``levels`` maps cgroup paths (relative to the hierarchy's root) to
+    (limit or "max", usage, inactive file bytes). The hierarchy is mounted at ``<tmp>/cg`` showing ``root``."""
+    proc = tmp_path / "proc"
+    proc.mkdir(exist_ok=True)
+    mount = tmp_path / "cg"
+    kind = "cgroup2 cgroup2 rw" if v2 else "cgroup cgroup rw,memory"
+    (proc / "mountinfo").write_text(
+        f"22 1 0:21 / /proc rw,nosuid - proc proc rw\n30 25 0:26 {root} {mount} rw,nosuid,nodev - {kind}\n"
+    )
+    (proc / "cgroup").write_text(f"0::{own}\n" if v2 else f"5:cpu:/\n4:memory:{own}\n2:pids:/\n")
+    for path, (limit, usage, inactive) in levels.items():
+        relative = os.path.relpath(path, root) if path.startswith(root) else None
+        if relative is None:
+            continue
+        here = mount / relative
+        here.mkdir(parents=True, exist_ok=True)
+        if v2:
+            (here / "memory.max").write_text(f"{limit}\n")
+            (here / "memory.current").write_text(f"{usage}\n")
+            (here / "memory.stat").write_text(f"anon 1\ninactive_file {inactive}\nactive_file 7\n")
+        else:
+            (here / "memory.limit_in_bytes").write_text(f"{(1 << 63) - 4096 if limit == 'max' else limit}\n")
+            (here / "memory.usage_in_bytes").write_text(f"{usage}\n")
+            (here / "memory.stat").write_text(f"cache 5\ninactive_file 9\ntotal_inactive_file {inactive}\n")
+    monkeypatch.setattr(probe, "PROC_SELF", str(proc))
+    monkeypatch.setattr(probe, "_levels", None)
 
 
-def test_cgroup_limit_caps_the_cpu_number(monkeypatch, tmp_path):
-    fake_cgroup(monkeypatch, tmp_path, GiB, 256 * MiB)
+@pytest.mark.parametrize("v2", [True, False], ids=["v2", "v1"])
+def test_the_tightest_cgroup_limit_on_the_own_path_or_a_parent_caps_the_cpu_number(monkeypatch, tmp_path, v2):
+    """A limit on the pod (a parent) and one on the container itself: the smaller headroom wins, whichever level."""
+    levels = {"/": ("max", 9 * GiB, 0), "/kubepods": ("max", 8 * GiB, 0),
+              "/kubepods/pod1": (2 * GiB, GiB, 0), "/kubepods/pod1/ctr": (3 * GiB, GiB + 512 * MiB, 0)}  # fmt: skip
+    cgroup_tree(monkeypatch, tmp_path, levels, v2=v2)
     found = probe.cpu_free()
-    assert found.bytes == 768 * MiB and "cgroup" in found.source
-    fake_cgroup(monkeypatch, tmp_path, "max", 0)
-    assert "cgroup" not in probe.cpu_free().source
+    assert found.bytes == GiB and "pod1" in found.source and "ctr" not in found.source
+    levels["/kubepods/pod1/ctr"] = (GiB + 768 * MiB, GiB + 512 * MiB, 0)
+    cgroup_tree(monkeypatch, tmp_path, levels, v2=v2)
+    found = probe.cpu_free()
+    assert found.bytes == 256 * MiB and found.source.split(" - ")[0].endswith("ctr")
 
 
-def test_cgroup_page_cache_counts_as_free(monkeypatch, tmp_path):
+def test_no_cgroup_limit_leaves_meminfo(monkeypatch, tmp_path):
+    cgroup_tree(monkeypatch, tmp_path, {"/": ("max", GiB, 0), "/kubepods/pod1/ctr": ("max", GiB, 0)})
+    assert "MemAvailable" in probe.cpu_free().source
+
+
+def test_inside_a_cgroup_namespace_the_mount_shows_the_own_cgroup(monkeypatch, tmp_path):
+    """In a container with its own cgroup namespace /proc/self/cgroup says "/" and the mount is the container's."""
+    cgroup_tree(monkeypatch, tmp_path, {"/": (GiB, 256 * MiB, 0)}, own="/")
+    assert probe.cpu_free().bytes == 768 * MiB
+    # a path from the host's namespace that this mount does not show: the mounted root is the own cgroup
+    cgroup_tree(monkeypatch, tmp_path, {"/": (GiB, 512 * MiB, 0)}, own="/docker/abc123")
+    assert probe.cpu_free().bytes == 512 * MiB
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["v2", "v1"])
+def test_cgroup_page_cache_counts_as_free(monkeypatch, tmp_path, v2):
     """At its limit with reclaimable cache (mmapped model files), a container is not out of memory."""
-    fake_cgroup(monkeypatch, tmp_path, GiB, GiB, inactive=300 * MiB)
+    cgroup_tree(monkeypatch, tmp_path, {"/kubepods/pod1/ctr": (GiB, GiB, 300 * MiB)}, v2=v2)
     assert probe.cpu_free().bytes == 300 * MiB
-    fake_cgroup(monkeypatch, tmp_path, GiB, GiB + 10 * MiB)  # over the limit, nothing reclaimable
+    cgroup_tree(monkeypatch, tmp_path, {"/kubepods/pod1/ctr": (GiB, GiB + 10 * MiB, 0)}, v2=v2)  # over, nothing
     found = probe.free_memory(torch.device("cpu"))
     assert found.bytes == 0 and found.trusted
+
+
+# --- Apple MPS: what torch's allocator will still grant -----------------------------------------------------
+
+
+class FakeMps:
+    """torch.mps's memory functions: Metal's recommended working set (torch >= 2.5 only), what the driver holds
+    (tensors plus the allocator's cached pools) and what tensors occupy."""
+
+    def __init__(self, recommended, driver, tensors, old=False):
+        self.driver, self.tensors = driver, tensors
+        if not old:
+            self.recommended_max_memory = lambda: recommended
+
+    def driver_allocated_memory(self):
+        return self.driver
+
+    def current_allocated_memory(self):
+        return self.tensors
+
+
+def on_mps(monkeypatch, fake, ratio=None):
+    monkeypatch.setattr(torch, "mps", fake, raising=False)
+    if ratio is None:
+        monkeypatch.delenv("PYTORCH_MPS_HIGH_WATERMARK_RATIO", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_MPS_HIGH_WATERMARK_RATIO", ratio)
+    return probe.free_memory("mps")
+
+
+def test_mps_cached_pools_count_as_free(monkeypatch):
+    """The reported case: recommended 10.7 GiB, driver 11 GiB (cached pools included), tensors 8 GiB. The old probe
+    said 0 free and refused every call; torch grants up to 1.7 x the recommended working set, less the tensors."""
+    found = on_mps(monkeypatch, FakeMps(int(10.7 * GiB), 11 * GiB, 8 * GiB))
+    assert found.bytes == int(1.7 * int(10.7 * GiB)) - 8 * GiB and found.trusted and "1.7" in found.source
+
+
+def test_mps_honours_the_watermark_ratio(monkeypatch):
+    fake = FakeMps(10 * GiB, 9 * GiB, 6 * GiB)
+    assert on_mps(monkeypatch, fake, "1.0").bytes == 4 * GiB
+    assert on_mps(monkeypatch, fake, "2.0").bytes == 14 * GiB
+    lying_cpu_probe(monkeypatch, 20 * GiB)
+    unlimited = on_mps(monkeypatch, fake, "0.0")  # no limit: system memory plus the cached pools
+    assert unlimited.bytes == 20 * GiB + 3 * GiB and "no MPS limit" in unlimited.source
+
+
+def test_mps_over_the_recommended_working_set_is_still_granted_up_to_the_limit(monkeypatch):
+    found = on_mps(monkeypatch, FakeMps(10 * GiB, 14 * GiB, 13 * GiB))
+    assert found.bytes == 17 * GiB - 13 * GiB
+    assert on_mps(monkeypatch, FakeMps(10 * GiB, 18 * GiB, 18 * GiB)).bytes == 0  # at the limit: nothing
+
+
+def test_mps_on_the_apple_pins_torch_estimates_the_working_set_from_ram(monkeypatch):
+    """torch 2.3.1 (the webui's Apple pin) has no recommended_max_memory: 2/3 of RAM up to 36 GB, 3/4 above."""
+    monkeypatch.setattr(probe, "_physical_memory", lambda: 16 * 10**9)
+    found = on_mps(monkeypatch, FakeMps(0, 2 * GiB, GiB, old=True))
+    assert found.bytes == int(1.7 * int(16 * 10**9 * 2 / 3)) - GiB and "2/3 of RAM" in found.source
+    monkeypatch.setattr(probe, "_physical_memory", lambda: 64 * 10**9)
+    assert on_mps(monkeypatch, FakeMps(0, 0, 0, old=True)).bytes == int(1.7 * int(64 * 10**9 * 3 / 4))
+
+
+@pytest.mark.parametrize(("text", "ratio"), [("1.5", 1.5), ("0", 0.0), ("2.0x", 2.0), ("abc", 0.0), (" 1e0", 1.0)])
+def test_the_watermark_ratio_is_parsed_as_torch_parses_it(monkeypatch, text, ratio):
+    monkeypatch.setenv("PYTORCH_MPS_HIGH_WATERMARK_RATIO", text)
+    assert probe.mps_watermark_ratio() == ratio
 
 
 @pytest.mark.parametrize("device", ["privateuseone:0", "dml", "meta"])
@@ -120,15 +225,6 @@ def test_a_failing_probe_warns_once_per_cause_not_per_value(monkeypatch, caplog)
     assert len(warnings) == 2  # one for the RuntimeError cause, one for "not a number"
 
 
-def test_budget_is_free_over_safety_factor_or_the_override():
-    free = probe.FreeMemory(33 * GiB, "test")
-    assert probe.budget_for(free, Settings()).bytes == int(33 * GiB / 3.3)
-    assert probe.budget_for(free, Settings(safety_factor=1.0)).bytes == 33 * GiB
-    fixed = probe.budget_for(free, Settings(budget_gb=2.5))
-    assert fixed.bytes == int(2.5 * GiB) and "fixed" in fixed.explanation and fixed.fixed
-    assert probe.device_budget("privateuseone:0", Settings(budget_gb=1)).bytes == GiB  # no probe needed
-
-
 def test_device_kinds():
     assert probe.device_kind(torch.device("cpu")) == "cpu"
     assert probe.device_kind(torch.device("cuda:1")) == "cuda"
@@ -174,7 +270,7 @@ def test_cuda_asks_the_precise_probe_before_refusing_or_degrading(monkeypatch, s
     fake = FakeCuda(4 * MiB, 8 * GiB, 0)
     record = cuda_attend(monkeypatch, fake, setting)
     assert fake.stats_calls >= 1
-    assert record.budget_bytes == int((4 * MiB + 8 * GiB) / 3.3)
+    assert record.room_bytes == int((4 * MiB + 8 * GiB) / 3.3)
     if setting != "einsum":
         assert record.kernel_used == "fused" and record.slices == 1
 

@@ -25,7 +25,6 @@ from lib_memslice.settings import MAX_SLICE_CAP
 from lib_memslice.slicing import (
     MPS_BAD_MULTIPLE,
     MPS_MAX_ELEMENTS,
-    Room,
     budget_room,
     chunkings,
     plan_attention,

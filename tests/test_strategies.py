@@ -23,7 +23,11 @@ from .test_slicing import KERNELS, shapes
 
 DEVICES = ("cpu", "cuda", "mps")
 #: the einsum kernel as the device kinds run it (accelerators: a temporary and row statistics per output element)
-EINSUM_ON = {"cpu": EINSUM, "cuda": KernelChoice("einsum", output_extra=3), "mps": KernelChoice("einsum", output_extra=3)}
+EINSUM_ON = {
+    "cpu": EINSUM,
+    "cuda": KernelChoice("einsum", output_extra=3),
+    "mps": KernelChoice("einsum", output_extra=3),
+}
 
 
 # --- each rule alone: its aim never rises with the room -----------------------------------------------------------

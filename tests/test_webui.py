@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lib_memslice import settings as settings_module
+from lib_memslice.models import sites_from_modules
 
 from .conftest import ROOT, import_ldm
 from .webui_env import reload_ui
@@ -319,7 +320,7 @@ def test_override_settings_apply_per_request(webui):
 
     generate(webui, sample, override_settings={"memslice_budget_gb": 1 / 2048, "memslice_kernel": "einsum"})
     generate(webui, sample)
-    assert seen[0].slices > 1 and seen[0].kernel_used == "einsum" and seen[0].budget_bytes == 1 << 19
+    assert seen[0].slices > 1 and seen[0].kernel_used == "einsum" and seen[0].room_bytes == 1 << 19
     assert seen[1].slices == 1  # restored afterwards
     assert webui.shared.opts.memslice_budget_gb == 0.0
 
@@ -384,7 +385,7 @@ def test_model_loaded_tags_sites(webui, ldm):
     )
     sd_model = type("M", (), {"model": type("W", (), {"diffusion_model": unet})(), "is_sdxl": False, "is_sd2": True})()
     webui.script_callbacks.model_loaded_callback(sd_model)
-    spec = webui.memslice.loaded_spec()
+    spec = webui.memslice.planner.loaded_spec()
     assert spec.name == "sd2" and {s.name for s in spec.sites} >= {"unet.level0.self", "unet.level1.cross"}
     assert unet.input_blocks[1][1].transformer_blocks[0].attn1._memslice_site[0] == "unet.level0.self"
     webui.script_callbacks.model_loaded_callback(object())  # unreadable model: logged, not raised
@@ -449,44 +450,60 @@ def _failing_job(env, p_class, sample, raises=None, **p_kwargs):
     """The text the webui would show for a generation whose sampling raises (memslice's error unless ``raises``)."""
     script = env.script.MemsliceScript()
     p = getattr(env.processing, p_class)(scripts=[script], **p_kwargs)
-    with pytest.raises(raises or env.memslice.NotEnoughMemory) as info:
+    from lib_memslice.limits import NotEnoughMemory
+
+    with pytest.raises(raises or NotEnoughMemory) as info:
         env.processing.process_images(p, sample)
     return str(info.value)
 
 
 def test_a_generation_that_fails_names_the_pass_and_what_would_fit(webui):
-    """The hires UNet pass (the webui flags it with ``p.is_hr_pass``) and the final VAE decode (run after the flag
-    is reset: its latent size tells) are named, with the job planner's largest size for the whole job."""
-    from lib_memslice.limits import Geometry
-    from lib_memslice.models import SITE_ATTR
-
+    """memslice's own error inside the real ldm modules: the pass is named from the innermost UNetModel, Decoder
+    or Encoder forward in the traceback (the webui's ``p.is_hr_pass`` for the hires UNet pass, the size for the
+    VAE's), with the job planner's largest size for the whole job, planned with the memory free at the job's start."""
     select(webui, TITLES["auto"])
     webui.shared.opts.set("memslice_budget_gb", 1 / 4096)  # 256 KiB: the layers' outputs alone do not fit
     hires = dict(width=512, height=512, enable_hr=True, hr_upscale_to_x=1024, hr_upscale_to_y=1024)
     expected = webui.memslice.plan_for(512, 512, 1, hr_width=1024, hr_height=1024)["max_square_resolution"]
-    fits = f"whole job fits up to {expected}x{expected} (first pass; hires scaled alike)" if expected else "no size"
-    layer = make_cross(webui)
-    setattr(layer, SITE_ATTR, ("unet.level0.self", Geometry(8, True)))
+    scaled = " (first pass; hires scaled alike)"
+    basis = "with the attention budget of 256.0 KiB, which refused this call,"
+    fits = f"{basis} the whole job fits up to {expected}x{expected}{scaled}" if expected else f"{basis} no size"
+    unet = _small_unet(webui)
+    sites_from_modules(unet=unet)  # as on_model_loaded tags the loaded model
 
     def unet_hires(p):
         p.is_hr_pass = True
         with torch.no_grad():
-            layer(torch.randn(2, 16384, 64))
+            unet(torch.randn(2, 4, 128, 128), torch.tensor([1, 1]), context=torch.randn(2, 77, 32))
 
     text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", unet_hires, **hires)
     assert text.startswith("memslice: not enough memory for attention at unet.level0.self")
     assert "In this job: the UNet (hires) pass at 1024x1024 failed" in text and fits in text
 
-    block = webui.ldm_model.AttnBlock(32).eval()
-    setattr(block, SITE_ATTR, ("vae.mid", Geometry(8, True)))
+    encoder, decoder = _small_vae(webui)
 
     def decode_after_hires(p):
         p.is_hr_pass = False  # the webui resets it before the final decode
         with torch.no_grad():
-            block(torch.randn(1, 32, 128, 128))
+            decoder(torch.randn(1, 4, 128, 128))
 
     text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", decode_after_hires, **hires)
+    assert text.startswith("memslice: not enough memory for attention at vae.mid")
     assert "In this job: the VAE decode (hires) pass at 1024x1024 failed" in text
+
+    def encode_for_an_image_upscaler(p):  # the reported case: the hires encode was called a decode
+        with torch.no_grad():
+            encoder(torch.randn(1, 3, 1024, 1024))
+
+    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", encode_for_an_image_upscaler,
+                        hr_upscaler="R-ESRGAN 4x+", **hires)  # fmt: skip
+    assert "In this job: the VAE encode (hires) pass at 1024x1024 failed" in text and "decode" not in text
+
+    layer = make_cross(webui)  # a UNet layer outside a UNetModel forward: the hires flag and its site tell
+    from lib_memslice.limits import Geometry
+    from lib_memslice.models import SITE_ATTR
+
+    setattr(layer, SITE_ATTR, ("unet.level0.self", Geometry(8, True)))
 
     def first_pass(p):
         with torch.no_grad():
@@ -496,26 +513,43 @@ def test_a_generation_that_fails_names_the_pass_and_what_would_fit(webui):
     assert "In this job: the UNet pass at 512x512 failed" in text
 
 
-def test_the_job_context_never_hides_the_error(webui, monkeypatch):
-    """A processing object memslice cannot read, or a planner that fails, leaves the original message."""
+def test_the_fits_up_to_reading_comes_from_the_jobs_start_and_says_when_it_was_optimistic(webui, monkeypatch):
+    """The size is planned with the precise reading taken when the job started (not with what the failing pass
+    still holds); when the failed size was within it, the text says that reading may have been optimistic."""
+    from lib_memslice import probe
+
     select(webui, TITLES["auto"])
-    webui.shared.opts.set("memslice_budget_gb", 1 / 4096)
-    layer = make_cross(webui)
+    readings = []
 
-    def sample(p):
-        p.width = "garbage"
+    def reading(device, precise=False):
+        readings.append(precise)
+        return probe.FreeMemory((64 if len(readings) == 1 else 32) * 1024**3, "test")
+
+    monkeypatch.setattr(probe, "free_memory", reading)
+    _encoder, decoder = _small_vae(webui)
+    decoder.up[0].block[0].conv1.forward = _oom
+
+    def decode(p):
         with torch.no_grad():
-            layer(torch.randn(2, 4096, 64))
+            decoder(torch.randn(1, 4, 16, 16))
 
-    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", sample)
-    assert text.startswith("memslice: not enough memory") and "In this job" not in text
-    monkeypatch.setattr(webui.memslice, "plan_for", lambda *a, **k: 1 / 0)
-    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", lambda p: layer(torch.randn(2, 4096, 64)))
-    assert "In this job" not in text
+    text = _failing_oom(webui, "StableDiffusionProcessingTxt2Img", decode, width=128, height=128)
+    assert readings[0] is True  # read precisely at the job's start
+    assert "In this job: the VAE decode pass at 128x128 failed; with the 64.0 GiB free when this job started" in text
+    assert "this size was within it, so that reading may be optimistic" in text
 
 
 def _oom(*_args, **_kwargs):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")  # torch 2.1.2 and 2.13
+
+
+def _small_unet(env):
+    _, _, openaimodel = import_ldm()
+    return openaimodel.UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1],
+        num_res_blocks=1, channel_mult=[1, 2], num_head_channels=8, use_spatial_transformer=True,
+        transformer_depth=1, context_dim=32, legacy=False,
+    ).eval()  # fmt: skip
 
 
 def _small_vae(env):
@@ -558,12 +592,7 @@ def test_an_out_of_memory_error_outside_attention_names_its_pass(webui):
     text = _failing_oom(webui, "StableDiffusionProcessingImg2Img", encode, width=96, height=64)
     assert "In this job: the VAE encode pass at 96x64 failed" in text
 
-    _, _, openaimodel = import_ldm()
-    unet = openaimodel.UNetModel(
-        image_size=32, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1],
-        num_res_blocks=1, channel_mult=[1, 2], num_head_channels=8, use_spatial_transformer=True,
-        transformer_depth=1, context_dim=32, legacy=False,
-    ).eval()  # fmt: skip
+    unet = _small_unet(webui)
     unet.output_blocks[0][0].in_layers[2].forward = _oom  # a ResBlock convolution on the way up
 
     def unet_hires(p):
@@ -597,9 +626,29 @@ def test_out_of_memory_errors_are_left_alone_where_memslice_cannot_say_more(webu
     assert "In this job" not in str(info.value)
 
 
-def test_the_failure_wrapper_is_installed_once(webui):
-    """Settings > Reload UI re-executes the script: the webui's function is wrapped once, not once per reload."""
+def test_the_failure_wrapper_is_a_memslice_entrys_alone(webui):
+    """A memslice entry's apply() wraps the webui's process_images_inner once (Reload UI and re-applying keep one
+    wrapper); a built-in's selection undoes memslice and unwraps it: no memslice frame in its tracebacks."""
+    original = webui.processing.process_images_inner
+    assert not getattr(original, "_memslice_annotates_oom", False)  # before any memslice entry is applied
+    select(webui, TITLES["auto"])
     first = webui.processing.process_images_inner
-    assert getattr(first, "_memslice_annotates_oom", False)
+    assert getattr(first, "_memslice_annotates_oom", False) and first.__wrapped__ is original
     reload_ui(webui)
-    assert webui.processing.process_images_inner is first
+    select(webui, TITLES["doggettx"])
+    again = webui.processing.process_images_inner
+    assert again.__wrapped__ is original  # one wrapper, never a wrapper of a wrapper
+    select(webui, "Doggettx")
+    assert webui.processing.process_images_inner is original
+
+    def sample(p):
+        raise MemoryError("out of memory")
+
+    with pytest.raises(MemoryError) as info:
+        generate(webui, sample)
+    frames = []
+    tb = info.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    assert not any("lib_memslice" in f for f in frames)

@@ -16,7 +16,9 @@ SCRIPT = os.path.join(ROOT, "scripts", "memslice.py")
 
 def purge() -> None:
     for name in list(sys.modules):
-        if name in ("modules", "sgm", "lib_memslice.webui") or name.startswith(("modules.", "sgm.", "lib_memslice.webui.")):
+        if name in ("modules", "sgm", "lib_memslice.webui") or name.startswith(
+            ("modules.", "sgm.", "lib_memslice.webui.")
+        ):
             del sys.modules[name]
     package = sys.modules.get("lib_memslice")
     if package is not None and hasattr(package, "webui"):

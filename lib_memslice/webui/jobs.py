@@ -113,11 +113,16 @@ def failure_context(exc: BaseException) -> str:
     job, for a model memslice does not plan, or when anything goes wrong (the original error must reach the user)."""
     ref = _running.get("p")
     p = ref() if ref is not None else None
+    if p is None or planner.loaded_kind() in NOT_PLANNED:
+        return ""
+    first, batch, hires, upscaler, img2img = _job_of(p)
     where = failing_module(exc.__traceback__)
-    if p is None or where is None or planner.loaded_kind() in NOT_PLANNED:
+    if where is None and isinstance(exc, NotEnoughMemory) and exc.site.startswith("unet."):
+        # a UNet layer called outside a UNetModel forward: the webui's hires flag still tells the pass
+        where = ("UNet", hires if hires is not None and getattr(p, "is_hr_pass", False) else first)
+    if where is None:  # a VAE encode and decode share one site: without their module, say nothing
         return ""
     module_pass, size = where
-    first, batch, hires, upscaler, img2img = _job_of(p)
     name = pass_name(module_pass, size, p, first, hires)
     plan = planner.plan_for(*first, batch, hr_width=hires[0] if hires else None, hr_height=hires[1] if hires else None,
                             hr_upscaler=upscaler, img2img=img2img, free=_running.get("free"))  # fmt: skip

@@ -73,9 +73,10 @@ def _credentials() -> dict[str, str]:
 def _api_auth() -> Any:
     """A FastAPI dependency that accepts the ``--api-auth`` credentials (HTTP Basic), as ``/sdapi`` does."""
     from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from fastapi.security import HTTPBasic
 
-    def auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:  # noqa: B008 (FastAPI's idiom)
+    # no annotation: with postponed annotations FastAPI could not resolve a locally imported type
+    def auth(credentials=Depends(HTTPBasic())) -> bool:  # noqa: B008 (FastAPI's idiom)
         known = _credentials()
         if credentials.username in known and secrets.compare_digest(credentials.password, known[credentials.username]):
             return True

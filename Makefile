@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 SDKIT := stable-diffusion-sdkit==2.1.5
 PIP := $(PY) -m pip install --disable-pip-version-check --no-input -q
 
-.PHONY: test bench bench-quick gpu-check mutants lint format lock clean venv test-webui-stack
+.PHONY: test bench bench-quick gpu-check mutants lint format lock clean venv test-webui-stack test-mac-stack
 
 venv: $(STAMP)
 
@@ -84,3 +84,29 @@ test-webui-stack: $(WEBUI_STAMP)
 	@$(WEBUI_PY) -c "import sys, torch, gradio, pydantic, numpy; print('webui stack: python', sys.version.split()[0], \
 	'torch', torch.__version__, 'gradio', gradio.__version__, 'pydantic', pydantic.VERSION, 'numpy', numpy.__version__)"
 	$(WEBUI_PY) -m pytest
+
+# The webui's Apple Silicon stack (webui-macos-env.sh pins torch 2.3.1; Python 3.10, gradio 3.41.2, pydantic 1.10):
+# the same suite on torch 2.3.1 in .venv-mac. PyTorch's CPU wheels (download.pytorch.org) are out of reach here, so
+# it is PyPI's Linux build of 2.3.1, a CUDA build that runs on the CPU: the webui stack's pins, plus the NCCL that
+# 2.3.1 links against (ncclCommRegister appeared in 2.19; the 2.1.2 stack pins 2.18.1).
+MAC_VENV := .venv-mac
+MAC_PY := $(MAC_VENV)/bin/python
+MAC_STAMP := $(MAC_VENV)/.installed
+MAC_TORCH := torch==2.3.1
+MAC_PIP := $(MAC_PY) -m pip install --disable-pip-version-check --no-input -q
+
+$(MAC_STAMP): requirements-webui-stack.txt Makefile
+	@[ -n "$(PYTHON310)" ] || echo "no Python 3.10 (pyenv or python3.10 on PATH): building $(MAC_VENV) with $(PYTHON)"
+	$(or $(PYTHON310),$(PYTHON)) -m venv $(MAC_VENV)
+	$(MAC_PIP) --upgrade pip
+	$(MAC_PIP) --no-deps $(MAC_TORCH)
+	$(MAC_PIP) --no-deps $(SDKIT)
+	$(MAC_PIP) --no-deps -r requirements-webui-stack.txt
+	$(MAC_PIP) --no-deps nvidia-nccl-cu12==2.20.5
+	$(MAC_PY) -c "import torch; assert torch.__version__.startswith('2.3.1'), torch.__version__; torch.ones(2) @ torch.ones(2)"
+	touch $(MAC_STAMP)
+
+test-mac-stack: $(MAC_STAMP)
+	@$(MAC_PY) -c "import sys, torch, gradio, pydantic; print('Apple pin stack: python', sys.version.split()[0], \
+	'torch', torch.__version__, 'gradio', gradio.__version__, 'pydantic', pydantic.VERSION)"
+	$(MAC_PY) -m pytest

@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(rest: list[str]) -> int:
-    from .bench.run import main as bench_main
+    from memslice_tools.run import main as bench_main  # the tools live apart: imported only for this command
 
     return bench_main(rest)
 

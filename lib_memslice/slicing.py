@@ -324,13 +324,13 @@ class Room:
     """
 
     free: int  # free memory before the call's inputs existed (or the attention budget)
-    divisor: float = 1.0
+    divisor: float = 1.0  # >= 1 (room_for makes it so): no room is more than free memory
     fixed: bool = False
 
     def bytes_for(self, shape: AttentionShape) -> int:
         if self.fixed:
             return self.free
-        return int(max(0, self.free - shape.input_bytes) / max(self.divisor, 1.0))
+        return int(max(0, self.free - shape.input_bytes) / self.divisor)
 
     def limit(self) -> Room:
         """Past this nothing runs: free memory itself (no safety margin), or the attention budget."""

@@ -8,7 +8,13 @@
 3. an SD1.5-config fp16 UNet forward (cond + uncond) and a VAE decode at 512 px per contender (memslice-auto and
    the webui 1.10.1 optimizations re-implemented in :mod:`.webui_attention`): peak and time;
 4. the largest square size each contender's SD1.5 level-0 self-attention and VAE attention reach within 4 GiB
-   (the whole call: q, k, v, output and working memory, under a 4 GiB cap above what is already allocated).
+   (the whole call: q, k, v, output and working memory, under a 4 GiB cap above what is already allocated);
+5. the job planner against whole jobs run the way the webui runs them (:func:`whole_job`): real-size random-weight
+   SD1.5 and SDXL UNets (fp16 under autocast, cond + uncond) and VAE decoders (without autocast, fp16 and fp32, one
+   image), on emulated 4, 6 and 8 GiB cards (``set_per_process_memory_fraction``, memslice's probe reading the
+   card's room): the planner's largest square size must run without an out-of-memory error; the next size, which it
+   calls tight or too large, is run and its outcome recorded; each pass's predicted total against the measured
+   ``max_memory_allocated`` (weights included), and the allocator's share over the live-tensor prediction.
 
 Writes ``gpu-report.md`` and ``gpu-report.json`` under ``--out`` after every section, so a run cut short still
 leaves what it measured. Without a CUDA device it says so in one line and exits 0. ``--device cpu`` is a dry run
@@ -65,6 +71,7 @@ class Ctx:
         self.cap = CAP_BYTES if self.cuda else 64 * MiB
         self.limit: int | None = None  # bytes this process may hold under memory_cap
         self.per_search_s = 12.0 if self.cuda else 5.0
+        self.half = torch.float16 if self.cuda else torch.float32  # the CPU dry run: torch 2.1 has no fp16 matmul
 
     def sync(self) -> None:
         if self.cuda:
@@ -253,7 +260,7 @@ def oom_retry(ctx: Ctx) -> dict[str, Any]:
             attend(q, k, v, scale=d**-0.5, strategy="auto", host=host)
             result["fused"] = {"error": "no out-of-memory error under the cap", "pass": not ctx.cuda}
         except NotEnoughMemory as exc:
-            result["fused"] = {"message": str(exc)[:400], "pass": "does not fit" in str(exc)}
+            result["fused"] = {"message": str(exc)[:400], "pass": "cannot shrink a fused call's output" in str(exc)}
         except Exception as exc:
             result["fused"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "pass": False}
         result["fused"]["seconds"] = time.perf_counter() - start
@@ -438,6 +445,151 @@ def max_square(ctx: Ctx) -> dict[str, Any]:
     return result
 
 
+CARDS_GIB = (4, 6, 8)
+
+
+def _whole_job_models(ctx: Ctx) -> dict[str, tuple[Any, Any, int]]:
+    """(UNet, VAE decoder, text encoders' bytes) per model: published sizes on CUDA, narrow ones for the dry run."""
+    from lib_memslice.models import WEIGHTS
+
+    from .configs import SD15_DECODER, SD15_UNET
+    from .sdxl_unet import build_sdxl_unet
+
+    _, model, openaimodel = _import_ldm()
+    width = 320 if ctx.cuda else 32
+    found = {}
+    with torch.device(ctx.device):
+        torch.manual_seed(0)
+        sd15 = openaimodel.UNetModel(**{**SD15_UNET, "model_channels": width}).to(ctx.half).eval()
+        sdxl = build_sdxl_unet(width, 64 if ctx.cuda else 8).to(ctx.half).eval()
+        decoder = model.Decoder(**{**SD15_DECODER, "ch": 128 if ctx.cuda else 32}).eval()
+    found["sd15"] = (sd15, decoder, 2 * WEIGHTS["sd15"].text if ctx.cuda else 0)
+    found["sdxl"] = (sdxl, decoder, 2 * WEIGHTS["sdxl"].text if ctx.cuda else 0)
+    return found
+
+
+def _bytes(module: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _run_pass(ctx: Ctx, kind: str, module: Any, side: int, vae_dtype: torch.dtype) -> int:
+    """One pass at ``side`` px as the webui runs it; the allocator's peak (absolute: weights included)."""
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    latent = side // 8
+    torch.cuda.reset_peak_memory_stats(ctx.device) if ctx.cuda else None
+    with torch.no_grad():
+        if kind == "unet":
+            x = torch.randn(2, 4, latent, latent, generator=g, device=ctx.device, dtype=ctx.half)
+            t = torch.tensor([500, 500], device=ctx.device)
+            dim = 2048 if hasattr(module, "label_emb") else 768
+            context = torch.randn(2, 77, dim, generator=g, device=ctx.device, dtype=ctx.half)
+            extra = {"y": torch.randn(2, 2816, device=ctx.device, dtype=ctx.half)} if dim == 2048 else {}
+            with torch.autocast("cuda", dtype=torch.float16) if ctx.cuda else contextlib.nullcontext():
+                out = module(x, t, context=context, **extra)
+        else:
+            z = torch.randn(1, 4, latent, latent, generator=g, device=ctx.device, dtype=vae_dtype)
+            out = module(z)  # the webui decodes without autocast (devices.without_autocast)
+    del out
+    ctx.sync()
+    return int(torch.cuda.max_memory_allocated(ctx.device)) if ctx.cuda else 0
+
+
+def whole_job(ctx: Ctx) -> dict[str, Any]:
+    """See the module docstring, section 5."""
+    from lib_memslice import probe
+    from lib_memslice.job_plan import make_job, plan_job
+    from lib_memslice.models import BUILTIN, Weights
+
+    _, model_module, _ = _import_ldm()
+    attention = _import_ldm()[0]
+    from lib_memslice.forwards import make_attnblock_forward, make_cross_attention_forward
+
+    host = BasicHost(Settings())
+    forwards = (make_cross_attention_forward("auto", host), make_attnblock_forward("auto", host))
+    total = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.cuda else 0
+    rows: list[dict[str, Any]] = []
+    real_probe = probe.free_memory
+
+    def card_room(device: Any, precise: bool = False) -> probe.FreeMemory:  # what a card this size has free now
+        held = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else 0
+        return probe.FreeMemory(max(0, (ctx.limit or 0) - held), "the emulated card")
+
+    for arch, (unet, decoder, text_bytes) in _whole_job_models(ctx).items():
+        for vae_name, vae_dtype in (
+            (("fp16", torch.float16), ("fp32", torch.float32)) if ctx.cuda else (("fp32", torch.float32),)
+        ):
+            decoder.to(vae_dtype)
+            weights = Weights(_bytes(unet), _bytes(decoder), text_bytes)
+            for card_gib in CARDS_GIB if ctx.cuda else CARDS_GIB[:1]:
+                card = card_gib * GiB if ctx.cuda else card_gib * 64 * MiB
+                medvram = weights.unet + weights.vae + weights.text > 0.8 * card  # as a user of such a card would
+                kernels_for = kernels.kernels_for_job("cuda", torch.float16, vae_dtype)  # the planner plans for CUDA
+                row: dict[str, Any] = {"model": arch, "vae": vae_name, "card_gib": card_gib, "medvram": medvram}
+
+                def job_at(side: int) -> dict[str, Any]:
+                    job = make_job(BUILTIN[arch], arch, side, side, 1, card, Settings(), element_size=2,  # noqa: B023
+                                   vae_element_size=torch.finfo(vae_dtype).bits // 8, weights=weights,  # noqa: B023
+                                   medvram=medvram, device_kind="cuda")  # noqa: B023  # fmt: skip
+                    return plan_job(job, kernels_for)  # noqa: B023
+
+                side = job_at(512)["max_square_resolution"]
+                row["planned_side"] = side
+                for label, size in (("at", side), ("next", side + 64)):
+                    if size <= 0 or (label == "next" and side == 0):
+                        continue
+                    plan = job_at(size)
+                    outcome: dict[str, Any] = {"size": size, "verdict": plan["verdict"], "passes": []}
+                    text = torch.empty(text_bytes // 2 or 1, dtype=torch.float16, device=ctx.device)
+                    ctx.release()
+                    ctx.limit = card
+                    if ctx.cuda:
+                        torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), ctx.device)
+                    probe.free_memory = card_room
+                    try:
+                        with patched(attention, model_module, forwards):
+                            for p in plan["passes"]:
+                                kind = "unet" if p["kind"] == "unet" else "vae"
+                                running, idle = (unet, decoder) if kind == "unet" else (decoder, unet)
+                                if medvram:
+                                    idle.to("cpu")
+                                running.to(ctx.device)
+                                entry = {"pass": p["name"], "predicted_total": p["total_bytes"],
+                                         "predicted_tensors": p["tensor_bytes"], "verdict": p["verdict"]}  # fmt: skip
+                                try:
+                                    measured = _run_pass(ctx, kind, running, p["width"], vae_dtype)
+                                    entry.update(measured=measured, oom=False,
+                                                 allocator_share=(measured - p["tensor_bytes"])
+                                                 / max(1, p["activation_bytes"]) if ctx.cuda else None)  # fmt: skip
+                                except Exception as exc:  # torch's OOM or memslice's refusal: the outcome
+                                    entry.update(oom=True, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+                                    exc.__traceback__ = None
+                                outcome["passes"].append(entry)
+                                ctx.release()
+                    finally:
+                        probe.free_memory = real_probe
+                        ctx.limit = None
+                        if ctx.cuda:
+                            torch.cuda.set_per_process_memory_fraction(1.0, ctx.device)
+                        del text
+                        unet.to(ctx.device)
+                        decoder.to(ctx.device)
+                        ctx.release()
+                    outcome["oom"] = any(e["oom"] for e in outcome["passes"])
+                    row[label] = outcome
+                rows.append(row)
+        del unet
+        ctx.release()
+    fitted = [r for r in rows if r.get("at")]
+    ran = all(not r["at"]["oom"] for r in fitted)
+    shares = [e["allocator_share"] for r in fitted for e in r["at"]["passes"] if e.get("allocator_share") is not None]
+    return {
+        "rows": rows,
+        "planned_sizes_ran": ran,
+        "allocator_share": {"min": min(shares, default=None), "max": max(shares, default=None)},
+        "pass": bool(fitted) and ran,
+    }
+
+
 def no_fused(ctx: Ctx) -> dict[str, Any]:
     """Where no fused kernel runs (forced off: the regime of MPS, DirectML, ROCm without fused attention, fp32 upcast
     on old GPUs): time and peak of SD1.5 level-0 self-attention per contender, every one told 4 GiB are free."""
@@ -515,6 +667,29 @@ def markdown(report: dict[str, Any]) -> str:
                 f"({sl['ratio']:.3f}) | |"
             )
         lines.append("")
+    wj = report.get("whole_job")
+    if wj and "rows" in wj:
+        lines += [
+            "## 5. Whole jobs on emulated cards: the planner's largest size, predicted vs measured",
+            "",
+            f"Planned sizes ran without out-of-memory: **{'PASS' if wj['pass'] else 'FAIL'}**; the allocator's share "
+            f"over the live-tensor prediction, per pass at the planned size: {wj['allocator_share']}.",
+            "",
+            "| model | VAE | card | medvram | size | pass | verdict | predicted total | measured | OOM |",
+            "| --- | --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- |",
+        ]
+        for r in wj["rows"]:
+            for label in ("at", "next"):
+                outcome = r.get(label)
+                if not outcome:
+                    continue
+                for e in outcome["passes"]:
+                    measured = format_bytes(e["measured"]) if e.get("measured") is not None else "-"
+                    lines.append(f"| {r['model']} | {r['vae']} | {r['card_gib']} GiB | {r['medvram']} | "
+                                 f"{outcome['size']} ({'planned' if label == 'at' else 'next'}) | {e['pass']} | "
+                                 f"{e['verdict']} | {format_bytes(e['predicted_total'])} | {measured} | "
+                                 f"{'yes' if e['oom'] else 'no'} |")  # fmt: skip
+        lines.append("")
     for key, title in (("oom_retry", "## 2. A real out-of-memory error"), ("no_fused", "## No fused kernel"),
                        ("pipeline", "## 3. SD1.5 fp16 UNet + VAE"),
                        ("max_square", "## 4. Largest square size within 4 GiB")):  # fmt: skip
@@ -537,7 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-out", help="where gpu-report.md/.json go (default bench-out)")
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": the tests' dry run
     parser.add_argument(
-        "--only", default="", help="comma-separated sections (kernel_memory,oom_retry,pipeline,max_square)"
+        "--only",
+        default="",
+        help="comma-separated sections (kernel_memory,oom_retry,whole_job,no_fused,pipeline,max_square)",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -564,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = {
         "kernel_memory": kernel_memory,
         "oom_retry": oom_retry,
+        "whole_job": whole_job,
         "no_fused": no_fused,
         "pipeline": pipeline,
         "max_square": max_square,

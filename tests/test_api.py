@@ -66,7 +66,9 @@ def test_status_reports_device_budget_entry_settings_and_recent_plans(client):
     with torch.no_grad():
         layer(torch.randn(2, 300, 64))
     body = client.get("/memslice/v1/status", params={"limit": 5}).json()
-    assert body["device_kind"] == "cpu" and body["active"] == TITLES["doggettx"]
+    from lib_memslice import __version__
+
+    assert body["device_kind"] == "cpu" and body["active"] == TITLES["doggettx"] and body["version"] == __version__
     assert body["attention_budget_bytes"] == body["room_bytes"] == 1 << 18 and body["free_bytes"] > 0
     assert body["settings"]["memslice_budget_gb"] == 1 / 4096
     last = body["recent"][-1]

@@ -186,3 +186,21 @@ def test_sd3_is_not_planned_by_the_cli(capsys):
     assert cli.main(["plan", "--model", "sd3", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["verdict"] == "not planned" and "SD3" in out["advice"]
+
+
+def test_one_version_string():
+    """pyproject.toml reads lib_memslice.__version__; the CLI, the status route (test_api) and the newest
+    CHANGELOG heading say the same."""
+    import re
+
+    from lib_memslice import __version__
+
+    with open(f"{ROOT}/pyproject.toml") as f:
+        pyproject = f.read()
+    assert 'dynamic = ["version"]' in pyproject and 'attr = "lib_memslice.__version__"' in pyproject
+    assert not re.search(r"(?m)^version\s*=\s*\"", pyproject)  # no second, literal version
+    with open(f"{ROOT}/CHANGELOG.md") as f:
+        newest = re.search(r"(?m)^## (\S+)", f.read()).group(1)
+    assert newest == __version__
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])

@@ -22,7 +22,7 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0(capsys, tmp_path):
 def test_every_section_runs_as_a_cpu_dry_run_and_writes_its_report(tmp_path):
     assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu-report.json").read_text())
-    for section in ("kernel_memory", "oom_retry", "no_fused", "pipeline", "max_square"):
+    for section in ("kernel_memory", "oom_retry", "whole_job", "no_fused", "pipeline", "max_square"):
         assert section in report and "error" not in report[section], (section, report[section])
     km = report["kernel_memory"]
     assert km["checked"] > 0 and km["pass"] and km["max_ratio"] <= 1.0
@@ -30,4 +30,8 @@ def test_every_section_runs_as_a_cpu_dry_run_and_writes_its_report(tmp_path):
     assert set(report["pipeline"]["contenders"]) == set(gpu_check.CONTENDERS)
     assert all("error" not in row for row in report["pipeline"]["contenders"].values())
     assert report["max_square"]["sites"]["vae.mid"]["memslice-auto"]["largest_side"] > 0
+    job = report["whole_job"]
+    assert {r["model"] for r in job["rows"]} == {"sd15", "sdxl"} and job["planned_sizes_ran"]
+    assert all(r["planned_side"] > 0 and len(r["at"]["passes"]) == 2 for r in job["rows"])
     assert "# memslice GPU check" in (tmp_path / "gpu-report.md").read_text()
+    assert "## 5. Whole jobs on emulated cards" in (tmp_path / "gpu-report.md").read_text()

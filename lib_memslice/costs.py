@@ -116,7 +116,8 @@ class KernelChoice:
     accelerators: a possible contiguous temporary of the slice's output and the softmax's row statistics).
     ``input_copies``: copies of a chunk's q/k/v the fused call makes (cast, contiguous or padded copy); ``None``
     assumes the worst (one, two when casting). ``backend`` names the SDPA backend for reports ("flash",
-    "efficient", "cudnn", "math", or "" when unknown).
+    "efficient", "cudnn", "math", or "" when unknown). ``workers``: slices run at once, each with its own buffers
+    (memslice's einsum kernel on CPUs: one single-threaded worker per torch thread).
     """
 
     kind: str
@@ -124,10 +125,13 @@ class KernelChoice:
     output_extra: int = 0
     input_copies: int | None = None
     backend: str = ""
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KERNEL_KINDS:
             raise ValueError(f"unknown kernel {self.kind!r}; expected one of {KERNEL_KINDS}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"KernelChoice.workers must be a positive int, got {self.workers!r}")
 
 
 EINSUM = KernelChoice("einsum")
@@ -188,12 +192,13 @@ def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: i
         # the cast back to the io dtype runs once the kernel's inputs and scratch are gone
         wide = shape.batch_heads * shape.q_tokens * shape.v_dim * shape.element_size
         return max(chunk, wide + shape.output_bytes)
-    return shape.output_bytes + chunk
+    # a sliced plan runs ``workers`` slices at once, each in its own buffers (one slice: one worker)
+    return shape.output_bytes + (1 if whole else kernel.workers) * chunk
 
 
 def fixed_and_per_query(shape: AttentionShape, heads_per_slice: int, kernel: KernelChoice) -> tuple[int, int]:
     """The peak of a *sliced* plan as ``a + b * queries_per_slice`` (exact: every term is affine in the query
     chunk), so the planner can solve for the largest query chunk under a budget instead of searching."""
-    zero = shape.output_bytes + chunk_bytes(shape, heads_per_slice, 0, kernel)
-    one = shape.output_bytes + chunk_bytes(shape, heads_per_slice, 1, kernel)
+    zero = shape.output_bytes + kernel.workers * chunk_bytes(shape, heads_per_slice, 0, kernel)
+    one = shape.output_bytes + kernel.workers * chunk_bytes(shape, heads_per_slice, 1, kernel)
     return zero, one - zero

@@ -164,13 +164,12 @@ class Planned:
 
 
 def _kernels_to_try(call: Call) -> tuple[KernelChoice, ...]:
-    """Fastest first: the fused kernel where torch runs it, then (``kernel = auto``) memslice's einsum kernel."""
+    """Fastest first: the fused kernel where torch runs it, then (``kernel = auto``) memslice's einsum kernel, on CPUs
+    with a worker per thread and then with one (one score buffer)."""
     first = kernels.choose_kernel(call.settings.kernel, call.q, call.k, call.v, call.compute_dtype, _bias(call))
     if call.mask is None:
         kernels.observe(call.q.device.type, call.compute_dtype, call.shape.head_dim, call.settings.kernel, first)
-    if first.kind == "fused" and call.settings.kernel == "auto":
-        return first, kernels.einsum_kernel(call.q.device.type, call.compute_dtype)
-    return (first,)
+    return kernels.kernels_after(first, call.settings.kernel, call.q.device.type, call.compute_dtype)
 
 
 def _bias(call: Call) -> Tensor | None:
@@ -327,7 +326,7 @@ def _after_oom(call: Call, planned: Planned, stage: str, attempts: list[Attempt]
             if again is not None:
                 return replace(planned, plan=again, retries=planned.retries + 1), "fused-sliced"
         if stage != "einsum-last" and call.settings.kernel == "auto":
-            einsum = kernels.einsum_kernel(call.q.device.type, call.compute_dtype)
+            einsum = replace(kernels.einsum_kernel(call.q.device.type, call.compute_dtype), workers=1)
             last = smallest_peak_plan(call.shape, 1 << 62, strategy=call.strategy, slice_cap=cap, kernel=einsum,
                                       device_kind=call.device_kind)  # fmt: skip
             if last is not None:

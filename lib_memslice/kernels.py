@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_scratch
-from .costs import EINSUM, KernelChoice
+from .costs import KernelChoice
 from .slicing import SlicePlan
 
 log = logging.getLogger("memslice")
@@ -120,7 +121,7 @@ def einsum_kernel(device_type: str, dtype: torch.dtype) -> KernelChoice:
     in-op events); elsewhere ``bmm(out=)`` may go through a contiguous temporary of one slice's output and the
     softmax runs as elementwise ops with two row statistics: counted as one element plus one byte per output."""
     if device_type == "cpu":
-        return EINSUM
+        return KernelChoice("einsum", workers=torch.get_num_threads())
     return KernelChoice("einsum", output_extra=torch.finfo(dtype).bits // 8 + 1)
 
 
@@ -213,12 +214,20 @@ def expected_kernels(
     ask_device: bool = False,
     v_dim: int | None = None,
 ) -> tuple[KernelChoice, ...]:
-    """The kernels a call may use, fastest first, as :func:`lib_memslice.forwards.plan_call` tries them: the
-    expected kernel, then (``auto`` with a fused kernel) memslice's einsum kernel for budgets the fused one misses."""
+    """The kernels a call may use, fastest first, as :func:`lib_memslice.forwards.plan_call` tries them."""
     first = expected_kernel(device_kind, dtype, head_dim, setting, ask_device, v_dim)
+    return kernels_after(first, setting, device_kind, dtype)
+
+
+def kernels_after(first: KernelChoice, setting: str, device_type: str, dtype: torch.dtype) -> tuple[KernelChoice, ...]:
+    """``first`` and what a call falls back to when no plan of it fits: with ``kernel = auto`` a fused kernel's
+    memslice's einsum kernel; a CPU einsum kernel with several workers (one buffer each), the same with one."""
+    found = [first]
     if first.kind == "fused" and setting == "auto":
-        return first, einsum_kernel(device_kind, dtype)
-    return (first,)
+        found.append(einsum_kernel(device_type, dtype))
+    if found[-1].kind == "einsum" and found[-1].workers > 1:
+        found.append(replace(found[-1], workers=1))
+    return tuple(found)
 
 
 def kernels_for_job(
@@ -311,47 +320,173 @@ def _softmax_(s: Tensor) -> None:
         s.div_(s.sum(dim=-1, keepdim=True))
 
 
-def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, mask: KeepMask | None,
-                dtype: torch.dtype, out: Tensor) -> None:  # fmt: skip
-    batch, heads, q_tokens, d = q.shape
-    k_tokens, dv = k.shape[2], v.shape[-1]
-    rows = min(plan.heads_per_slice, heads)
+class _Buffers:
+    """One worker's reused storage: the score buffer, and when computing wider than the inputs the cast k, v, q and
+    one slice's output. Flat, viewed per slice as contiguous blocks: the in-place softmax is only correct on
+    contiguous tensors, and the last slice may be shorter than the others."""
+
+    def __init__(self, rows: int, qps: int, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype) -> None:
+        k_tokens, d, dv = k.shape[2], q.shape[-1], v.shape[-1]
+        device = q.device
+        self.scores = torch.empty(rows * qps * k_tokens, dtype=dtype, device=device)
+        self.cast = dtype != q.dtype
+        if self.cast:
+            self.kb = torch.empty(rows, k_tokens, d, dtype=dtype, device=device)
+            self.vb = torch.empty(rows, k_tokens, dv, dtype=dtype, device=device)
+            self.qb = torch.empty(rows * qps * d, dtype=dtype, device=device)
+            self.ob = torch.empty(rows * qps * dv, dtype=dtype, device=device)
+
+
+def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int, m: int, scale: float,
+           mask: KeepMask | None, out: Tensor, buf: _Buffers) -> None:  # fmt: skip
+    """One slice: rows h0:h1 of batch item b, queries n0:n0+m, against keys ``kk`` and values ``vv`` (already in
+    the compute dtype): scores into the buffer, softmax in place, multiplied straight into the output."""
+    n, k_tokens, d, dv = h1 - h0, kk.shape[1], q.shape[-1], vv.shape[-1]
+    s = buf.scores[: n * m * k_tokens].view(n, m, k_tokens)
+    qq = q[b, h0:h1, n0 : n0 + m]
+    if buf.cast:
+        qq = buf.qb[: n * m * d].view(n, m, d).copy_(qq)
+    s.baddbmm_(qq, kk.transpose(-1, -2), beta=0, alpha=scale)
+    if mask is not None:
+        s.masked_fill_(mask.drop[b, 0], -torch.finfo(s.dtype).max)
+    _softmax_(s)
+    target = out[b, h0:h1, n0 : n0 + m]
+    if buf.cast:
+        target.copy_(torch.bmm(s, vv, out=buf.ob[: n * m * dv].view(n, m, dv)))
+    else:
+        torch.bmm(s, vv, out=target)
+
+
+def _keys(k: Tensor, v: Tensor, b: int, h0: int, h1: int, buf: _Buffers) -> tuple[Tensor, Tensor]:
+    kk, vv = k[b, h0:h1], v[b, h0:h1]
+    if buf.cast:
+        n = h1 - h0
+        kk, vv = buf.kb[:n].copy_(kk), buf.vb[:n].copy_(vv)
+    return kk, vv
+
+
+def _slices(batch: int, heads: int, q_tokens: int, plan: SlicePlan) -> Iterator[tuple[int, int, int, list[int]]]:
+    """(batch item, first row, end row, query starts) in plan order: a run of rows that crosses batch items is run
+    one item at a time through the same buffer."""
     qps = min(plan.queries_per_slice, q_tokens)
-    device = q.device
-    # flat storage, viewed per slice as a contiguous [rows, queries, keys] block: the in-place softmax is only
-    # correct on contiguous tensors, and the last slice may be shorter than the others
-    scores = torch.empty(rows * qps * k_tokens, dtype=dtype, device=device)
-    cast = dtype != q.dtype
-    if cast:  # reused buffers for the inputs in the compute dtype, and one slice's output before it is cast back
-        kb = torch.empty(rows, k_tokens, d, dtype=dtype, device=device)
-        vb = torch.empty(rows, k_tokens, dv, dtype=dtype, device=device)
-        qb = torch.empty(rows * qps * d, dtype=dtype, device=device)
-        ob = torch.empty(rows * qps * dv, dtype=dtype, device=device)
-    fill = -torch.finfo(dtype).max
     for pieces in rectangles(batch, heads, plan.heads_per_slice):
         for b0, b1, h0, h1 in pieces:
-            n = h1 - h0
-            for b in range(b0, b1):  # one batch item at a time through the same buffer
-                kk, vv = k[b, h0:h1], v[b, h0:h1]
-                if cast:
-                    kk, vv = kb[:n].copy_(kk), vb[:n].copy_(vv)
-                kt = kk.transpose(-1, -2)
-                drop = None if mask is None else mask.drop[b, 0]
-                for n0 in range(0, q_tokens, qps):
-                    m = min(qps, q_tokens - n0)
-                    s = scores[: n * m * k_tokens].view(n, m, k_tokens)
-                    qq = q[b, h0:h1, n0 : n0 + m]
-                    if cast:
-                        qq = qb[: n * m * d].view(n, m, d).copy_(qq)
-                    s.baddbmm_(qq, kt, beta=0, alpha=scale)
-                    if drop is not None:
-                        s.masked_fill_(drop, fill)
-                    _softmax_(s)
-                    target = out[b, h0:h1, n0 : n0 + m]
-                    if cast:
-                        target.copy_(torch.bmm(s, vv, out=ob[: n * m * dv].view(n, m, dv)))
-                    else:
-                        torch.bmm(s, vv, out=target)
+            for b in range(b0, b1):
+                yield b, h0, h1, list(range(0, q_tokens, qps))
+
+
+def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, mask: KeepMask | None,
+                dtype: torch.dtype, out: Tensor) -> None:  # fmt: skip
+    batch, heads, q_tokens, _ = q.shape
+    rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
+    workers = min(plan.kernel.workers, plan.slices)
+    if workers > 1 and q.device.type in ("cpu", "meta") and _may_use_threads(q, k, v):  # meta: a traced CPU call
+        _run_einsum_parallel(q, k, v, plan, scale, mask, dtype, out, workers)
+        return
+    buf = _Buffers(rows, qps, q, k, v, dtype)
+    for b, h0, h1, starts in _slices(batch, heads, q_tokens, plan):
+        kk, vv = _keys(k, v, b, h0, h1, buf)  # cast once per run of rows
+        for n0 in starts:
+            _slice(q, kk, vv, b, h0, h1, n0, min(qps, q_tokens - n0), scale, mask, out, buf)
+
+
+# --- memslice's CPU worker pool -----------------------------------------------------------------------------------
+#
+# On CPUs torch runs each op on all its threads, with a barrier at the end of every op: thousands of slices pay it
+# thousands of times, and when another process holds a core every barrier waits for the thread that lost it. So the
+# einsum kernel runs its slices on a pool of single-threaded workers instead, one per torch thread, each with its
+# own buffers, taking the next slice when it is done: no barrier between slices, and a worker on a busy core simply
+# takes fewer of them. The cost model counts one buffer per worker (KernelChoice.workers).
+
+_pools: dict[int, Any] = {}
+_pools_lock = threading.Lock()
+
+
+def _single_threaded() -> None:
+    """A worker's initializer. torch sets a thread's OpenMP threads from its global default the first time the
+    thread asks (get_num_threads does): ask first, then set this thread's own (OpenMP's and MKL's are per thread)."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _pool(workers: int) -> Any:
+    """A pool of ``workers`` single-threaded workers, started once (the global default torch.set_num_threads also
+    sets is restored once every worker has set its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="memslice", initializer=_single_threaded)
+            started = threading.Barrier(workers)
+            for future in [pool.submit(started.wait) for _ in range(workers)]:
+                future.result()
+            torch.set_num_threads(threads)
+            _pools[workers] = pool
+        return pool
+
+
+def _may_use_threads(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Threads only for plain inference: not while torch.compile traces, not when autograd records."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if compiling is None:
+        compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
+    if compiling is not None and compiling():
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+def _dispatch_modes() -> list[Any]:
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        return list(_get_current_dispatch_mode_stack())
+    except Exception:  # a torch without it: none to carry over
+        return []
+
+
+def _run_einsum_parallel(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, mask: KeepMask | None,
+                         dtype: torch.dtype, out: Tensor, workers: int) -> None:  # fmt: skip
+    batch, heads, q_tokens, _ = q.shape
+    rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
+    jobs = [(b, h0, h1, n0) for b, h0, h1, starts in _slices(batch, heads, q_tokens, plan) for n0 in starts]
+    lock = threading.Lock()
+    state = {"next": 0, "error": None}
+    inference = torch.is_inference_mode_enabled()
+    modes = _dispatch_modes()
+    # every worker's buffers allocated here, before any starts: the peak is the cost model's, whatever the timing
+    buffers = [_Buffers(rows, qps, q, k, v, dtype) for _ in range(workers)]
+
+    def work(buf: _Buffers) -> None:
+        # what the caller's thread runs under is per thread: inference mode, and dispatch modes (a memory tracker)
+        with torch.inference_mode(inference), torch.no_grad(), contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            held: tuple[int, int, int] | None = None
+            kk = vv = q
+            while True:
+                with lock:
+                    if state["error"] is not None or state["next"] >= len(jobs):
+                        return
+                    b, h0, h1, n0 = jobs[state["next"]]
+                    state["next"] += 1
+                try:
+                    if held != (b, h0, h1):
+                        kk, vv = _keys(k, v, b, h0, h1, buf)
+                        held = (b, h0, h1)
+                    _slice(q, kk, vv, b, h0, h1, n0, min(qps, q_tokens - n0), scale, mask, out, buf)
+                except BaseException as exc:  # the first error stops every worker; the caller re-raises it
+                    with lock:
+                        state["error"] = state["error"] or exc
+                    return
+
+    pool = _pool(workers)
+    for future in [pool.submit(work, buf) for buf in buffers]:
+        future.result()
+    if state["error"] is not None:
+        error, state["error"] = state["error"], None
+        raise error
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, dtype: torch.dtype) -> Tensor:

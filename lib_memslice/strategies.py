@@ -26,10 +26,10 @@ from .costs import AttentionShape, KernelChoice, MiB, fixed_and_per_query, forma
 WEBUI_MARGIN = 3.3
 WEBUI_RULES = ("doggettx", "invokeai")
 
-#: The einsum kernel's fastest score buffer on CPUs, per 64 channels of head dim: one head per slice, queries filling
-#: about this much (measured on 2 cores, fp32: larger buffers fall out of cache; whole-item slices re-read every
-#: head's keys). GPUs get the fewest slices instead: they want large kernels.
-CPU_EINSUM_TARGET_BYTES = 8 * MiB
+#: The einsum kernel's fastest score buffer per worker on CPUs: one head per slice, queries filling about this much
+#: (see docs/benchmarks.md: 8-32 MiB ran within a few % of each other at every size measured, 1-4 MiB lost to
+#: per-slice costs, 64 MiB to memory traffic). GPUs get the fewest slices instead: they want large kernels.
+CPU_EINSUM_TARGET_BYTES = 16 * MiB
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ def auto(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: st
     room grows)."""
     if kernel.kind != "einsum" or device_kind != "cpu":
         return Aim(1, 0, "fewest slices that fit", True)
-    target = CPU_EINSUM_TARGET_BYTES * max(1.0, shape.head_dim / 64)
+    target = CPU_EINSUM_TARGET_BYTES
     queries = max(1, min(shape.q_tokens, int(target // max(1, shape.k_tokens * shape.element_size))))
-    why = f"one head per slice, ~{format_bytes(target)} score buffer (fastest on CPUs)"
+    why = f"one head per slice, ~{format_bytes(target)} score buffer per worker (fastest on CPUs)"
     fixed, per_query = fixed_and_per_query(shape, 1, kernel)
     fitting = (room - fixed) // per_query if per_query > 0 else queries
     settled = fitting >= queries

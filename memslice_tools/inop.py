@@ -114,3 +114,20 @@ def inop_peak_bytes(fn: Callable[[], Any], op: str | None = None) -> int:
             inside = [r for r in memory if span.start_ns <= r[0] <= span.end_ns]
             peak = max(peak, _replay_peak(inside))
     return peak
+
+
+def call_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of ``fn()`` from every thread it uses: the profiler's replay sees in-op scratch but only the
+    calling thread (its memory events are recorded per thread), the live-tensor tracker sees the tensors of the
+    workers a call starts too (memslice's CPU einsum workers run under the caller's dispatch modes) but nothing an
+    op frees before returning. Each is a lower bound of the true peak and exact where the other is blind; the larger
+    is taken."""
+    from .memtrack import PeakTracker
+
+    tracker = PeakTracker()
+
+    def tracked() -> Any:
+        with tracker:
+            return fn()
+
+    return max(inop_peak_bytes(tracked), tracker.peak)

@@ -89,9 +89,15 @@ def traced_cpu(fused: bool) -> Iterator[None]:
     def kind(device: Any) -> str:
         return "cpu" if getattr(device, "type", device) == "meta" else real_kind(device)
 
+    real_einsum = kernels.einsum_kernel
+
+    def einsum(device_type: str, dtype: torch.dtype) -> Any:  # the CPU's einsum kernel: a worker per thread
+        return real_einsum("cpu" if device_type == "meta" else device_type, dtype)
+
     F.scaled_dot_product_attention = sdpa
     torch._fused_sdp_choice = choice
     kernels.fused_costs = costs
+    kernels.einsum_kernel = einsum
     probe.device_kind = kind  # memslice plans for the CPU it stands in for
     try:
         yield
@@ -100,6 +106,7 @@ def traced_cpu(fused: bool) -> Iterator[None]:
         if real_choice is not None:
             torch._fused_sdp_choice = real_choice
         kernels.fused_costs = real_costs
+        kernels.einsum_kernel = real_einsum
         probe.device_kind = real_kind
 
 
@@ -201,7 +208,7 @@ def traced_vs_real(contender: Contender, case: Case, free_bytes: int, fused: boo
             contender.prepare(case, qkv, _told(contender, left))()
 
     with contextlib.nullcontext() if fused else sdpa_math_only():
-        measured = inop.inop_peak_bytes(real)
+        measured = inop.call_peak_bytes(real)
     return traced, measured
 
 

@@ -89,7 +89,8 @@ def test_no_output_when_nothing_fits_after_retries(monkeypatch):
     assert "twice the slices would pass the slice cap (8)" in str(info.value)
     # the attention budget (64 GiB) was evidently more than the device had: no size from it, and the advice says so
     assert "lower it to what is free" in str(info.value) and "fit: about" not in str(info.value)
-    assert fake.calls == 3  # 2 (one head per slice), 4 and 8 slices: each attempt fails at its first slice
+    # 2 (one head per slice), 4 and 8 slices: each attempt fails at its first slice (per worker on CPUs)
+    assert 3 <= fake.calls <= 3 * torch.get_num_threads()
 
 
 def test_a_plan_over_the_safety_margin_that_runs_out_says_only_what_was_tried(monkeypatch):
@@ -102,11 +103,15 @@ def test_a_plan_over_the_safety_margin_that_runs_out_says_only_what_was_tried(mo
     monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: probe.FreeMemory(free, "test"))
     fake = Failing(kernels._softmax_, range(1, 10_000), OOM("CUDA out of memory"))
     monkeypatch.setattr(kernels, "_softmax_", fake)
+    attempts = []
+    real_run = kernels.run_plan
+    monkeypatch.setattr(kernels, "run_plan", lambda *a, **k: attempts.append(a[3].slices) or real_run(*a, **k))
     with pytest.raises(NotEnoughMemory) as info:
         attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(slice_cap=64, kernel="einsum")))
     text = str(info.value)
     tried = text.split("einsum kernel at ")[1].split(" (predicted")[0]
-    assert tried.count(",") + tried.count(" and ") + 1 == fake.calls  # exactly the plans that ran out, no more
+    listed = [int(n) for n in tried.replace(" and ", ", ").removesuffix(" slices").removesuffix(" slice").split(", ")]
+    assert listed == attempts  # exactly the plans that ran out, no more
     assert "every slice count" not in text
     if "free now" in text:  # memory stopped the retries: a higher cap is not the remedy
         assert "raise the slice cap" not in text

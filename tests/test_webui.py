@@ -467,7 +467,9 @@ def test_a_generation_that_fails_names_the_pass_and_what_would_fit(webui):
     expected = webui.memslice.plan_for(512, 512, 1, hr_width=1024, hr_height=1024)["max_square_resolution"]
     scaled = " (first pass; hires scaled alike)"
     basis = "with the attention budget of 256.0 KiB, which refused this call,"
-    fits = f"{basis} the whole job fits up to {expected}x{expected}{scaled}" if expected else f"{basis} no size"
+    verdict = webui.memslice.plan_for(512, 512, 1, hr_width=1024, hr_height=1024)["verdict"]
+    said = f"{basis} this job {'fits' if verdict == 'fits' else 'is ' + verdict} and"
+    fits = f"{said} the whole job fits up to {expected}x{expected}{scaled}" if expected else f"{said} no size"
     unet = _small_unet(webui)
     sites_from_modules(unet=unet)  # as on_model_loaded tags the loaded model
 
@@ -536,6 +538,7 @@ def test_the_fits_up_to_reading_comes_from_the_jobs_start_and_says_when_it_was_o
     text = _failing_oom(webui, "StableDiffusionProcessingTxt2Img", decode, width=128, height=128)
     assert readings[0] is True  # read precisely at the job's start
     assert "In this job: the VAE decode pass at 128x128 failed; with the 64.0 GiB free when this job started" in text
+    assert "this job fits and the whole job fits up to" in text
     assert "this size was within it, so that reading may be optimistic" in text
 
 

@@ -133,13 +133,14 @@ def failure_context(exc: BaseException) -> str:
         basis = f"with the attention budget of {format_bytes(budget * (1 << 30))}, which refused this call,"
     else:
         basis = f"with the {format_bytes(plan['free_bytes'])} free when this job started"
+    verdict = f"this job {'fits' if plan['verdict'] == 'fits' else 'is ' + plan['verdict']}"
     if side:
-        fits = f"{basis} the whole job fits up to {side}x{side}{scaled}"
+        fits = f"{basis} {verdict} and the whole job fits up to {side}x{side}{scaled}"
         if max(first) <= side:
             fits += (": this size was within it, so that reading may be optimistic (memory taken after the job "
                      "started, or more allocator overhead than measured)")  # fmt: skip
     else:
-        fits = f"{basis} no size of this job fits (its binding pass: {plan['limit']})"
+        fits = f"{basis} {verdict} and no size of this job fits (its binding pass: {plan['limit']})"
     return f"In this job: the {name} pass at {size[0]}x{size[1]} failed; {fits}."
 
 

@@ -1,0 +1,219 @@
+"""No fused kernel, near-fused speed: memslice-auto against the fused kernel and the webui's built-ins.
+
+Where no fused SDPA kernel runs (Apple MPS, DirectML, ROCm without fused attention, masks, upcast), memslice runs its
+einsum kernel. On a CPU that regime is reproduced with the fused backends off (``sdpa_kernel([SDPBackend.MATH])``);
+the fused kernel's own time at the same shape, with the backends on, is the limit no slicing can beat. Per case
+(site, size), threads and dtype, and for each free-memory number every contender is told:
+
+- **memslice-auto** with that number as its attention budget;
+- every **webui 1.10.1 built-in** whose traced peak keeps that number (the others would not run on such a device);
+- the **fused kernel** (plain SDPA on 4-D views).
+
+A contender whose plan is the same at both numbers (its slice count) is timed once and reused. All run in
+interleaved rounds; every call is sampled for wall time, the CPU time of this process (all its threads) and the
+share of the machine other processes used meanwhile (``/proc/stat``). A ratio is the median of per-round ratios.
+The **contended** cases run the same with a background process keeping one core busy, started and stopped here.
+The **slice-size sweep** times memslice-auto's einsum kernel with other score-buffer targets than its rule's, so the
+report shows how far the rule is from the best size measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lib_memslice import forwards, strategies
+from lib_memslice.costs import GiB, MiB
+
+from .contenders import MEMSLICE_AUTO, SDPA, Case, Contender, make_case, make_inputs
+from .limits import sdpa_math_only, traced_peak
+
+Tensor = torch.Tensor
+FREES = (256 * MiB, 1 * GiB)
+BUILTINS = ("Doggettx", "InvokeAI-cpu", "InvokeAI-cuda", "sub-quadratic", "V1", "sdp")
+SWEEP_MIB = (4, 8, 16, 32)
+
+
+def cpu_sample() -> tuple[float, float, float]:
+    """(wall, this process's CPU seconds, the machine's busy CPU seconds)."""
+    own = os.times()
+    busy = 0.0
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        pass
+    return time.perf_counter(), own.user + own.system, busy
+
+
+@dataclass
+class Timed:
+    """One contender at one plan: the call, and per round wall ms, process CPU ms, others' share of the machine."""
+
+    name: str
+    call: Callable[[], Any]
+    fused: bool
+    frees: list[int]
+    plan: str = ""
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    others: list[float] = field(default_factory=list)
+
+    def run_once(self) -> None:
+        cpus = os.cpu_count() or 1
+        with contextlib.nullcontext() if self.fused else sdpa_math_only():
+            w0, c0, b0 = cpu_sample()
+            self.call()
+            w1, c1, b1 = cpu_sample()
+        wall = w1 - w0
+        self.wall.append(wall * 1e3)
+        self.cpu.append((c1 - c0) * 1e3)
+        self.others.append(max(0.0, (b1 - b0) - (c1 - c0)) / max(wall * cpus, 1e-9))
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "plan": self.plan, "frees": self.frees, "wall_ms": self.wall, "cpu_ms": self.cpu,
+                "others_share": self.others, "median_ms": statistics.median(self.wall),
+                "steadiness": max(self.wall) / min(self.wall)}  # fmt: skip
+
+
+def _ratio(a: Timed, b: Timed) -> float:
+    return statistics.median(x / y for x, y in zip(a.wall, b.wall, strict=False))
+
+
+def _memslice_plan(call: Callable[[], Any]) -> str:
+    record = call.host.stats.recent()[-1]  # type: ignore[attr-defined]
+    return f"{record.slices} slices of {record.heads_per_slice}x{record.queries_per_slice} ({record.kernel_used})"
+
+
+def _entries(case: Case, contenders: dict[str, Contender], qkv: list[Tensor]) -> list[Timed]:
+    """The fused reference, memslice-auto at each number, and the built-ins that keep it (deduplicated by plan)."""
+    fused = Timed("fused SDPA", contenders[SDPA].prepare(case, list(qkv), None), True, list(FREES), "one call")
+    found = [fused]
+    auto = contenders[MEMSLICE_AUTO]
+    by_plan: dict[tuple[str, str], Timed] = {}
+    for free in FREES:
+        call = auto.prepare(case, list(qkv), free)
+        with sdpa_math_only():
+            call()
+        key = (MEMSLICE_AUTO, _memslice_plan(call))
+        if key in by_plan:
+            by_plan[key].frees.append(free)
+        else:
+            by_plan[key] = Timed(MEMSLICE_AUTO, call, False, [free], key[1])
+    for name in BUILTINS:
+        contender = contenders.get(name)
+        if contender is None or (case.site.vae and not contender.vae):
+            continue
+        for free in FREES:
+            peak = traced_peak(contender, case, case.pixels, free, False, free, inputs=False)
+            if peak is None or peak > free:
+                continue  # it would not run on a device with this much free: not a contender at this number
+            slices = _webui_slices(name, case, free)
+            key = (name, f"{slices} slices")
+            if key in by_plan:
+                by_plan[key].frees.append(free)
+            else:
+                by_plan[key] = Timed(name, contender.prepare(case, list(qkv), free), False, [free], key[1])
+    return found + list(by_plan.values())
+
+
+def _webui_slices(name: str, case: Case, free: int) -> int:
+    from . import webui_attention
+
+    contender = next(c for c in webui_attention.reimplemented() if c.name == name)
+    s = case.shape
+    info = {"batch_heads": s.batch_heads, "q_tokens": s.q_tokens, "k_tokens": s.k_tokens, "head_dim": s.head_dim,
+            "element_size": s.element_size, "free_bytes": free, "device_type": "cpu", "vae": case.site.vae}  # fmt: skip
+    return contender.slices(info) if contender.slices else 1
+
+
+def measure(
+    contenders: dict[str, Contender], site: str, pixels: int, threads: int, dtype: torch.dtype, rounds: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """One case at one thread count and dtype: every entry timed in interleaved rounds; the ratios per number."""
+    torch.set_num_threads(threads)
+    forwards._memo.clear()
+    case = make_case("sd15", site, pixels, dtype)
+    qkv = make_inputs(case, "cpu")
+    entries = _entries(case, contenders, qkv)
+    with torch.no_grad():
+        for entry in entries:  # warm-up (memslice's pool starts, allocators settle)
+            entry.run_once()
+            entry.wall.clear(), entry.cpu.clear(), entry.others.clear()
+        for _ in range(rounds):
+            for entry in entries:
+                entry.run_once()
+    fused = entries[0]
+    result: dict[str, Any] = {"site": site, "pixels": pixels, "threads": threads, "dtype": str(dtype)[6:],
+                              "entries": [e.summary() for e in entries], "by_free": {}}  # fmt: skip
+    for free in FREES:
+        mine = next(e for e in entries if e.name == MEMSLICE_AUTO and free in e.frees)
+        builtins = [e for e in entries[1:] if e.name != MEMSLICE_AUTO and free in e.frees]
+        best = min(builtins, key=lambda e: statistics.median(e.wall)) if builtins else None
+        result["by_free"][str(free)] = {
+            "memslice_plan": mine.plan,
+            "vs_fused": _ratio(mine, fused),
+            "best_builtin": best.name if best else None,
+            "best_builtin_plan": best.plan if best else None,
+            "vs_best_builtin": _ratio(mine, best) if best else None,
+            "fused_vs_best_builtin": _ratio(fused, best) if best else None,
+        }
+        row = result["by_free"][str(free)]
+        log(f"    {free // MiB} MiB: memslice-auto {statistics.median(mine.wall):.0f} ms ({mine.plan}), "
+            f"{row['vs_fused']:.3f}x fused, " + (f"{row['vs_best_builtin']:.3f}x {best.name}" if best else
+                                                 "no built-in keeps it"))  # fmt: skip
+    return result
+
+
+@contextlib.contextmanager
+def one_core_busy() -> Iterator[None]:
+    """A background process keeping one core busy for as long as the block runs."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def sweep(site: str, pixels: int, threads: int, rounds: int) -> dict[str, Any]:
+    """memslice-auto's einsum kernel at several score-buffer targets (the rule's and others), interleaved."""
+    torch.set_num_threads(threads)
+    case = make_case("sd15", site, pixels)
+    qkv = make_inputs(case, "cpu")
+    from .contenders import _memslice
+
+    rule = strategies.CPU_EINSUM_TARGET_BYTES
+    calls = {}
+    for mib in SWEEP_MIB:
+        calls[mib] = _memslice("auto").prepare(case, list(qkv), GiB)
+    times: dict[int, list[float]] = {mib: [] for mib in SWEEP_MIB}
+    try:
+        with torch.no_grad(), sdpa_math_only():
+            for r in range(rounds + 1):
+                for mib, call in calls.items():
+                    strategies.CPU_EINSUM_TARGET_BYTES = mib * MiB
+                    forwards._memo.clear()
+                    start = time.perf_counter()
+                    call()
+                    if r:  # the first round warms up
+                        times[mib].append((time.perf_counter() - start) * 1e3)
+    finally:
+        strategies.CPU_EINSUM_TARGET_BYTES = rule
+        forwards._memo.clear()
+    medians = {mib: statistics.median(t) for mib, t in times.items()}
+    best = min(medians, key=medians.__getitem__)
+    return {"site": site, "pixels": pixels, "threads": threads, "median_ms": medians, "best_mib": best,
+            "rule_mib": rule // MiB, "rule_vs_best": medians[rule // MiB] / medians[best]}  # fmt: skip

@@ -380,7 +380,13 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
     batch, heads, q_tokens, _ = q.shape
     rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
     workers = min(plan.kernel.workers, plan.slices)
-    if workers > 1 and q.device.type in ("cpu", "meta") and _may_use_threads(q, k, v):  # meta: a traced CPU call
+    if q.device.type == "meta":
+        # shape tracing (memory only: meta tensors hold no values): the buffers are all a call allocates, since
+        # every slice writes into them in place, so the slices themselves are not run
+        held = [_Buffers(rows, qps, q, k, v, dtype) for _ in range(workers)]
+        del held
+        return
+    if workers > 1 and q.device.type == "cpu" and _may_use_threads(q, k, v):
         _run_einsum_parallel(q, k, v, plan, scale, mask, dtype, out, workers)
         return
     buf = _Buffers(rows, qps, q, k, v, dtype)

@@ -79,9 +79,11 @@ def markdown(report: dict[str, Any]) -> str:
         *targets_lines(report["targets"]),
         "",
     ]
+    lines += speed_lines(report.get("speed"))
     for fused in (False, True):
         lines += [
-            f"## {'Fused kernel allowed' if fused else 'No fused kernel (MPS, DirectML, ROCm without fused)'}",
+            f"## {'Fused kernel allowed' if fused else 'No fused kernel (MPS, DirectML, ROCm without fused)'}: "
+            "every contender's memory at 512 px",
             "",
         ]
         for case in report["cases"]:
@@ -93,7 +95,7 @@ def markdown(report: dict[str, Any]) -> str:
         "## Largest square size under a fixed free memory (whole call: q, k, v, output, working memory)",
         "",
         "Traced on meta tensors, the fused kernel's allocations modelled from measurements (see "
-        "`lib_memslice/bench/limits.py`); each contender is told the memory left after q, k, v.",
+        "`memslice_tools/limits.py`); each contender is told the memory left after q, k, v.",
         "",
         "| site | free memory | regime | " + " | ".join(_limit_names(report)) + " | inputs + output alone |",
         "| --- | --- | --- | " + " | ".join("---:" for _ in _limit_names(report)) + " | ---: |",
@@ -117,6 +119,60 @@ def markdown(report: dict[str, Any]) -> str:
     for c in report["contenders"]:
         lines.append(f"| {c['name']} | {c['label']} | {c['free_rule']} |")
     return "\n".join(lines) + "\n"
+
+
+def _where(case: dict[str, Any]) -> str:
+    site = "UNet level 0" if case["site"].startswith("unet") else "VAE mid block"
+    return f"SD1.5 {case['pixels']} px {site}"
+
+
+def _free(free: str) -> str:
+    n = int(free)
+    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
+
+
+def speed_lines(speed: dict[str, Any] | None) -> list[str]:
+    """The no-fused speed section: one row per case, thread count, dtype and free number."""
+    if not speed:
+        return []
+    lines = [
+        "## No fused kernel: speed (MPS, DirectML, ROCm without fused attention, masks, upcast)",
+        "",
+        "SDPA limited to its math path, as on those backends; the fused kernel (backends on) is the limit. Wall ms,"
+        " medians of interleaved rounds; ratios are medians of per-round ratios; `steady` is a contender's slowest"
+        " round over its fastest; `others` the largest share of the machine other processes took during one of its"
+        " calls.",
+        "",
+        "| case | threads | dtype | free | memslice-auto: ms, plan | fused ms | fastest built-in keeping it: ms "
+        "| memslice / fused | memslice / built-in | steady (memslice) | others |",
+        "| --- | ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for group, title in ((speed.get("cases", []), ""), (speed.get("contended", []), " (one core busy)")):
+        for case in group:
+            entries = case["entries"]
+            fused = entries[0]
+            for free, row in case["by_free"].items():
+                mine = next(e for e in entries if e["name"] == "memslice-auto" and int(free) in e["frees"])
+                best = next((e for e in entries if e["name"] == row["best_builtin"] and int(free) in e["frees"]),
+                            None)  # fmt: skip
+                others = max(max(e["others_share"]) for e in entries)
+                lines.append(
+                    f"| {_where(case)}{title} | {case['threads']} | {case['dtype']} | {_free(free)} | "
+                    f"{mine['median_ms']:.0f}, {mine['plan']} | {fused['median_ms']:.0f} | "
+                    + (f"{best['name']} {best['median_ms']:.0f}" if best else "none keeps it")
+                    + f" | {row['vs_fused']:.3f}x | "
+                    + (f"{row['vs_best_builtin']:.3f}x" if row["vs_best_builtin"] is not None else "-")
+                    + f" | {mine['steadiness']:.2f} | {100 * others:.0f} % |"
+                )
+    if speed.get("sweeps"):
+        lines += ["", "Slice-size sweep (memslice-auto's einsum kernel, 2 threads, fp32; ms per call by score buffer "
+                  "per worker):", ""]  # fmt: skip
+        for s in speed["sweeps"]:
+            sizes = ", ".join(f"{mib} MiB {ms:.0f}" for mib, ms in s["median_ms"].items())
+            lines.append(f"- {_where(s)}: {sizes}; the rule ({s['rule_mib']} MiB) is {s['rule_vs_best']:.3f}x the best")
+    if speed.get("skipped"):
+        lines += ["", f"Not run: {'; '.join(speed['skipped'])}."]
+    return [*lines, ""]
 
 
 def _limit_names(report: dict[str, Any]) -> list[str]:

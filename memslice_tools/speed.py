@@ -78,7 +78,8 @@ class Timed:
         wall = w1 - w0
         self.wall.append(wall * 1e3)
         self.cpu.append((c1 - c0) * 1e3)
-        self.others.append(max(0.0, (b1 - b0) - (c1 - c0)) / max(wall * cpus, 1e-9))
+        # /proc/stat counts in clock ticks (10 ms): a short call's share is coarse, so it is clamped to 0-1
+        self.others.append(min(1.0, max(0.0, (b1 - b0) - (c1 - c0)) / max(wall * cpus, 1e-9)))
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "plan": self.plan, "frees": self.frees, "wall_ms": self.wall, "cpu_ms": self.cpu,
@@ -95,8 +96,9 @@ def _memslice_plan(call: Callable[[], Any]) -> str:
     return f"{record.slices} slices of {record.heads_per_slice}x{record.queries_per_slice} ({record.kernel_used})"
 
 
-def _entries(case: Case, contenders: dict[str, Contender], qkv: list[Tensor]) -> list[Timed]:
-    """The fused reference, memslice-auto at each number, and the built-ins that keep it (deduplicated by plan)."""
+def _entries(case: Case, contenders: dict[str, Contender], qkv: list[Tensor], only: set[str] | None) -> list[Timed]:
+    """The fused reference, memslice-auto at each number, and the built-ins that keep it (deduplicated by plan;
+    ``only``: just these built-ins, the fastest at a smaller size)."""
     fused = Timed("fused SDPA", contenders[SDPA].prepare(case, list(qkv), None), True, list(FREES), "one call")
     found = [fused]
     auto = contenders[MEMSLICE_AUTO]
@@ -111,6 +113,8 @@ def _entries(case: Case, contenders: dict[str, Contender], qkv: list[Tensor]) ->
         else:
             by_plan[key] = Timed(MEMSLICE_AUTO, call, False, [free], key[1])
     for name in BUILTINS:
+        if only is not None and name not in only:
+            continue
         contender = contenders.get(name)
         if contender is None or (case.site.vae and not contender.vae):
             continue
@@ -139,16 +143,16 @@ def _webui_slices(name: str, case: Case, free: int) -> int:
 
 def measure(
     contenders: dict[str, Contender], site: str, pixels: int, threads: int, dtype: torch.dtype, rounds: int,
-    log: Callable[[str], None],
+    log: Callable[[str], None], only: set[str] | None = None, warm_up: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """One case at one thread count and dtype: every entry timed in interleaved rounds; the ratios per number."""
     torch.set_num_threads(threads)
     forwards._memo.clear()
     case = make_case("sd15", site, pixels, dtype)
     qkv = make_inputs(case, "cpu")
-    entries = _entries(case, contenders, qkv)
+    entries = _entries(case, contenders, qkv, only)
     with torch.no_grad():
-        for entry in entries:  # warm-up (memslice's pool starts, allocators settle)
+        for entry in entries if warm_up else ():  # memslice's pool starts, allocators settle
             entry.run_once()
             entry.wall.clear(), entry.cpu.clear(), entry.others.clear()
         for _ in range(rounds):
@@ -217,3 +221,74 @@ def sweep(site: str, pixels: int, threads: int, rounds: int) -> dict[str, Any]:
     best = min(medians, key=medians.__getitem__)
     return {"site": site, "pixels": pixels, "threads": threads, "median_ms": medians, "best_mib": best,
             "rule_mib": rule // MiB, "rule_vs_best": medians[rule // MiB] / medians[best]}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the speed section runs: (site, pixels, rounds, warm up) cases, thread counts, dtypes, contended cases
+    (2 threads, fp32, one core busy) and slice-size sweeps."""
+
+    cases: tuple[tuple[str, int, int, bool], ...]
+    threads: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    contended: tuple[tuple[str, int, int], ...]
+    sweeps: tuple[tuple[str, int, int], ...]
+
+
+FULL = Plan(
+    cases=(("unet.level0.self", 512, 3, True), ("vae.mid", 512, 3, True), ("unet.level0.self", 768, 2, True),
+           ("vae.mid", 1024, 2, True), ("unet.level0.self", 1024, 2, False)),
+    threads=(2, 1), dtypes=(torch.float32, torch.bfloat16),
+    contended=(("unet.level0.self", 512, 3), ("unet.level0.self", 768, 2)),
+    sweeps=(("unet.level0.self", 512, 2), ("vae.mid", 512, 2), ("unet.level0.self", 768, 2)),
+)  # fmt: skip
+QUICK = Plan(cases=(("unet.level0.self", 512, 3, True), ("vae.mid", 512, 3, True)), threads=(2,),
+             dtypes=(torch.float32,), contended=(("unet.level0.self", 512, 2),),
+             sweeps=(("unet.level0.self", 512, 2),))  # fmt: skip
+SMOKE = Plan(cases=(("unet.level0.self", 128, 2, True),), threads=(2,), dtypes=(torch.float32,),
+             contended=(("unet.level0.self", 128, 2),), sweeps=(("unet.level0.self", 128, 1),))  # fmt: skip
+
+
+def bf16_runs() -> bool:
+    """Whether this CPU and torch run bfloat16 attention (matmul and softmax)."""
+    try:
+        x = torch.randn(2, 8, 8, dtype=torch.bfloat16)
+        torch.softmax(x @ x.transpose(1, 2), -1)
+        return True
+    except Exception:
+        return False
+
+
+def section(plan: Plan, contenders: dict[str, Contender], log: Callable[[str], None]) -> dict[str, Any]:
+    """Every case of ``plan``, sizes in order: at a larger size only the built-ins that were the two fastest at the
+    smaller size of the same site, threads and dtype are timed (the others were slower by then)."""
+    threads_before = torch.get_num_threads()
+    dtypes = [d for d in plan.dtypes if d != torch.bfloat16 or bf16_runs()]
+    skipped = [] if len(dtypes) == len(plan.dtypes) else ["bf16: this CPU and torch do not run it"]
+    result: dict[str, Any] = {"cases": [], "contended": [], "sweeps": [], "skipped": skipped}
+    fastest: dict[tuple[str, int, str], set[str]] = {}
+    try:
+        for threads in plan.threads:
+            for dtype in dtypes:
+                for site, pixels, rounds, warm_up in plan.cases:
+                    key = (site, threads, str(dtype))
+                    log(f"  no fused kernel: {site} {pixels} px, {threads} thread(s), {str(dtype)[6:]}")
+                    found = measure(contenders, site, pixels, threads, dtype, rounds, log, fastest.get(key), warm_up)
+                    result["cases"].append(found)
+                    ranked = sorted((e for e in found["entries"] if e["name"] not in (MEMSLICE_AUTO, "fused SDPA")),
+                                    key=lambda e: e["median_ms"])  # fmt: skip
+                    fastest[key] = {e["name"] for e in ranked[:2]}
+        for site, pixels, rounds in plan.contended:
+            log(f"  contended (one core busy): {site} {pixels} px, 2 threads")
+            with one_core_busy():
+                found = measure(contenders, site, pixels, 2, torch.float32, rounds, log,
+                                fastest.get((site, 2, str(torch.float32))))  # fmt: skip
+            result["contended"].append(found)
+        for site, pixels, rounds in plan.sweeps:
+            found = sweep(site, pixels, 2, rounds)
+            log(f"  slice-size sweep {site} {pixels} px: " + ", ".join(
+                f"{mib} MiB {ms:.0f} ms" for mib, ms in found["median_ms"].items()))  # fmt: skip
+            result["sweeps"].append(found)
+    finally:
+        torch.set_num_threads(threads_before)
+    return result

@@ -25,16 +25,27 @@ def smoke(tmp_path_factory):
 def test_a_smoke_run_writes_a_complete_report(smoke):
     out, report = smoke
     assert (out / "bench-report.md").read_text().startswith("# memslice benchmark")
-    for key in ("meta", "contenders", "cases", "limits", "overhead", "targets"):
+    for key in ("meta", "contenders", "cases", "speed", "limits", "overhead", "targets"):
         assert key in report
     meta = report["meta"]
     assert meta["allocator"] and meta["torch"] == torch.__version__ and meta["threads"] >= 1
     regimes = {(r["fused"], r["budget_bytes"] is None) for case in report["cases"] for r in case["regimes"]}
     assert regimes == {(False, False), (True, False), (True, True)}  # no-fused budgets, fused budgets, fused ample
     names = {t["name"] for t in report["targets"]}
-    assert names == {"no_fused_vs_best", "no_fused_vs_fused", "fused_vs_sdpa", "peak_within_budget",
-                     "largest_square_vs_doggettx", "largest_square_vs_physical", "overhead"}  # fmt: skip
+    assert names == {"no_fused_vs_best", "no_fused_vs_fused", "steady", "contended", "slice_size_rule",
+                     "fused_vs_sdpa", "peak_within_budget", "largest_square_vs_physical", "overhead"}  # fmt: skip
     assert all(t["status"] in ("PASS", "FAIL", "N/A") for t in report["targets"])
+    speed = report["speed"]
+    assert speed["cases"] and speed["contended"] and speed["sweeps"]
+    for case in speed["cases"] + speed["contended"]:
+        names = [e["name"] for e in case["entries"]]
+        assert names[0] == "fused SDPA" and "memslice-auto" in names and len(names) >= 3  # built-ins keep it too
+        for entry in case["entries"]:
+            assert len(entry["wall_ms"]) == len(entry["cpu_ms"]) == len(entry["others_share"]) >= 2
+            assert all(0 <= share <= 1 for share in entry["others_share"])
+        for row in case["by_free"].values():
+            assert row["vs_fused"] > 0 and row["memslice_plan"]
+    assert "## No fused kernel: speed" in (out / "bench-report.md").read_text()
 
 
 def test_every_result_is_measured_and_exact(smoke):
@@ -85,7 +96,7 @@ def test_the_largest_square_size_is_a_boundary():
     assert side <= limits.physical_limit(case, 64 * MiB)
 
 
-def _report(rows_by_regime, limits_rows=(), overhead=3.0):
+def _report(rows_by_regime, limits_rows=(), overhead=3.0, speed=None):
     return {
         "cases": [
             {
@@ -96,55 +107,55 @@ def _report(rows_by_regime, limits_rows=(), overhead=3.0):
                 ],
             }
         ],
+        "speed": speed or {},
         "limits": list(limits_rows),
         "overhead": {"per_call_us": overhead, "min_us": overhead, "calls": 1},
     }
 
 
+def _speed_case(vs_fused, vs_best, fused_vs_best=0.5, walls=(10.0, 11.0)):
+    entry = {"name": "memslice-auto", "plan": "p", "frees": [1 << 30], "wall_ms": list(walls),
+             "steadiness": max(walls) / min(walls)}  # fmt: skip
+    row = {"vs_fused": vs_fused, "best_builtin": "Doggettx", "vs_best_builtin": vs_best, "memslice_plan": "p",
+           "fused_vs_best_builtin": fused_vs_best}  # fmt: skip
+    return {"site": "unet.level0.self", "pixels": 512, "threads": 2, "dtype": "float32", "entries": [entry],
+            "by_free": {str(1 << 30): row}}  # fmt: skip
+
+
 def test_targets_fail_when_their_numbers_do():
     budget = 100
-    rows = [
-        {"contender": "memslice-auto", "median_ms": 10, "vs_fused": 3.0, "measured_peak_bytes": 101,
-         "status": "ok"},
-        {"contender": "Doggettx", "median_ms": 12, "memslice_auto_vs_this": 0.8, "measured_peak_bytes": 90,
-         "status": "ok"},
-    ]  # fmt: skip
+    rows = [{"contender": "memslice-auto", "median_ms": 10, "vs_fused": 3.0, "measured_peak_bytes": 101,
+             "status": "ok"}]  # fmt: skip
     fused = [{"contender": "memslice-auto", "median_ms": 1, "vs_fused": 1.05, "status": "ok"}]
     limit = {"site": "unet.level0.self", "free_bytes": 1 << 30, "regime": "fused", "physical_limit": 2000,
              "contenders": {"memslice-auto": {"largest_side": 1000}, "Doggettx": {"largest_side": 500}}}  # fmt: skip
-    targets = {
-        t["name"]: t
-        for t in judge_targets(
-            _report(
-                [("no fused kernel, 100 B", False, budget, rows), ("fused, ample", True, None, fused)], [limit], 12.0
-            )
-        )
-    }
+    speed = {"cases": [_speed_case(1.25, 0.95, walls=(10.0, 14.0))], "contended": [_speed_case(1.1, 0.95)],
+             "sweeps": [{"site": "unet.level0.self", "pixels": 512, "rule_mib": 16, "best_mib": 8,
+                         "rule_vs_best": 1.2, "median_ms": {8: 1.0, 16: 1.2}}]}  # fmt: skip
+    report = _report([("no fused kernel, 100 B", False, budget, rows), ("fused, ample", True, None, fused)], [limit],
+                     12.0, speed)  # fmt: skip
+    targets = {t["name"]: t for t in judge_targets(report)}
     assert {name: t["status"] for name, t in targets.items()} == {
-        "no_fused_vs_best": "FAIL", "no_fused_vs_fused": "FAIL", "fused_vs_sdpa": "FAIL",
-        "peak_within_budget": "FAIL", "largest_square_vs_doggettx": "FAIL", "largest_square_vs_physical": "FAIL",
-        "overhead": "FAIL"}  # fmt: skip
-    # 2.5 x 500 px fits under the 2000 px physical limit: the largest-size target is reachable here
-    assert targets["largest_square_vs_doggettx"]["numbers"]["unreachable"] == []
+        "no_fused_vs_best": "FAIL", "no_fused_vs_fused": "FAIL", "steady": "FAIL", "contended": "FAIL",
+        "slice_size_rule": "FAIL", "fused_vs_sdpa": "FAIL", "peak_within_budget": "FAIL",
+        "largest_square_vs_physical": "FAIL", "overhead": "FAIL"}  # fmt: skip
+    good = {"cases": [_speed_case(1.1, 0.5)], "contended": [_speed_case(1.1, 0.8)],
+            "sweeps": [{"site": "vae.mid", "pixels": 512, "rule_mib": 16, "best_mib": 16, "rule_vs_best": 1.0,
+                        "median_ms": {16: 1.0}}]}  # fmt: skip
+    passed = {t["name"]: t["status"] for t in judge_targets(_report([], [], 3.0, good))}
+    for name in ("no_fused_vs_best", "no_fused_vs_fused", "steady", "contended", "slice_size_rule", "overhead"):
+        assert passed[name] == "PASS", name
 
 
 def test_a_target_out_of_physical_reach_says_so():
-    """When Doggettx's size x 2.5 lies past the size where inputs and output alone fill memory, or the fused kernel
-    itself is slower than half the best contender, the report names those cases instead of leaving a bare FAIL."""
-    rows = [
-        {"contender": "memslice-auto", "median_ms": 10, "vs_fused": 1.25, "measured_peak_bytes": 60, "status": "ok"},
-        {"contender": "Doggettx", "median_ms": 12, "memslice_auto_vs_this": 0.83, "measured_peak_bytes": 90,
-         "status": "ok"},
-    ]  # fmt: skip
-    limit = {"site": "vae.mid", "free_bytes": 1 << 30, "regime": "fused", "physical_limit": 1024,
-             "contenders": {"memslice-auto": {"largest_side": 1024}, "Doggettx": {"largest_side": 512}}}  # fmt: skip
-    targets = {t["name"]: t for t in judge_targets(_report([("no fused kernel, 100 B", False, 100, rows)], [limit]))}
+    """Where the fused kernel itself is slower than 0.9x the fastest built-in, no slicing reaches the target there:
+    the report names those cases instead of leaving a bare FAIL."""
+    speed = {"cases": [_speed_case(1.1, 0.95, fused_vs_best=0.92)], "contended": [], "sweeps": []}
+    targets = {t["name"]: t for t in judge_targets(_report([], [], 3.0, speed))}
     assert targets["no_fused_vs_best"]["status"] == "FAIL"
-    assert targets["no_fused_vs_best"]["numbers"]["unreachable"] == ["c no fused kernel, 100 B"]  # 8/12 > 0.5
-    assert targets["largest_square_vs_doggettx"]["numbers"]["unreachable"] == ["vae.mid 1 GiB fused"]
-    assert targets["largest_square_vs_physical"]["status"] == "PASS"
+    assert targets["no_fused_vs_best"]["numbers"]["unreachable"] == ["UNet L0 512 px 2t float32 1 GiB"]
     lines = "\n".join(report_mod.targets_lines(list(targets.values())))
-    assert "Out of reach by any method in 1 of the cases: vae.mid 1 GiB fused" in lines
+    assert "Out of reach by any method in 1 of the cases: UNet L0 512 px 2t float32 1 GiB" in lines
 
 
 def test_a_peak_check_that_cannot_fail_is_not_a_pass():

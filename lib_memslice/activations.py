@@ -7,7 +7,7 @@ three parts: (a) the attention transient of each attention call (the planner pre
 (b) the pass's OTHER activations (this module), (c) the resident weights (not here).
 
 What is counted: the live tensors a pass's forward creates, weights excluded, measured as the peak of
-:class:`lib_memslice.memtrack.PeakTracker` around the forward under ``torch.no_grad()``, memslice's attention
+:class:`memslice_tools.memtrack.PeakTracker` around the forward under ``torch.no_grad()``, memslice's attention
 forwards patched in. The pass's inputs (latents, timesteps, prompt context and SDXL's ``y`` for the UNet; the
 latent for the decode; the image for the encode) exist before the pass and are NOT counted; everything the pass
 allocates is (its output included). Allocations made and freed inside one op (fused-kernel scratch, cuDNN/cuBLAS
@@ -23,7 +23,7 @@ per-channel constant (the prompt's key/value projections, the time embedding), s
 with two such lines per pass: ``peak``, the peak of its other activations, and ``live[site]``, what is live while
 an attention site runs (its q, k and v computed; the largest over the layers sharing the site name, e.g.
 ``unet.level0.self`` in the encoder and the decoder). The numbers below were fitted on the real ldm modules by
-``python -m lib_memslice.bench.fit_activations`` at reduced widths, where it also prints the evidence for the
+``python -m memslice_tools.fit_activations`` at reduced widths, where it also prints the evidence for the
 scaling law: per_token identical (to 1e-4) at widths 32, 64, 96 (VAE 32, 64, 128), bytes per unit identical at
 batch 1, 2, 3 and with 4 or 8 heads; the published width (model_channels 320) measured 25605.0 bytes per unit for
 SD1.5 and SD2 at 256 px, exactly the prediction. Where the peaks sit (fp32):
@@ -99,7 +99,7 @@ class PassModel:
 
 # --- fitted coefficients ---------------------------------------------------------------------------------
 # Elements per (channel x latent token) and per channel, by pass and element size. Regenerated on 2026-11-30 by
-#     python -m lib_memslice.bench.fit_activations --full-width
+#     python -m memslice_tools.fit_activations --full-width
 # (torch 2.13.0+cpu, 2 threads; ldm from stable-diffusion-sdkit 2.1.5; widths 32/64/96 for the UNets and
 # 32/64/128 for the VAE, sizes 128x128 and 256x192; validated by the same run at 192x320 and 320x256 under three
 # attention regimes, 62 cases within 1.000-1.062x, and at model_channels 320 for SD1.5 / SD2: 1.0000x).
@@ -350,22 +350,3 @@ def pass_peak_bytes(
         base = live.get(site, activation_bytes) if site is not None else activation_bytes
         peak = max(peak, int(base) + int(transient))
     return peak
-
-
-def estimate_pass_peak(
-    kind: str,
-    width: int,
-    height: int,
-    batch: int,
-    element_size: int,
-    attention_peaks: Mapping[str, int],
-    *,
-    channels: int | None = None,
-) -> int:
-    """One pass's peak bytes besides weights, in one call: ``kind`` is an arch (``sd15``, ``sd2``, ``sdxl``: its
-    UNet, ``batch`` = the UNet batch), ``vae_decode`` or ``vae_encode``; ``attention_peaks`` the predicted transient
-    per site (the planner's, at this size, batch and element size). ``channels`` defaults to the published width."""
-    if kind not in PASSES:
-        raise ValueError(f"unknown pass {kind!r}; expected one of {PASSES}")
-    activation, live = _evaluate(kind, width, height, batch, element_size, channels)
-    return pass_peak_bytes(activation, attention_peaks, live)

@@ -1,7 +1,7 @@
 """The cost model: bytes one attention call allocates beyond its inputs, per kernel and per chunking.
 
 Every term was measured on the real kernels (live-tensor tracker plus the profiler's in-op events), not copied
-from the seed's multipliers:
+from the webui's rules' multipliers:
 
 - ``fused`` (SDPA flash / memory-efficient / cuDNN): the output, a float32 log-sum-exp per query row, the kernel's
   own scratch (per thread on CPU, see :mod:`lib_memslice.cpu_scratch`), CUDA's memory-efficient kernel's float32

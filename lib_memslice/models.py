@@ -186,7 +186,7 @@ _OPENCLIP_BIGG = clip_text_parameters(49408, 1280, 32, 5120, projection=1280 * 1
 _VAE = 83_653_863  # AutoencoderKL of the ddconfig above: encoder, decoder and the two 1x1 quant convs
 
 #: From the published configs; the UNet and VAE counts are checked against ldm's own modules built on the meta
-#: device (tests/test_job_plan.py), SDXL's against the faithful SDXL-shaped UNet of lib_memslice/bench/sdxl_unet.py.
+#: device (tests/test_job_plan.py), SDXL's against the faithful SDXL-shaped UNet of memslice_tools/sdxl_unet.py.
 WEIGHTS: dict[str, Weights] = {
     "sd15": Weights(859_520_964, _VAE, _CLIP_L),
     "sd2": Weights(865_910_724, _VAE, _OPENCLIP_H),

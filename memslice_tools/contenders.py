@@ -4,7 +4,7 @@ Inputs are what the webui's forwards hold when attention starts: for a UNet site
 ``to_k(ctx)``, ``to_v(ctx)`` as ``[B, N, H*d]``; for the VAE's mid block the convolutions ``q(h)``, ``k(h)``, ``v(h)``
 as ``[b, c, h, w]``. Each contender returns the attention output before ``to_out`` / ``proj_out``.
 
-- memslice strategies: ``forwards.attend`` with a fixed budget of the regime's number (``Memory budget (GiB)``), or
+- memslice strategies: ``forwards.attend`` with a fixed budget of the regime's number (``Attention budget (GiB)``), or
   with default settings reading the machine's free memory in the ample regime;
 - the webui 1.10.1 optimizations (:mod:`.webui_attention`, or the real functions of a checkout with ``--webui``),
   each given the regime's number as free memory (what their ``get_available_vram()`` would answer);
@@ -146,7 +146,7 @@ def _memslice(strategy: str) -> Contender:
         call.host = host  # type: ignore[attr-defined]  # the plan behind the last call, for the report
         return call
 
-    rule = "Memory budget (GiB) = the number (a fixed attention budget); ample: default settings, probed"
+    rule = "Attention budget (GiB) = the number; ample: default settings, probed"
     return Contender(f"memslice-{strategy}", f"memslice {strategy}", "memslice", True, rule, prepare)
 
 

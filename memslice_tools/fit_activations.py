@@ -2,7 +2,7 @@
 
 ``python -m memslice_tools.fit_activations`` (about 6 minutes on 2 idle cores, under 2 GiB) builds SD1.x, SD2.x
 and SDXL-shaped UNets and the SD VAE's decode and encode at reduced widths, runs each forward under
-:class:`~lib_memslice.memtrack.PeakTracker` with memslice's attention forwards patched in, and prints:
+:class:`~memslice_tools.memtrack.PeakTracker` with memslice's attention forwards patched in, and prints:
 
 1. the scaling-law evidence: per width the fitted elements per (channel x latent token) and the per-channel
    constant, the batch, element-size and head-count checks, and (``--full-width``) the published width itself;

@@ -87,7 +87,7 @@ class Entry:
 
 
 def does_not_fit(exc: BaseException) -> bool:
-    """memslice's NotEnoughMemory, the seed's RuntimeError, an allocator's out-of-memory: a result, not a crash."""
+    """memslice's NotEnoughMemory, the webui's RuntimeError, an allocator's out-of-memory: a result, not a crash."""
     return isinstance(exc, (RuntimeError, MemoryError))
 
 

@@ -141,7 +141,7 @@ def traced_peak(
             qkv = qkv or make_inputs(case, "meta", pixels)
             try:
                 out = contender.prepare(case, qkv, told)()
-            except Exception:  # NotEnoughMemory, the seed's RuntimeError, a failed allocation: does not fit
+            except Exception:  # NotEnoughMemory, the webui's RuntimeError, a failed allocation: does not fit
                 return None
             del out
     return tracker.peak

@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": "python -m lib_memslice bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "rounds": mode.rounds,
-            "webui": args.webui or "re-implemented (lib_memslice/bench/webui_attention.py)",
+            "webui": args.webui or "re-implemented (memslice_tools/webui_attention.py)",
         },
         "contenders": [
             {

@@ -151,16 +151,16 @@ def test_combination_rule():
     assert act.pass_peak_bytes(100, {}, live) == 100
 
 
-def test_estimate_pass_peak_is_the_three_calls_in_one():
+def test_a_pass_peak_combines_activations_live_bytes_and_transients():
     peaks = {"unet.level0.self": 900 << 20, "unet.level1.self": 10 << 20}
     live = act.unet_live_bytes("sd15", 768, 512, 4, 2)
     expected = act.pass_peak_bytes(act.unet_activation_bytes("sd15", 768, 512, 4, 2), peaks, live)
-    assert act.estimate_pass_peak("sd15", 768, 512, 4, 2, peaks) == expected
     assert expected == live["unet.level0.self"] + peaks["unet.level0.self"]
-    decode = act.estimate_pass_peak("vae_decode", 1024, 1024, 1, 4, {"vae.mid": 2 << 30})
+    decode = act.pass_peak_bytes(act.vae_decode_activation_bytes(1024, 1024, 1, 4), {"vae.mid": 2 << 30},
+                                 act.vae_decode_live_bytes(1024, 1024, 1, 4))  # fmt: skip
     assert decode == act.vae_decode_activation_bytes(1024, 1024, 1, 4)  # 4 GiB of activations beat 2 GiB + live
     with pytest.raises(ValueError):
-        act.estimate_pass_peak("vae", 512, 512, 1, 2, {})
+        act.pass_model("vae", 2)
 
 
 def test_attention_peaks_takes_the_largest_per_site():

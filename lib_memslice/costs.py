@@ -117,7 +117,10 @@ class KernelChoice:
     ``input_copies``: copies of a chunk's q/k/v the fused call makes (cast, contiguous or padded copy); ``None``
     assumes the worst (one, two when casting). ``backend`` names the SDPA backend for reports ("flash",
     "efficient", "cudnn", "math", or "" when unknown). ``workers``: slices run at once, each with its own buffers
-    (memslice's einsum kernel on CPUs: one single-threaded worker per torch thread).
+    (memslice's einsum kernel on CPUs: one single-threaded worker per torch thread). ``unnormalised``: the einsum
+    kernel skips the softmax's max and scaling passes for heads whose logits are bounded (float32 on CPUs): it keeps
+    a float32 row sum per query of a slice in each worker, and per call the float32 norms of one head's queries and
+    keys.
     """
 
     kind: str
@@ -126,6 +129,7 @@ class KernelChoice:
     input_copies: int | None = None
     backend: str = ""
     workers: int = 1
+    unnormalised: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KERNEL_KINDS:
@@ -170,8 +174,16 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
         mes = max(ces, 4)
         return 2 * s_c * mes + s_c + 3 * (q_c + kv_c) * mes + o_c * (mes + ces)
     # einsum: the score buffer; when casting, reused buffers for the cast k, v, q and the chunk's output; on
-    # accelerators a possible contiguous temporary of one slice's output and the softmax's row statistics
-    return s_c * ces + o_c * kernel.output_extra + ((kv_c + q_c + o_c) * ces if shape.cast else 0)
+    # accelerators a possible contiguous temporary of one slice's output and the softmax's row statistics; the
+    # unnormalised path's float32 row sums
+    sums = rows * queries_per_slice * 4 if kernel.unnormalised else 0
+    return s_c * ces + o_c * kernel.output_extra + ((kv_c + q_c + o_c) * ces if shape.cast else 0) + sums
+
+
+def call_bytes(shape: AttentionShape, kernel: KernelChoice) -> int:
+    """Bytes one call allocates once besides its output and its chunks: the unnormalised einsum kernel's float32
+    norms of one head's queries and keys."""
+    return (shape.q_tokens + shape.k_tokens) * 4 if kernel.kind == "einsum" and kernel.unnormalised else 0
 
 
 def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: int, kernel: KernelChoice) -> int:
@@ -193,12 +205,13 @@ def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: i
         wide = shape.batch_heads * shape.q_tokens * shape.v_dim * shape.element_size
         return max(chunk, wide + shape.output_bytes)
     # a sliced plan runs ``workers`` slices at once, each in its own buffers (one slice: one worker)
-    return shape.output_bytes + (1 if whole else kernel.workers) * chunk
+    return shape.output_bytes + call_bytes(shape, kernel) + (1 if whole else kernel.workers) * chunk
 
 
 def fixed_and_per_query(shape: AttentionShape, heads_per_slice: int, kernel: KernelChoice) -> tuple[int, int]:
     """The peak of a *sliced* plan as ``a + b * queries_per_slice`` (exact: every term is affine in the query
     chunk), so the planner can solve for the largest query chunk under a budget instead of searching."""
-    zero = shape.output_bytes + kernel.workers * chunk_bytes(shape, heads_per_slice, 0, kernel)
-    one = shape.output_bytes + kernel.workers * chunk_bytes(shape, heads_per_slice, 1, kernel)
+    fixed = shape.output_bytes + call_bytes(shape, kernel)
+    zero = fixed + kernel.workers * chunk_bytes(shape, heads_per_slice, 0, kernel)
+    one = fixed + kernel.workers * chunk_bytes(shape, heads_per_slice, 1, kernel)
     return zero, one - zero

@@ -121,7 +121,8 @@ def einsum_kernel(device_type: str, dtype: torch.dtype) -> KernelChoice:
     in-op events); elsewhere ``bmm(out=)`` may go through a contiguous temporary of one slice's output and the
     softmax runs as elementwise ops with two row statistics: counted as one element plus one byte per output."""
     if device_type == "cpu":
-        return KernelChoice("einsum", workers=torch.get_num_threads())
+        # unnormalised in float32 only: summing bfloat16 rows into float32 costs more than the passes it saves
+        return KernelChoice("einsum", workers=torch.get_num_threads(), unnormalised=dtype == torch.float32)
     return KernelChoice("einsum", output_extra=torch.finfo(dtype).bits // 8 + 1)
 
 
@@ -325,10 +326,12 @@ class _Buffers:
     one slice's output. Flat, viewed per slice as contiguous blocks: the in-place softmax is only correct on
     contiguous tensors, and the last slice may be shorter than the others."""
 
-    def __init__(self, rows: int, qps: int, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, rows: int, qps: int, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype,
+                 unnormalised: bool = False) -> None:  # fmt: skip
         k_tokens, d, dv = k.shape[2], q.shape[-1], v.shape[-1]
         device = q.device
         self.scores = torch.empty(rows * qps * k_tokens, dtype=dtype, device=device)
+        self.sums = torch.empty(rows * qps, dtype=torch.float32, device=device) if unnormalised else None
         self.cast = dtype != q.dtype
         if self.cast:
             self.kb = torch.empty(rows, k_tokens, d, dtype=dtype, device=device)
@@ -338,9 +341,13 @@ class _Buffers:
 
 
 def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int, m: int, scale: float,
-           mask: KeepMask | None, out: Tensor, buf: _Buffers) -> None:  # fmt: skip
+           mask: KeepMask | None, out: Tensor, buf: _Buffers, bounded: bool = False) -> None:  # fmt: skip
     """One slice: rows h0:h1 of batch item b, queries n0:n0+m, against keys ``kk`` and values ``vv`` (already in
-    the compute dtype): scores into the buffer, softmax in place, multiplied straight into the output."""
+    the compute dtype): scores into the buffer, softmax in place, multiplied straight into the output.
+
+    ``bounded``: every logit of these rows lies within +-LOGIT_BOUND, so ``exp`` can neither overflow nor underflow
+    to zero: the scores are exponentiated in place without subtracting their row maximum and the output is divided
+    by the row sums afterwards (the same result; two passes over the score buffer fewer)."""
     n, k_tokens, d, dv = h1 - h0, kk.shape[1], q.shape[-1], vv.shape[-1]
     s = buf.scores[: n * m * k_tokens].view(n, m, k_tokens)
     qq = q[b, h0:h1, n0 : n0 + m]
@@ -349,12 +356,43 @@ def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int,
     s.baddbmm_(qq, kk.transpose(-1, -2), beta=0, alpha=scale)
     if mask is not None:
         s.masked_fill_(mask.drop[b, 0], -torch.finfo(s.dtype).max)
-    _softmax_(s)
+    if bounded:
+        s.exp_()
+        sums = buf.sums[: n * m].view(n, m, 1)  # type: ignore[index]
+        torch.sum(s, -1, keepdim=True, dtype=torch.float32, out=sums)
+    else:
+        _softmax_(s)
     target = out[b, h0:h1, n0 : n0 + m]
     if buf.cast:
-        target.copy_(torch.bmm(s, vv, out=buf.ob[: n * m * dv].view(n, m, dv)))
+        wide = torch.bmm(s, vv, out=buf.ob[: n * m * dv].view(n, m, dv))
+        target.copy_(wide.div_(sums) if bounded else wide)
     else:
         torch.bmm(s, vv, out=target)
+        if bounded:
+            target.div_(sums)
+
+
+#: |logit| at most this: exp stays within float32's (and bfloat16's) range with room for a sum over 2^24 keys
+LOGIT_BOUND = 60.0
+
+
+def _bounded_heads(q: Tensor, k: Tensor, scale: float) -> tuple[list[list[bool]], tuple[Tensor, Tensor]]:
+    """Per batch item and head, whether every logit is within LOGIT_BOUND: ``scale x max|q| x max|k|`` (the
+    Cauchy-Schwarz bound) from one head's float32 norms at a time, in two reused buffers (returned too: the caller
+    holds them while its slices run, as the cost model counts them)."""
+    batch, heads = q.shape[0], q.shape[1]
+    qn = torch.empty(q.shape[2], dtype=torch.float32, device=q.device)
+    kn = torch.empty(k.shape[2], dtype=torch.float32, device=q.device)
+    found = []
+    for b in range(batch):
+        row = []
+        for h in range(heads):
+            torch.linalg.vector_norm(q[b, h], dim=-1, dtype=torch.float32, out=qn)
+            torch.linalg.vector_norm(k[b, h], dim=-1, dtype=torch.float32, out=kn)
+            bound = abs(scale) * float(qn.max()) * float(kn.max()) if qn.numel() and kn.numel() else 0.0
+            row.append(bound <= LOGIT_BOUND)
+        found.append(row)
+    return found, (qn, kn)
 
 
 def _keys(k: Tensor, v: Tensor, b: int, h0: int, h1: int, buf: _Buffers) -> tuple[Tensor, Tensor]:
@@ -380,20 +418,25 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
     batch, heads, q_tokens, _ = q.shape
     rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
     workers = min(plan.kernel.workers, plan.slices)
+    unnormalised = plan.kernel.unnormalised
     if q.device.type == "meta":
         # shape tracing (memory only: meta tensors hold no values): the buffers are all a call allocates, since
         # every slice writes into them in place, so the slices themselves are not run
-        held = [_Buffers(rows, qps, q, k, v, dtype) for _ in range(workers)]
-        del held
+        norms = [torch.empty(n, dtype=torch.float32, device="meta") for n in (q_tokens, k.shape[2])] * unnormalised
+        held = [_Buffers(rows, qps, q, k, v, dtype, unnormalised) for _ in range(workers)]
+        del held, norms
         return
+    # a mask's fully masked rows rely on the max subtraction (ldm averages v there): no unnormalised path with one
+    bounded, norms = _bounded_heads(q, k, scale) if unnormalised and mask is None else (None, ())
     if workers > 1 and q.device.type == "cpu" and _may_use_threads(q, k, v):
-        _run_einsum_parallel(q, k, v, plan, scale, mask, dtype, out, workers)
+        _run_einsum_parallel(q, k, v, plan, scale, mask, dtype, out, workers, bounded)
         return
-    buf = _Buffers(rows, qps, q, k, v, dtype)
+    buf = _Buffers(rows, qps, q, k, v, dtype, unnormalised)
     for b, h0, h1, starts in _slices(batch, heads, q_tokens, plan):
         kk, vv = _keys(k, v, b, h0, h1, buf)  # cast once per run of rows
+        fast = bounded is not None and all(bounded[b][h0:h1])
         for n0 in starts:
-            _slice(q, kk, vv, b, h0, h1, n0, min(qps, q_tokens - n0), scale, mask, out, buf)
+            _slice(q, kk, vv, b, h0, h1, n0, min(qps, q_tokens - n0), scale, mask, out, buf, fast)
 
 
 # --- memslice's CPU worker pool -----------------------------------------------------------------------------------
@@ -453,7 +496,8 @@ def _dispatch_modes() -> list[Any]:
 
 
 def _run_einsum_parallel(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, mask: KeepMask | None,
-                         dtype: torch.dtype, out: Tensor, workers: int) -> None:  # fmt: skip
+                         dtype: torch.dtype, out: Tensor, workers: int,
+                         bounded: list[list[bool]] | None) -> None:  # fmt: skip
     batch, heads, q_tokens, _ = q.shape
     rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
     jobs = [(b, h0, h1, n0) for b, h0, h1, starts in _slices(batch, heads, q_tokens, plan) for n0 in starts]
@@ -462,7 +506,7 @@ def _run_einsum_parallel(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale
     inference = torch.is_inference_mode_enabled()
     modes = _dispatch_modes()
     # every worker's buffers allocated here, before any starts: the peak is the cost model's, whatever the timing
-    buffers = [_Buffers(rows, qps, q, k, v, dtype) for _ in range(workers)]
+    buffers = [_Buffers(rows, qps, q, k, v, dtype, plan.kernel.unnormalised) for _ in range(workers)]
 
     def work(buf: _Buffers) -> None:
         # what the caller's thread runs under is per thread: inference mode, and dispatch modes (a memory tracker)
@@ -481,7 +525,8 @@ def _run_einsum_parallel(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale
                     if held != (b, h0, h1):
                         kk, vv = _keys(k, v, b, h0, h1, buf)
                         held = (b, h0, h1)
-                    _slice(q, kk, vv, b, h0, h1, n0, min(qps, q_tokens - n0), scale, mask, out, buf)
+                    fast = bounded is not None and all(bounded[b][h0:h1])
+                    _slice(q, kk, vv, b, h0, h1, n0, min(qps, q_tokens - n0), scale, mask, out, buf, fast)
                 except BaseException as exc:  # the first error stops every worker; the caller re-raises it
                     with lock:
                         state["error"] = state["error"] or exc

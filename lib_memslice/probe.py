@@ -292,7 +292,8 @@ def _fallback(kind: str, cause: str, why: str) -> FreeMemory:
     """The stated assumption, warned once per device kind and cause (not per value: readings fluctuate)."""
     _warn_once(
         f"{kind}:{cause}",
-        "memslice: %s; assuming %d GiB free. Set 'Attention budget (GiB)' in Settings > Memory slicing for a real number.",
+        "memslice: %s; assuming %d GiB free. Set 'Attention budget (GiB)' in Settings > Memory slicing for a real "
+        "number.",
         why,
         FALLBACK_FREE // GiB,
     )

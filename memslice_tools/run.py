@@ -371,6 +371,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 3, quick 2; the speed section sets its own per case)")  # fmt: skip
     parser.add_argument("--webui", default=None, help="a webui checkout: run its real functions (read-only)")
     parser.add_argument("--gpu-check", action="store_true", help="the CUDA checks (see make gpu-check)")
+    parser.add_argument(
+        "--glibc-defaults",
+        dest="glibc_defaults",
+        action="store_true",
+        help="leave glibc's malloc as it starts (maps and page-faults every fresh large tensor)",
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -391,10 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, flush=True)
 
+    malloc = speed_mod.caching_allocator() if not args.glibc_defaults else cpu_allocator()
     contenders = all_contenders(args.webui)
     by_name = {c.name: c for c in contenders}
     log(f"memslice bench ({mode.name}): torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{cpu_allocator()}; writing to {args.out}")  # fmt: skip
+        f"{malloc}; writing to {args.out}")  # fmt: skip
     report: dict[str, Any] = {
         "meta": {
             "mode": mode.name,
@@ -404,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
             "threads": torch.get_num_threads(),
-            "allocator": cpu_allocator(),
+            "allocator": malloc,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": "python -m lib_memslice bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "rounds": mode.rounds,

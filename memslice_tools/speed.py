@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,26 @@ Tensor = torch.Tensor
 FREES = (256 * MiB, 1 * GiB)
 BUILTINS = ("Doggettx", "InvokeAI-cpu", "InvokeAI-cuda", "sub-quadratic", "V1", "sdp")
 SWEEP_MIB = (4, 8, 16, 32)
+
+
+def caching_allocator() -> str:
+    """Make glibc's malloc keep freed memory, as a warmed-up caching allocator does (tcmalloc, which the webui's
+    launcher preloads when installed): no mapping and page-faulting of every fresh large block. With glibc's
+    defaults every fresh tensor over its mmap threshold (128 KiB, raised up to 32 MiB as blocks are freed) is mapped
+    and page-faulted on each call, which makes the built-ins that allocate fresh 32 MiB score tensors per slice
+    about 3x slower (a faster memslice by comparison, but not the strongest baseline). Returns what ran."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        gnu = ctypes.CFUNCTYPE(ctypes.c_char_p)(("gnu_get_libc_version", libc))()
+    except (OSError, AttributeError):
+        return "the system allocator (not glibc: left as it is)"
+    m_trim_threshold, m_mmap_max = -1, -4
+    if libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1):
+        return f"glibc {gnu.decode()} malloc, set to keep freed memory (mmap and trimming off, mallopt)"
+    return f"glibc {gnu.decode()} malloc (mallopt refused: defaults)"
 
 
 def cpu_sample() -> tuple[float, float, float]:
@@ -68,13 +89,16 @@ class Timed:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     others: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)
 
     def run_once(self) -> None:
         cpus = os.cpu_count() or 1
         with contextlib.nullcontext() if self.fused else sdpa_math_only():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             w0, c0, b0 = cpu_sample()
             self.call()
             w1, c1, b1 = cpu_sample()
+            self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         wall = w1 - w0
         self.wall.append(wall * 1e3)
         self.cpu.append((c1 - c0) * 1e3)
@@ -83,7 +107,7 @@ class Timed:
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "plan": self.plan, "frees": self.frees, "wall_ms": self.wall, "cpu_ms": self.cpu,
-                "others_share": self.others, "median_ms": statistics.median(self.wall),
+                "others_share": self.others, "page_faults": self.faults, "median_ms": statistics.median(self.wall),
                 "steadiness": max(self.wall) / min(self.wall)}  # fmt: skip
 
 
@@ -154,7 +178,7 @@ def measure(
     with torch.no_grad():
         for entry in entries if warm_up else ():  # memslice's pool starts, allocators settle
             entry.run_once()
-            entry.wall.clear(), entry.cpu.clear(), entry.others.clear()
+            entry.wall.clear(), entry.cpu.clear(), entry.others.clear(), entry.faults.clear()
         for _ in range(rounds):
             for entry in entries:
                 entry.run_once()

@@ -79,8 +79,8 @@ class Failing:
 
 def test_no_output_when_nothing_fits_after_retries(monkeypatch):
     q, k, v = projected_qkv(1, 2, 64, 64, 8)
-    fake = Failing(kernels._softmax_, range(1, 10_000), OOM("CUDA out of memory"))
-    monkeypatch.setattr(kernels, "_softmax_", fake)
+    fake = Failing(kernels._slice, range(1, 10_000), OOM("CUDA out of memory"))
+    monkeypatch.setattr(kernels, "_slice", fake)
     host = BasicHost(Settings(budget_gb=64, slice_cap=8, kernel="einsum"))
     result = None
     with pytest.raises(NotEnoughMemory, match=r"einsum kernel at 2, 4 and 8 slices \(predicted ") as info:
@@ -98,11 +98,11 @@ def test_a_plan_over_the_safety_margin_that_runs_out_says_only_what_was_tried(mo
     the error claimed every slice count had been tried and advised a higher slice cap although memory bound."""
     q, k, v = projected_qkv(1, 2, 64, 64, 8)
     shape = AttentionShape(2, 64, 64, 8, heads=2)
-    need = smallest_need(shape, slice_cap=64, kernel=kernels.EINSUM)
+    need = smallest_need(shape, slice_cap=64, kernel=kernels.einsum_kernel("cpu", torch.float32))
     free = shape.input_bytes + int(need * 1.5)  # over the room (free / 3.3), within free memory itself
     monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: probe.FreeMemory(free, "test"))
-    fake = Failing(kernels._softmax_, range(1, 10_000), OOM("CUDA out of memory"))
-    monkeypatch.setattr(kernels, "_softmax_", fake)
+    fake = Failing(kernels._slice, range(1, 10_000), OOM("CUDA out of memory"))
+    monkeypatch.setattr(kernels, "_slice", fake)
     attempts = []
     real_run = kernels.run_plan
     monkeypatch.setattr(kernels, "run_plan", lambda *a, **k: attempts.append(a[3].slices) or real_run(*a, **k))
@@ -135,7 +135,7 @@ def test_an_einsum_slice_that_runs_out_of_memory_is_retried_with_twice_the_slice
     slices = host.stats.recent()[-1].slices
     assert slices >= 4
     fail_at = {"first": 1, "middle": slices // 2, "last": slices}[where]
-    monkeypatch.setattr(kernels, "_softmax_", Failing(kernels._softmax_, [fail_at], error))
+    monkeypatch.setattr(kernels, "_slice", Failing(kernels._slice, [fail_at], error))
     out = attend(q, k, v, scale=0.25, strategy="auto", host=host)
     record = host.stats.recent()[-1]
     assert record.retries == 1 and record.slices >= 2 * slices and record.kernel_used == "einsum"
@@ -177,9 +177,9 @@ def test_after_a_fused_oom_the_einsum_kernel_gets_one_try_not_a_loop(monkeypatch
     """A real CUDA run (make gpu-check) went fused -> einsum -> 12 doublings to 8192 slices: now one einsum try."""
     q, k, v = projected_qkv(2, 4, 300, 300, 16)
     fused = Failing(kernels._sdpa, range(1, 100), OOM("CUDA out of memory"))
-    einsum = Failing(kernels._softmax_, range(1, 10_000), OOM("CUDA out of memory"))
+    einsum = Failing(kernels._slice, range(1, 10_000), OOM("CUDA out of memory"))
     monkeypatch.setattr(kernels, "_sdpa", fused)
-    monkeypatch.setattr(kernels, "_softmax_", einsum)
+    monkeypatch.setattr(kernels, "_slice", einsum)
     with pytest.raises(NotEnoughMemory, match="more slices cannot shrink a fused call's output") as info:
         attend(q, k, v, scale=0.25, strategy="auto", host=BasicHost(Settings()))
     assert fused.calls == 1 and einsum.calls == 1
@@ -188,15 +188,15 @@ def test_after_a_fused_oom_the_einsum_kernel_gets_one_try_not_a_loop(monkeypatch
 
 def test_retry_off_reraises_the_original_error(monkeypatch):
     q, k, v = projected_qkv(1, 2, 64, 64, 8)
-    monkeypatch.setattr(kernels, "_softmax_", Failing(kernels._softmax_, [1], OOM("out of memory")))
+    monkeypatch.setattr(kernels, "_slice", Failing(kernels._slice, [1], OOM("out of memory")))
     with pytest.raises(OOM):
         attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(kernel="einsum", oom_retry=False)))
 
 
 def test_errors_that_are_not_out_of_memory_are_not_retried(monkeypatch):
     q, k, v = projected_qkv(1, 2, 64, 64, 8)
-    fake = Failing(kernels._softmax_, [1], RuntimeError("shape mismatch"))
-    monkeypatch.setattr(kernels, "_softmax_", fake)
+    fake = Failing(kernels._slice, [1], RuntimeError("shape mismatch"))
+    monkeypatch.setattr(kernels, "_slice", fake)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(kernel="einsum")))
     assert fake.calls == 1

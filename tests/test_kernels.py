@@ -324,3 +324,25 @@ def test_an_error_in_a_worker_reaches_the_caller(monkeypatch):
     with pytest.raises(RuntimeError, match="simulated in a worker"):
         kernels.run_plan(q, k, v, plan, 0.1)
     assert len(calls) <= 2  # the first error stops every worker
+
+
+@pytest.mark.parametrize("gain", [1.0, 40.0])
+def test_the_unnormalised_softmax_runs_only_where_the_logits_are_bounded(gain, monkeypatch):
+    """float32 on CPUs: heads whose logits are provably within +-60 skip the softmax's max and scaling passes and
+    divide the output by the row sums; heads with larger logits (here q and k scaled up, up to 40 * 40 * 64 / 8)
+    take the max-subtracting softmax. Both equal the float64 reference; neither overflows."""
+    from lib_memslice.slicing import SlicePlan
+
+    q, k, v = projected_qkv(2, 4, 300, 280, 64)
+    q, k = q * gain, k * gain
+    kernel = kernels.einsum_kernel("cpu", torch.float32)
+    assert kernel.unnormalised
+    taken = []
+    real = kernels._slice
+    monkeypatch.setattr(kernels, "_slice", lambda *a, **kw: taken.append(a[-1]) or real(*a, **kw))
+    plan = SlicePlan(1, 64, 8, 5, 0, kernel, "auto", "test")
+    out = kernels.run_plan(q, k, v, plan, 64**-0.5)
+    assert set(taken) == {gain == 1.0}  # the bound decides the path, head by head
+    ref = reference(q, k, v, 64**-0.5)
+    tol = 1e-4 if gain == 1.0 else 1e-2  # float32 logits of about +-1000 carry float32's own rounding
+    assert torch.isfinite(out).all() and (out.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max())

@@ -170,6 +170,13 @@ def speed_lines(speed: dict[str, Any] | None) -> list[str]:
         for s in speed["sweeps"]:
             sizes = ", ".join(f"{mib} MiB {ms:.0f}" for mib, ms in s["median_ms"].items())
             lines.append(f"- {_where(s)}: {sizes}; the rule ({s['rule_mib']} MiB) is {s['rule_vs_best']:.3f}x the best")
+    if speed.get("profiles"):
+        lines += ["", "Where the einsum kernel's time goes (one thread, one slice of its plan, each op alone, best of "
+                  "5; the fused kernel on the same slice):", ""]  # fmt: skip
+        for p in speed["profiles"]:
+            parts = ", ".join(f"{k} {v:.2f} ms" for k, v in p["parts_ms"].items())
+            lines.append(f"- {_where(p)} {p['dtype']}, slice {p['slice']}: {parts}; total {p['total_ms']:.2f} ms, "
+                         f"fused {p['fused_ms']:.2f} ms ({p['vs_fused']:.2f}x)")  # fmt: skip
     if speed.get("skipped"):
         lines += ["", f"Not run: {'; '.join(speed['skipped'])}."]
     return [*lines, ""]

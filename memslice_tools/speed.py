@@ -247,6 +247,61 @@ def sweep(site: str, pixels: int, threads: int, rounds: int) -> dict[str, Any]:
             "rule_mib": rule // MiB, "rule_vs_best": medians[rule // MiB] / medians[best]}  # fmt: skip
 
 
+def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[str, Any]:
+    """Where memslice's einsum kernel spends its time, one thread, one slice of its plan: the score GEMM, the
+    softmax (or, unnormalised, exp and the row sums), the value GEMM and the division, each op timed alone (best of
+    ``reps``), against the fused kernel's time for the same share of the call."""
+    import torch.nn.functional as F
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        case = make_case("sd15", site, pixels, dtype)
+        s = case.shape
+        kernel = _single_worker(dtype)
+        rows, queries = 1, max(1, min(s.q_tokens, strategies.CPU_EINSUM_TARGET_BYTES // (s.k_tokens * s.element_size)))
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(rows, queries, s.head_dim, generator=g).to(dtype)
+        k = torch.randn(rows, s.k_tokens, s.head_dim, generator=g).to(dtype)
+        v = torch.randn(rows, s.k_tokens, s.v_dim, generator=g).to(dtype)
+        scores = torch.empty(rows, queries, s.k_tokens, dtype=dtype)
+        out = torch.empty(rows, queries, s.v_dim, dtype=dtype)
+        sums = torch.empty(rows, queries, 1, dtype=torch.float32)
+        scale = s.head_dim**-0.5
+
+        def best(fn: Callable[[], Any]) -> float:
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times) * 1e3
+
+        parts = {"score GEMM": best(lambda: scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=scale))}
+        if kernel.unnormalised:
+            parts["exp in place"] = best(lambda: (scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=scale),
+                                                  scores.exp_())) - parts["score GEMM"]  # fmt: skip
+            parts["row sums"] = best(lambda: torch.sum(scores, -1, keepdim=True, dtype=torch.float32, out=sums))
+        else:
+            parts["softmax"] = best(lambda: torch._softmax(scores, -1, False, out=scores))
+        parts["value GEMM"] = best(lambda: torch.bmm(scores, v, out=out))
+        if kernel.unnormalised:
+            parts["division"] = best(lambda: out.div_(sums))
+        q4, k4, v4 = (t.unsqueeze(0) for t in (q, k, v))
+        fused = best(lambda: F.scaled_dot_product_attention(q4, k4, v4))
+        total = sum(parts.values())
+        return {"site": site, "pixels": pixels, "dtype": str(dtype)[6:], "slice": f"{rows}x{queries}",
+                "parts_ms": parts, "total_ms": total, "fused_ms": fused, "vs_fused": total / fused}  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_worker(dtype: torch.dtype) -> Any:
+    from lib_memslice import kernels
+
+    return kernels.einsum_kernel("cpu", dtype)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the speed section runs: (site, pixels, rounds, warm up) cases, thread counts, dtypes, contended cases
@@ -257,6 +312,7 @@ class Plan:
     dtypes: tuple[torch.dtype, ...]
     contended: tuple[tuple[str, int, int], ...]
     sweeps: tuple[tuple[str, int, int], ...]
+    profiles: tuple[tuple[str, int], ...] = (("unet.level0.self", 512),)
 
 
 FULL = Plan(
@@ -289,7 +345,7 @@ def section(plan: Plan, contenders: dict[str, Contender], log: Callable[[str], N
     threads_before = torch.get_num_threads()
     dtypes = [d for d in plan.dtypes if d != torch.bfloat16 or bf16_runs()]
     skipped = [] if len(dtypes) == len(plan.dtypes) else ["bf16: this CPU and torch do not run it"]
-    result: dict[str, Any] = {"cases": [], "contended": [], "sweeps": [], "skipped": skipped}
+    result: dict[str, Any] = {"cases": [], "contended": [], "sweeps": [], "profiles": [], "skipped": skipped}
     fastest: dict[tuple[str, int, str], set[str]] = {}
     try:
         for threads in plan.threads:
@@ -313,6 +369,12 @@ def section(plan: Plan, contenders: dict[str, Contender], log: Callable[[str], N
             log(f"  slice-size sweep {site} {pixels} px: " + ", ".join(
                 f"{mib} MiB {ms:.0f} ms" for mib, ms in found["median_ms"].items()))  # fmt: skip
             result["sweeps"].append(found)
+        for site, pixels in plan.profiles:
+            for dtype in dtypes:
+                found = profile(site, pixels, dtype)
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in found["parts_ms"].items())
+                log(f"  profile {site} {pixels} px {found['dtype']}: {parts} ms; fused {found['fused_ms']:.2f} ms")
+                result["profiles"].append(found)
     finally:
         torch.set_num_threads(threads_before)
     return result

@@ -188,7 +188,7 @@ def time_rounds(entries: list[Entry], rounds: int, budget_s: float, log: Callabl
     for r in range(rounds):
         gc.collect()
         with quiet_gc():
-            for entry in entries:
+            for entry in entries[r % len(entries) :] + entries[: r % len(entries)]:  # rotated: no fixed position
                 start = time.perf_counter()
                 entry.run()
                 entry.times.append(time.perf_counter() - start)

@@ -179,8 +179,8 @@ def measure(
         for entry in entries if warm_up else ():  # memslice's pool starts, allocators settle
             entry.run_once()
             entry.wall.clear(), entry.cpu.clear(), entry.others.clear(), entry.faults.clear()
-        for _ in range(rounds):
-            for entry in entries:
+        for r in range(rounds):
+            for entry in entries[r % len(entries) :] + entries[: r % len(entries)]:  # rotated: no fixed position
                 entry.run_once()
     fused = entries[0]
     result: dict[str, Any] = {"site": site, "pixels": pixels, "threads": threads, "dtype": str(dtype)[6:],

@@ -65,7 +65,7 @@
         if (!column) return null;
         var box = element("div", {id: "memslice_planner", "class": "memslice-planner"});
         box.appendChild(element("h3", {}, "memslice planner (unsaved values included)"));
-        box.appendChild(element("div", {"class": "memslice-budget"}, "..."));
+        box.appendChild(element("div", {"class": "memslice-room"}, "..."));
         var table = element("table", {"class": "memslice-table"});
         var head = element("tr");
         head.appendChild(element("th", {}, "batch"));
@@ -129,7 +129,7 @@
             if (mine !== sequence) return; // a newer refresh is under way
             var current = results[0];
             box.querySelector(".memslice-error").textContent = "";
-            box.querySelector(".memslice-budget").textContent =
+            box.querySelector(".memslice-room").textContent =
                 "room: " + current.room + ", slice cap " + current.slice_cap + ", memory for a job " +
                 formatBytes(current.memory_bytes) + " (" + current.memory_source + "), model: " + current.model +
                 " (" + current.model_source + ")";

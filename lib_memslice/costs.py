@@ -210,7 +210,7 @@ def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: i
 
 def fixed_and_per_query(shape: AttentionShape, heads_per_slice: int, kernel: KernelChoice) -> tuple[int, int]:
     """The peak of a *sliced* plan as ``a + b * queries_per_slice`` (exact: every term is affine in the query
-    chunk), so the planner can solve for the largest query chunk under a budget instead of searching."""
+    chunk), so the planner can solve for the largest query chunk in a room instead of searching."""
     fixed = shape.output_bytes + call_bytes(shape, kernel)
     zero = fixed + kernel.workers * chunk_bytes(shape, heads_per_slice, 0, kernel)
     one = fixed + kernel.workers * chunk_bytes(shape, heads_per_slice, 1, kernel)

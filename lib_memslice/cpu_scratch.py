@@ -13,8 +13,9 @@ from functools import lru_cache
 
 import torch
 
-#: torch 2.1.x: the blocked kernel without any packing (checked on 2.1.2).
-NEVER_PACKS = (2, 1)
+#: Up to this torch: the blocked kernel without any packing (checked on 2.1.2 and, on an AMX-BF16 CPU, 2.3.1: the
+#: webui's default pin and its Apple pin; 2.2 between them is taken to be the same).
+NEVER_PACKS = (2, 3)
 #: From this torch on: the same blocks, plus K/V packing through torch's allocator for bf16 / fp16 on AMX CPUs
 #: (checked on 2.11 with AMX-BF16 and on 2.13 without AMX). Releases between are bounded conservatively.
 PACKS_CHECKED = (2, 11)
@@ -64,11 +65,11 @@ def cpu_fused_can_pack(element_size: int, dtype: torch.dtype | None = None, vers
     """Whether the fused kernel of this torch, on this CPU, could take its packed (oneDNN brgemm) path.
 
     torch >= 2.11 packs K and V when oneDNN is enabled and the CPU has AMX: AMX-BF16 for bfloat16, AMX-FP16 for
-    float16 (``cpublas::could_pack``); torch 2.1 never packs. With ``dtype`` unknown a 2-byte type counts as
+    float16 (``cpublas::could_pack``); torch 2.1 to 2.3 never pack. With ``dtype`` unknown a 2-byte type counts as
     packable if either AMX kind is present, so the bound errs high; ``ONEDNN_MAX_CPU_ISA`` can switch packing off,
     which only makes the bound loose.
     """
-    if element_size != 2 or _torch_minor(version) == NEVER_PACKS:
+    if element_size != 2 or _torch_minor(version) <= NEVER_PACKS:
         return False
     mkldnn = getattr(torch.backends, "mkldnn", None)
     if mkldnn is not None and not getattr(mkldnn, "enabled", True):
@@ -146,9 +147,10 @@ def cpu_fused_scratch(
     Checked equal, byte for byte, to ``memslice_tools.inop.inop_peak_bytes`` minus output and logsumexp on torch
     2.1.2 (never packs; fp32 and bf16, its CPU kernel has no fp16), 2.13 (AVX-512 CPU without AMX: fp32, bf16,
     fp16) and 2.11 (AMX-BF16 CPU: bf16 packed), over head dims 8-512, 1-16 threads, 1-4096 query rows and 5-2048
-    keys. For the releases between (2.2-2.10, unchecked; their fp16 packing padded blocks to 64 columns and
-    allocated outside torch's allocator), where the CPU could pack the bound pads every block instead. The kernels
-    checked require ``v_dim == head_dim``; SDPA runs the math path otherwise.
+    keys, and 2.3.1 (AMX-BF16 CPU, never packs: fp32 and bf16). For the releases between (2.4-2.10, unchecked;
+    their fp16 packing padded blocks to 64 columns and allocated outside torch's allocator), where the CPU could pack
+    the bound pads every block instead. The kernels checked require ``v_dim == head_dim``; SDPA runs the math path
+    otherwise.
     """
     threads = max(int(threads), 1)
     q_split, kv_split = _splits(q_rows, kv_tokens)

@@ -5,7 +5,7 @@ autocast-off context, a stats sink) comes through a :class:`Host`. Tests and the
 :class:`BasicHost`; ``webui.py`` passes one built from ``modules.*``.
 
 One attention call is a short pipeline (:func:`attend`): describe the call -> plan it (choose the kernel, read
-the budget, plan the slices; :func:`plan_call`) -> run it, handling out-of-memory (:func:`run_call`) -> record it.
+the room, plan the slices; :func:`plan_call`) -> run it, handling out-of-memory (:func:`run_call`) -> record it.
 """
 
 from __future__ import annotations

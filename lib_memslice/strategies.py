@@ -64,7 +64,7 @@ def auto(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: st
         return Aim(1, 0, "fewest slices that fit", True)
     target = CPU_EINSUM_TARGET_BYTES
     queries = max(1, min(shape.q_tokens, int(target // max(1, shape.k_tokens * shape.element_size))))
-    why = f"one head per slice, ~{format_bytes(target)} score buffer per worker (fastest on CPUs)"
+    why = f"one head per slice, ~{format_bytes(target)} score buffer per worker (the rule the benchmark's sweep checks)"
     fixed, per_query = fixed_and_per_query(shape, 1, kernel)
     fitting = (room - fixed) // per_query if per_query > 0 else queries
     settled = fitting >= queries

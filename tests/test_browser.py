@@ -247,7 +247,7 @@ def test_planner_panel_shows_largest_sizes_per_batch(page):
     for batch in (1, 2, 4):
         expected = api(page, "plan", width=512, height=512, batch=batch)["max_square_resolution"]
         wait_for_text(page, f"tr[data-batch='{batch}'] .memslice-max", lambda t, e=expected: t == f"{e} x {e}")
-    assert "room" in planner_text(page, ".memslice-budget")
+    assert "room" in planner_text(page, ".memslice-room")
     assert not page.js_errors
 
 
@@ -258,7 +258,7 @@ def test_planner_recomputes_from_unsaved_inputs(page):
     budget.fill("0.05")  # typed, not applied: nothing is saved
     expected = api(page, "plan", width=512, height=512, batch=1, budget_gb=0.05)["max_square_resolution"]
     wait_for_text(page, "tr[data-batch='1'] .memslice-max", lambda t: t == f"{expected} x {expected}")
-    wait_for_text(page, ".memslice-budget", lambda t: "attention budget 51.2 MiB" in t)
+    wait_for_text(page, ".memslice-room", lambda t: "attention budget 51.2 MiB" in t)
     assert page.env.shared.opts.memslice_budget_gb == 2.0  # typed values are previews; nothing was saved
     cap = page.locator("#setting_memslice_slice_cap input[type=number]")
     cap.fill("1")

@@ -113,7 +113,9 @@ def test_planning_stays_out_of_compiled_graphs():
     explained = dynamo.explain(f)(q, k, v)
     reasons = " ".join(str(getattr(b, "reason", b)) for b in explained.break_reasons)
     if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 2):
-        assert "_plan_call" in reasons
+        # at plan_call (torch.compiler.disable); torch 2.3's dynamo already breaks where describe builds the
+        # call's AttentionShape: either way the planning is never traced
+        assert "_plan_call" in reasons or "AttentionShape" in reasons, reasons
     else:  # torch 2.1's dynamo already breaks at describe's shape-cache lookup: planning is never traced either
         assert explained.graph_break_count >= 1 and reasons
     out = torch.compile(f, backend="eager")(q, k, v)

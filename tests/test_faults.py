@@ -69,10 +69,13 @@ class Failing:
 
     def __init__(self, real, fail_at, error):
         self.real, self.fail_at, self.error, self.calls = real, set(fail_at), error, 0
+        self.lock = threading.Lock()  # the CPU einsum kernel's workers call it from several threads
 
     def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls in self.fail_at:
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+        if call in self.fail_at:
             raise self.error
         return self.real(*args, **kwargs)
 
@@ -193,13 +196,21 @@ def test_retry_off_reraises_the_original_error(monkeypatch):
         attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(kernel="einsum", oom_retry=False)))
 
 
-def test_errors_that_are_not_out_of_memory_are_not_retried(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_errors_that_are_not_out_of_memory_are_not_retried(monkeypatch, threads):
+    """Every slice fails: a retry would run the kernel again. With two workers both may have started a slice before
+    the first error stops the pool, so one attempt is at most one call per worker."""
     q, k, v = projected_qkv(1, 2, 64, 64, 8)
-    fake = Failing(kernels._slice, [1], RuntimeError("shape mismatch"))
+    fake = Failing(kernels._slice, range(1, 10_000), RuntimeError("shape mismatch"))
     monkeypatch.setattr(kernels, "_slice", fake)
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(kernel="einsum")))
-    assert fake.calls == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(kernel="einsum")))
+    finally:
+        torch.set_num_threads(before)
+    assert 1 <= fake.calls <= threads
 
 
 def test_concurrent_attention_calls_share_a_host_safely():

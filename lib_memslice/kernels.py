@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_scratch
-from .costs import KernelChoice
+from .costs import UNNORMALISED_MAX_V_DIM, KernelChoice
 from .slicing import SlicePlan
 
 log = logging.getLogger("memslice")
@@ -117,12 +117,15 @@ def fused_costs(
 
 
 def einsum_kernel(device_type: str, dtype: torch.dtype) -> KernelChoice:
-    """memslice's einsum kernel on this device. On CPU it allocates nothing per slice (checked with the profiler's
-    in-op events); elsewhere ``bmm(out=)`` may go through a contiguous temporary of one slice's output and the
-    softmax runs as elementwise ops with two row statistics: counted as one element plus one byte per output."""
+    """memslice's einsum kernel on this device. On CPU it allocates nothing per slice besides a half-precision
+    GEMM's own scratch (checked with the profiler's in-op events); elsewhere ``bmm(out=)`` may go through a
+    contiguous temporary of one slice's output and the softmax runs as elementwise ops with two row statistics:
+    counted as one element plus one byte per output."""
     if device_type == "cpu":
-        # unnormalised in float32 only: summing bfloat16 rows into float32 costs more than the passes it saves
-        return KernelChoice("einsum", workers=torch.get_num_threads(), unnormalised=dtype == torch.float32)
+        # unnormalised where exp cannot overflow the type: float32's range, which bfloat16 shares (not float16's)
+        unnormalised = dtype in (torch.float32, torch.bfloat16)
+        scratch = cpu_scratch.HALF_GEMM_SCRATCH if dtype in HALF else 0  # per worker: one GEMM at a time each
+        return KernelChoice("einsum", scratch, workers=torch.get_num_threads(), unnormalised=unnormalised)
     return KernelChoice("einsum", output_extra=torch.finfo(dtype).bits // 8 + 1)
 
 
@@ -324,20 +327,31 @@ def _softmax_(s: Tensor) -> None:
 class _Buffers:
     """One worker's reused storage: the score buffer, and when computing wider than the inputs the cast k, v, q and
     one slice's output. Flat, viewed per slice as contiguous blocks: the in-place softmax is only correct on
-    contiguous tensors, and the last slice may be shorter than the others."""
+    contiguous tensors, and the last slice may be shorter than the others.
+
+    ``wide`` (the unnormalised path): one run's values with a column of ones after them, so that the value GEMM
+    also sums each row of probabilities, and a slice's output one column wider; when casting they replace the cast
+    values and output (the plain path reads their first ``dv`` columns)."""
 
     def __init__(self, rows: int, qps: int, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype,
-                 unnormalised: bool = False) -> None:  # fmt: skip
+                 wide: bool = False) -> None:  # fmt: skip
         k_tokens, d, dv = k.shape[2], q.shape[-1], v.shape[-1]
         device = q.device
         self.scores = torch.empty(rows * qps * k_tokens, dtype=dtype, device=device)
-        self.sums = torch.empty(rows * qps, dtype=torch.float32, device=device) if unnormalised else None
         self.cast = dtype != q.dtype
+        self.vx = self.ox = None
+        if wide:
+            self.vx = torch.empty(rows, k_tokens, dv + 1, dtype=dtype, device=device)
+            self.vx[..., dv].fill_(1)
+            self.ox = torch.empty(rows * qps * (dv + 1), dtype=dtype, device=device)
         if self.cast:
             self.kb = torch.empty(rows, k_tokens, d, dtype=dtype, device=device)
-            self.vb = torch.empty(rows, k_tokens, dv, dtype=dtype, device=device)
             self.qb = torch.empty(rows * qps * d, dtype=dtype, device=device)
-            self.ob = torch.empty(rows * qps * dv, dtype=dtype, device=device)
+            if wide:
+                self.vb, self.ob = self.vx[..., :dv], self.ox  # type: ignore[index]
+            else:
+                self.vb = torch.empty(rows, k_tokens, dv, dtype=dtype, device=device)
+                self.ob = torch.empty(rows * qps * dv, dtype=dtype, device=device)
 
 
 def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int, m: int, scale: float,
@@ -346,8 +360,9 @@ def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int,
     the compute dtype): scores into the buffer, softmax in place, multiplied straight into the output.
 
     ``bounded``: every logit of these rows lies within +-LOGIT_BOUND, so ``exp`` can neither overflow nor underflow
-    to zero: the scores are exponentiated in place without subtracting their row maximum and the output is divided
-    by the row sums afterwards (the same result; two passes over the score buffer fewer)."""
+    to zero: the scores are exponentiated in place without subtracting their row maximum, multiplied by the values
+    with a column of ones after them (that column is each row's sum, accumulated by the GEMM), and the output is
+    divided by it (the same result; three passes over the score buffer fewer)."""
     n, k_tokens, d, dv = h1 - h0, kk.shape[1], q.shape[-1], vv.shape[-1]
     s = buf.scores[: n * m * k_tokens].view(n, m, k_tokens)
     qq = q[b, h0:h1, n0 : n0 + m]
@@ -356,20 +371,20 @@ def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int,
     s.baddbmm_(qq, kk.transpose(-1, -2), beta=0, alpha=scale)
     if mask is not None:
         s.masked_fill_(mask.drop[b, 0], -torch.finfo(s.dtype).max)
+    target = out[b, h0:h1, n0 : n0 + m]
     if bounded:
         s.exp_()
-        sums = buf.sums[: n * m].view(n, m, 1)  # type: ignore[index]
-        torch.sum(s, -1, keepdim=True, dtype=torch.float32, out=sums)
-    else:
-        _softmax_(s)
-    target = out[b, h0:h1, n0 : n0 + m]
+        wide = torch.bmm(s, buf.vx[:n], out=buf.ox[: n * m * (dv + 1)].view(n, m, dv + 1))  # type: ignore[index]
+        if buf.cast:
+            target.copy_(wide[..., :dv].div_(wide[..., dv:]))
+        else:
+            torch.div(wide[..., :dv], wide[..., dv:], out=target)
+        return
+    _softmax_(s)
     if buf.cast:
-        wide = torch.bmm(s, vv, out=buf.ob[: n * m * dv].view(n, m, dv))
-        target.copy_(wide.div_(sums) if bounded else wide)
+        target.copy_(torch.bmm(s, vv, out=buf.ob[: n * m * dv].view(n, m, dv)))
     else:
         torch.bmm(s, vv, out=target)
-        if bounded:
-            target.div_(sums)
 
 
 #: |logit| at most this: exp stays within float32's (and bfloat16's) range with room for a sum over 2^24 keys
@@ -396,10 +411,14 @@ def _bounded_heads(q: Tensor, k: Tensor, scale: float) -> tuple[list[list[bool]]
 
 
 def _keys(k: Tensor, v: Tensor, b: int, h0: int, h1: int, buf: _Buffers) -> tuple[Tensor, Tensor]:
+    """One run's keys and values in the compute dtype (cast into the worker's buffers when computing wider); on the
+    unnormalised path the values are also copied before the column of ones."""
+    n = h1 - h0
     kk, vv = k[b, h0:h1], v[b, h0:h1]
     if buf.cast:
-        n = h1 - h0
         kk, vv = buf.kb[:n].copy_(kk), buf.vb[:n].copy_(vv)
+    elif buf.vx is not None:
+        buf.vx[:n, :, : vv.shape[-1]].copy_(vv)
     return kk, vv
 
 
@@ -418,20 +437,20 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
     batch, heads, q_tokens, _ = q.shape
     rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
     workers = min(plan.kernel.workers, plan.slices)
-    unnormalised = plan.kernel.unnormalised
+    wide = plan.kernel.unnormalised and v.shape[-1] <= UNNORMALISED_MAX_V_DIM  # costs.takes_unnormalised
     if q.device.type == "meta":
         # shape tracing (memory only: meta tensors hold no values): the buffers are all a call allocates, since
         # every slice writes into them in place, so the slices themselves are not run
-        norms = [torch.empty(n, dtype=torch.float32, device="meta") for n in (q_tokens, k.shape[2])] * unnormalised
-        held = [_Buffers(rows, qps, q, k, v, dtype, unnormalised) for _ in range(workers)]
+        norms = [torch.empty(n, dtype=torch.float32, device="meta") for n in (q_tokens, k.shape[2])] * wide
+        held = [_Buffers(rows, qps, q, k, v, dtype, wide) for _ in range(workers)]
         del held, norms
         return
     # a mask's fully masked rows rely on the max subtraction (ldm averages v there): no unnormalised path with one
-    bounded, norms = _bounded_heads(q, k, scale) if unnormalised and mask is None else (None, ())
+    bounded, norms = _bounded_heads(q, k, scale) if wide and mask is None else (None, ())
     if workers > 1 and q.device.type == "cpu" and _may_use_threads(q, k, v):
-        _run_einsum_parallel(q, k, v, plan, scale, mask, dtype, out, workers, bounded)
+        _run_einsum_parallel(q, k, v, plan, scale, mask, dtype, out, workers, bounded, wide)
         return
-    buf = _Buffers(rows, qps, q, k, v, dtype, unnormalised)
+    buf = _Buffers(rows, qps, q, k, v, dtype, wide)
     for b, h0, h1, starts in _slices(batch, heads, q_tokens, plan):
         kk, vv = _keys(k, v, b, h0, h1, buf)  # cast once per run of rows
         fast = bounded is not None and all(bounded[b][h0:h1])
@@ -497,7 +516,7 @@ def _dispatch_modes() -> list[Any]:
 
 def _run_einsum_parallel(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, mask: KeepMask | None,
                          dtype: torch.dtype, out: Tensor, workers: int,
-                         bounded: list[list[bool]] | None) -> None:  # fmt: skip
+                         bounded: list[list[bool]] | None, wide: bool) -> None:  # fmt: skip
     batch, heads, q_tokens, _ = q.shape
     rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
     jobs = [(b, h0, h1, n0) for b, h0, h1, starts in _slices(batch, heads, q_tokens, plan) for n0 in starts]
@@ -506,7 +525,7 @@ def _run_einsum_parallel(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale
     inference = torch.is_inference_mode_enabled()
     modes = _dispatch_modes()
     # every worker's buffers allocated here, before any starts: the peak is the cost model's, whatever the timing
-    buffers = [_Buffers(rows, qps, q, k, v, dtype, plan.kernel.unnormalised) for _ in range(workers)]
+    buffers = [_Buffers(rows, qps, q, k, v, dtype, wide) for _ in range(workers)]
 
     def work(buf: _Buffers) -> None:
         # what the caller's thread runs under is per thread: inference mode, and dispatch modes (a memory tracker)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from lib_memslice import forwards, strategies
-from lib_memslice.costs import GiB, MiB
+from lib_memslice.costs import GiB, MiB, takes_unnormalised
 
 from .contenders import MEMSLICE_AUTO, SDPA, Case, Contender, make_case, make_inputs
 from .limits import sdpa_math_only, traced_peak
@@ -266,7 +266,9 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
         v = torch.randn(rows, s.k_tokens, s.v_dim, generator=g).to(dtype)
         scores = torch.empty(rows, queries, s.k_tokens, dtype=dtype)
         out = torch.empty(rows, queries, s.v_dim, dtype=dtype)
-        sums = torch.empty(rows, queries, 1, dtype=torch.float32)
+        wide = takes_unnormalised(s, kernel)
+        ones = torch.ones(rows, s.k_tokens, 1, dtype=dtype)
+        vx, ox = torch.cat([v, ones], -1), torch.empty(rows, queries, s.v_dim + 1, dtype=dtype)
         scale = s.head_dim**-0.5
 
         def best(fn: Callable[[], Any]) -> float:
@@ -278,15 +280,14 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
             return min(times) * 1e3
 
         parts = {"score GEMM": best(lambda: scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=scale))}
-        if kernel.unnormalised:
+        if wide:
             parts["exp in place"] = best(lambda: (scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=scale),
                                                   scores.exp_())) - parts["score GEMM"]  # fmt: skip
-            parts["row sums"] = best(lambda: torch.sum(scores, -1, keepdim=True, dtype=torch.float32, out=sums))
+            parts["value GEMM and row sums (a column of ones)"] = best(lambda: torch.bmm(scores, vx, out=ox))
+            parts["division"] = best(lambda: torch.div(ox[..., : s.v_dim], ox[..., s.v_dim :], out=out))
         else:
             parts["softmax"] = best(lambda: torch._softmax(scores, -1, False, out=scores))
-        parts["value GEMM"] = best(lambda: torch.bmm(scores, v, out=out))
-        if kernel.unnormalised:
-            parts["division"] = best(lambda: out.div_(sums))
+            parts["value GEMM"] = best(lambda: torch.bmm(scores, v, out=out))
         q4, k4, v4 = (t.unsqueeze(0) for t in (q, k, v))
         fused = best(lambda: F.scaled_dot_product_attention(q4, k4, v4))
         total = sum(parts.values())

@@ -151,6 +151,34 @@ def takes_unnormalised(shape: AttentionShape, kernel: KernelChoice) -> bool:
     return kernel.kind == "einsum" and kernel.unnormalised and shape.v_dim <= UNNORMALISED_MAX_V_DIM
 
 
+#: What one half-precision (bf16 / fp16) GEMM of memslice's einsum kernel allocates and frees inside the op on a
+#: CPU (oneDNN's packing and scratch; fp16 converts blocks to float32). In a profiler replay over slices of 1-16
+#: rows, 7-4096 queries, 77-16384 keys and head dims 16-512 with 1 and 2 threads on torch 2.1.2, 2.3.1 and 2.13: at
+#: most 128 KiB + 1.75 x the float32 size of the GEMM's operands (fp16's smallest blocks take 170 KiB; some tiny
+#: GEMMs take nothing), and never over 3.66 MiB (the GEMM's blocking: 16384 keys take what 4096 do). float32 GEMMs
+#: allocate nothing (MKL). The einsum kernel's ``scratch`` on CPUs in half precision is the cap; each worker runs
+#: one GEMM at a time.
+HALF_GEMM_SCRATCH = 4 * 1024 * 1024
+HALF_GEMM_FIXED = 128 * 1024
+HALF_GEMM_PER_OPERAND_BYTE = 2
+
+
+def gemm_scratch(shape: AttentionShape, rows: int, queries_per_slice: int, kernel: KernelChoice,
+                 capped: bool | None = None) -> int:  # fmt: skip
+    """In-op scratch of one einsum slice's GEMMs (``kernel.scratch`` is its cap; 0 where they allocate none).
+    ``capped``: None the bound, True the cap alone, False the growing term alone (the bound is the smaller of the
+    two, so the planner can solve each as a line)."""
+    if kernel.kind != "einsum" or kernel.scratch <= 0:
+        return 0
+    # the larger of the two GEMMs' operands in float32: the scores, and queries and keys or values and output
+    width = max(shape.head_dim, shape.v_dim) + 1
+    operands = 4 * rows * (queries_per_slice * shape.k_tokens + (queries_per_slice + shape.k_tokens) * width)
+    grows = HALF_GEMM_FIXED + HALF_GEMM_PER_OPERAND_BYTE * operands
+    if capped is None:
+        return min(kernel.scratch, grows)
+    return kernel.scratch if capped else grows
+
+
 EINSUM = KernelChoice("einsum")
 FUSED = KernelChoice("fused")
 
@@ -162,8 +190,10 @@ def chunk_rows(shape: AttentionShape, heads_per_slice: int, kernel: str) -> int:
     return min(rows, shape.heads) if kernel == "einsum" else rows
 
 
-def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: int, kernel: KernelChoice) -> int:
-    """Bytes allocated while one chunk runs, excluding the preallocated output (an upper bound, per kernel)."""
+def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: int, kernel: KernelChoice,
+                capped: bool | None = None) -> int:  # fmt: skip
+    """Bytes allocated while one chunk runs, excluding the preallocated output (an upper bound, per kernel);
+    ``capped``: see :func:`gemm_scratch`."""
     ces = shape.element_size
     d, dv, nk = shape.head_dim, shape.v_dim, shape.k_tokens
     rows = chunk_rows(shape, heads_per_slice, kernel.kind)
@@ -191,7 +221,7 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
     # unnormalised path's values and output one column wider (when casting, the cast ones widened)
     wide = rows * (nk + queries_per_slice) * ces if takes_unnormalised(shape, kernel) else 0
     cast = (kv_c + q_c + o_c) * ces + wide if shape.cast else wide * (dv + 1)
-    return s_c * ces + o_c * kernel.output_extra + cast + kernel.scratch
+    return s_c * ces + o_c * kernel.output_extra + cast + gemm_scratch(shape, rows, queries_per_slice, kernel, capped)
 
 
 def call_bytes(shape: AttentionShape, kernel: KernelChoice) -> int:
@@ -222,10 +252,18 @@ def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: i
     return shape.output_bytes + call_bytes(shape, kernel) + (1 if whole else kernel.workers) * chunk
 
 
-def fixed_and_per_query(shape: AttentionShape, heads_per_slice: int, kernel: KernelChoice) -> tuple[int, int]:
-    """The peak of a *sliced* plan as ``a + b * queries_per_slice`` (exact: every term is affine in the query
-    chunk), so the planner can solve for the largest query chunk in a room instead of searching."""
+def largest_queries(shape: AttentionShape, heads_per_slice: int, kernel: KernelChoice, room: int) -> int | None:
+    """The most queries per slice a *sliced* plan with these rows may take in ``room`` (None: not even 0 fit;
+    a huge number where queries cost nothing), solved instead of searched. The peak is affine in the query chunk
+    except the GEMM scratch, which is the smaller of a cap and a line: so the peak is the smaller of two lines,
+    and a chunk fits when it fits under either. Never falls as the room grows."""
     fixed = shape.output_bytes + call_bytes(shape, kernel)
-    zero = fixed + kernel.workers * chunk_bytes(shape, heads_per_slice, 0, kernel)
-    one = fixed + kernel.workers * chunk_bytes(shape, heads_per_slice, 1, kernel)
-    return zero, one - zero
+    best = None
+    for capped in (None,) if gemm_scratch(shape, 1, 0, kernel) == 0 else (False, True):
+        zero = fixed + kernel.workers * chunk_bytes(shape, heads_per_slice, 0, kernel, capped)
+        one = fixed + kernel.workers * chunk_bytes(shape, heads_per_slice, 1, kernel, capped)
+        if zero > room:
+            continue
+        fitting = (room - zero) // (one - zero) if one > zero else 1 << 62
+        best = fitting if best is None else max(best, fitting)
+    return best

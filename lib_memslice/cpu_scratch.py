@@ -20,12 +20,6 @@ NEVER_PACKS = (2, 3)
 #: (checked on 2.11 with AMX-BF16 and on 2.13 without AMX). Releases between are bounded conservatively.
 PACKS_CHECKED = (2, 11)
 
-#: What one half-precision (bf16 / fp16) GEMM of memslice's einsum kernel allocates and frees inside the op on a
-#: CPU (oneDNN's packing and scratch; fp16 converts blocks to fp32): at most 3.66 MiB in a profiler replay over
-#: slices of 64-2048 queries, 77-16384 keys and head dims 40-512 with 1 and 2 threads on torch 2.1.2, 2.3.1 and
-#: 2.13 (bounded by its blocking: 16384 keys take what 4096 do). float32 GEMMs allocate nothing (MKL).
-HALF_GEMM_SCRATCH = 4 * 1024 * 1024
-
 _ACCUM = 4  # the kernel's accumulator is fp32 (at::opmath_type) for fp32, bf16 and fp16 alike
 
 

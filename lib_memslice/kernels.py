@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_scratch
-from .costs import UNNORMALISED_MAX_V_DIM, KernelChoice
+from .costs import HALF_GEMM_SCRATCH, UNNORMALISED_MAX_V_DIM, KernelChoice
 from .slicing import SlicePlan
 
 log = logging.getLogger("memslice")
@@ -124,7 +124,7 @@ def einsum_kernel(device_type: str, dtype: torch.dtype) -> KernelChoice:
     if device_type == "cpu":
         # unnormalised where exp cannot overflow the type: float32's range, which bfloat16 shares (not float16's)
         unnormalised = dtype in (torch.float32, torch.bfloat16)
-        scratch = cpu_scratch.HALF_GEMM_SCRATCH if dtype in HALF else 0  # per worker: one GEMM at a time each
+        scratch = HALF_GEMM_SCRATCH if dtype in HALF else 0  # the cap of a half-precision GEMM's in-op scratch
         return KernelChoice("einsum", scratch, workers=torch.get_num_threads(), unnormalised=unnormalised)
     return KernelChoice("einsum", output_extra=torch.finfo(dtype).bits // 8 + 1)
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import strategies
-from .costs import EINSUM, AttentionShape, KernelChoice, chunk_rows, fixed_and_per_query, format_bytes, peak_bytes
+from .costs import EINSUM, AttentionShape, KernelChoice, chunk_rows, format_bytes, largest_queries, peak_bytes
 
 MPS_MAX_ELEMENTS = 1 << 31  # Metal cannot index a tensor with more elements
 MPS_MAX_BYTES = 4 << 30  # nor one buffer larger than this
@@ -134,11 +134,10 @@ class Chunkings:
         if head_slices == 1 and need_query_slices <= 1 and self.fits(heads_per_slice, nq):
             return nq  # one piece (a fused call returns its own output: a different formula)
         hi = nq - 1 if head_slices == 1 else nq
-        fixed, per_query = fixed_and_per_query(s, heads_per_slice, self.kernel)
-        if fixed > self.room:
+        fitting = largest_queries(s, heads_per_slice, self.kernel, self.room)
+        if fitting is None:
             return None
-        if per_query > 0:
-            hi = min(hi, (self.room - fixed) // per_query)
+        hi = min(hi, fitting)
         if need_query_slices > 1:
             hi = min(hi, _ceil_div(nq, need_query_slices - 1) - 1)
         if self.metal:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .costs import AttentionShape, KernelChoice, MiB, fixed_and_per_query, format_bytes
+from .costs import AttentionShape, KernelChoice, MiB, format_bytes, largest_queries
 
 #: The webui's InvokeAI rule takes a tensor budget of free memory / 3.3; its Doggettx rule multiplies the scores by
 #: 2.5 or 3. Both are their margin, so they plan in ``free x WEBUI_MARGIN / safety factor``, at most free memory.
@@ -65,8 +65,7 @@ def auto(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: st
     target = CPU_EINSUM_TARGET_BYTES
     queries = max(1, min(shape.q_tokens, int(target // max(1, shape.k_tokens * shape.element_size))))
     why = f"one head per slice, ~{format_bytes(target)} score buffer per worker (the rule the benchmark's sweep checks)"
-    fixed, per_query = fixed_and_per_query(shape, 1, kernel)
-    fitting = (room - fixed) // per_query if per_query > 0 else queries
+    fitting = largest_queries(shape, 1, kernel, room) or 0
     settled = fitting >= queries
     if not settled:
         queries, why = max(1, fitting), f"{why}, fewer queries to fit the room"

@@ -320,6 +320,22 @@ def _attention_modules(module: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return out
 
 
+@contextlib.contextmanager
+def _without_gemm_scratch() -> Iterator[None]:
+    """On a CPU the tracker sees live tensors only, and the passes stand for the webui's CUDA runs: the plans'
+    transients leave out a half-precision CPU GEMM's in-op scratch (which the runtime counts on CPUs, and CUDA's
+    einsum kernel does not have), so both sides count the same bytes."""
+    from lib_memslice import forwards, kernels
+
+    cap, kernels.HALF_GEMM_SCRATCH = kernels.HALF_GEMM_SCRATCH, 0
+    forwards._memo.clear()
+    try:
+        yield
+    finally:
+        kernels.HALF_GEMM_SCRATCH = cap
+        forwards._memo.clear()
+
+
 def measure_pass(
     module: nn.Module,
     kind: str,
@@ -363,7 +379,8 @@ def measure_pass(
     emulated = cuda_autocast_on_cpu(module, dtype) if autocast and not cuda else contextlib.nullcontext()
     try:
         patches = (memslice_patched(host, strategy), _timestep_embedding_in(dtype), torch.no_grad(), cast, emulated)
-        with patches[0], patches[1], patches[2], patches[3], patches[4], allocator, tracker:  # the tracker innermost
+        live_only = contextlib.nullcontext() if cuda else _without_gemm_scratch()
+        with patches[0], patches[1], patches[2], patches[3], patches[4], live_only, allocator, tracker:  # tracker last
             out = _call(module, kind, inputs)
             del out
     finally:

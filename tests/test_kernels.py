@@ -21,7 +21,7 @@ from lib_memslice.slicing import plan_attention
 from lib_memslice.strategies import NAMES as STRATEGY_NAMES
 from memslice_tools.memtrack import PeakTracker
 
-from .conftest import CPU_HALF, projected_qkv, reference, sdpa_math_only
+from .conftest import CPU_HALF, projected_qkv, reference, requires_cpu_half, sdpa_math_only
 
 DTYPE_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
@@ -128,7 +128,7 @@ def test_einsum_kernel_allocates_exactly_the_prediction(plan_shape, upcast, work
 
 
 @pytest.mark.parametrize("unnormalised", [False, True], ids=["softmax", "unnormalised"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, pytest.param(torch.float16, marks=requires_cpu_half)])
 def test_einsum_kernel_in_op_allocations_stay_within_the_prediction(unnormalised, dtype):
     """The profiler sees every allocation, also ones an op frees before returning: in float32 none happen per
     slice (the unnormalised path's GEMM into a wider output and its division write into buffers allocated up
@@ -385,3 +385,32 @@ def test_wide_value_heads_keep_the_softmax(v_dim, monkeypatch):
     assert set(taken) == {wide} and takes_unnormalised(shape, kernel) == wide
     assert tracker.peak == plan.peak_bytes
     assert (out.double() - reference(q, k, v, 40**-0.5)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=requires_cpu_half)])
+@pytest.mark.parametrize(
+    "rows,queries,keys,dim",
+    [
+        (1, 7, 300, 24),
+        (4, 64, 77, 40),
+        (1, 256, 300, 40),
+        (1, 1024, 1024, 40),
+        (8, 256, 1024, 80),
+        (1, 1024, 4096, 40),
+        (1, 256, 4096, 512),
+    ],
+)
+def test_half_precision_gemm_scratch_is_bounded(rows, queries, keys, dim, dtype):
+    """A half-precision GEMM on a CPU allocates scratch inside the op (oneDNN, or fp16's float32 blocks): the
+    bound the cost model adds per worker holds for both of a slice's GEMMs, on whichever torch runs this."""
+    from lib_memslice.costs import gemm_scratch
+    from memslice_tools.inop import inop_peak_bytes
+
+    q, k = torch.randn(rows, queries, dim).to(dtype), torch.randn(rows, keys, dim).to(dtype)
+    vx = torch.randn(rows, keys, dim + 1).to(dtype)
+    s, ox = torch.empty(rows, queries, keys, dtype=dtype), torch.empty(rows, queries, dim + 1, dtype=dtype)
+    measured = max(inop_peak_bytes(lambda: s.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=0.1)),
+                   inop_peak_bytes(lambda: torch.bmm(s, vx, out=ox)))  # fmt: skip
+    shape = AttentionShape(rows, queries, keys, dim, dim, 2)
+    bound = gemm_scratch(shape, rows, queries, kernels.einsum_kernel("cpu", dtype))
+    assert measured <= bound, (measured, bound)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -35,7 +37,12 @@ def check(q, k, v, strategy="auto", settings=HOSTS["tight"], upcast=False):
 def test_dtypes(dtype, host):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 97, 16, generator=g).to(dtype) for _ in range(3))
-    check(q, k, v, settings=HOSTS[host])
+    settings = HOSTS[host]
+    if host != "ample" and dtype in (torch.float16, torch.bfloat16):
+        # a half-precision GEMM on a CPU may take 128 KiB of scratch per worker (costs.HALF_GEMM_FIXED): still
+        # tight (the call is sliced), no longer below what one slice may really take
+        settings = replace(settings, budget_gb=1 / 1024 / 2)
+    check(q, k, v, settings=settings)
 
 
 @pytest.mark.parametrize(

@@ -165,7 +165,7 @@ class Planned:
 
 def _kernels_to_try(call: Call) -> tuple[KernelChoice, ...]:
     """Fastest first: the fused kernel where torch runs it, then (``kernel = auto``) memslice's einsum kernel, on CPUs
-    with a worker per thread and then with one (one score buffer)."""
+    with a worker per thread, then with one (one score buffer), then without the unnormalised path's buffers."""
     first = kernels.choose_kernel(call.settings.kernel, call.q, call.k, call.v, call.compute_dtype, _bias(call))
     if call.mask is None:
         kernels.observe(call.q.device.type, call.compute_dtype, call.shape.head_dim, call.settings.kernel, first)

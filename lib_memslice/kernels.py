@@ -225,12 +225,15 @@ def expected_kernels(
 
 def kernels_after(first: KernelChoice, setting: str, device_type: str, dtype: torch.dtype) -> tuple[KernelChoice, ...]:
     """``first`` and what a call falls back to when no plan of it fits: with ``kernel = auto`` a fused kernel's
-    memslice's einsum kernel; a CPU einsum kernel with several workers (one buffer each), the same with one."""
+    memslice's einsum kernel; a CPU einsum kernel with several workers (one buffer each), the same with one, then
+    without the unnormalised path's buffers (the values and an output one column wider, the norms): the leanest."""
     found = [first]
     if first.kind == "fused" and setting == "auto":
         found.append(einsum_kernel(device_type, dtype))
     if found[-1].kind == "einsum" and found[-1].workers > 1:
         found.append(replace(found[-1], workers=1))
+    if found[-1].kind == "einsum" and found[-1].unnormalised:
+        found.append(replace(found[-1], unnormalised=False))
     return tuple(found)
 
 

@@ -414,3 +414,24 @@ def test_half_precision_gemm_scratch_is_bounded(rows, queries, keys, dim, dtype)
     shape = AttentionShape(rows, queries, keys, dim, dim, 2)
     bound = gemm_scratch(shape, rows, queries, kernels.einsum_kernel("cpu", dtype))
     assert measured <= bound, (measured, bound)
+
+
+def test_at_the_edge_of_memory_the_cpu_einsum_kernel_drops_its_extra_buffers():
+    """In a room too small for the unnormalised path's wider values (keys x (value dims + 1) per worker) the call
+    still runs: the leanest einsum kernel (one worker, plain softmax) is the last one tried, and it fits."""
+    from lib_memslice.forwards import BasicHost, attend
+    from lib_memslice.settings import Settings
+    from lib_memslice.slicing import smallest_need
+
+    q, k, v = projected_qkv(1, 2, 64, 4096, 40)
+    shape = shape_of(q, k, v, q.dtype)
+    choices = kernels.kernels_after(kernels.einsum_kernel("cpu", q.dtype), "auto", "cpu", q.dtype)
+    lean = choices[-1]
+    assert lean.workers == 1 and not lean.unnormalised
+    needs = [smallest_need(shape, slice_cap=4096, kernel=kernel) for kernel in choices]
+    assert needs[-1] < min(needs[:-1])
+    room = (needs[-1] + min(needs[:-1])) // 2
+    with PeakTracker() as tracker:
+        out = attend(q, k, v, scale=40**-0.5, strategy="auto", host=BasicHost(Settings(budget_gb=room / 2**30)))
+    assert tracker.peak <= room  # the call's own allocations, its output included
+    assert (out.double() - reference(q, k, v, 40**-0.5)).abs().max().item() <= 1e-5

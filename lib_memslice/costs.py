@@ -144,11 +144,11 @@ class KernelChoice:
 UNNORMALISED_MAX_V_DIM = 80
 
 
-def takes_unnormalised(shape: AttentionShape, kernel: KernelChoice) -> bool:
-    """Whether an einsum call of this shape allocates the unnormalised path's buffers: per worker a copy of one
-    run's values with a column of ones and a slice's output one column wider; per call one head's query and key
-    norms (float32)."""
-    return kernel.kind == "einsum" and kernel.unnormalised and shape.v_dim <= UNNORMALISED_MAX_V_DIM
+def takes_unnormalised(kernel: KernelChoice, v_dim: int) -> bool:
+    """Whether an einsum call with these value dims allocates the unnormalised path's buffers: per worker a copy of
+    one run's values with a column of ones and a slice's output one column wider; per call one head's query and key
+    norms (float32). The kernel runs the path where this holds and the cost model counts it: one rule for both."""
+    return kernel.kind == "einsum" and kernel.unnormalised and v_dim <= UNNORMALISED_MAX_V_DIM
 
 
 #: What one half-precision (bf16 / fp16) GEMM of memslice's einsum kernel allocates and frees inside the op on a
@@ -219,7 +219,7 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
     # einsum: the score buffer; when casting, reused buffers for the cast k, v, q and the chunk's output; on
     # accelerators a possible contiguous temporary of one slice's output and the softmax's row statistics; the
     # unnormalised path's values and output one column wider (when casting, the cast ones widened)
-    wide = rows * (nk + queries_per_slice) * ces if takes_unnormalised(shape, kernel) else 0
+    wide = rows * (nk + queries_per_slice) * ces if takes_unnormalised(kernel, dv) else 0
     cast = (kv_c + q_c + o_c) * ces + wide if shape.cast else wide * (dv + 1)
     return s_c * ces + o_c * kernel.output_extra + cast + gemm_scratch(shape, rows, queries_per_slice, kernel, capped)
 
@@ -227,7 +227,7 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
 def call_bytes(shape: AttentionShape, kernel: KernelChoice) -> int:
     """Bytes one call allocates once besides its output and its chunks: the unnormalised einsum kernel's float32
     norms of one head's queries and keys."""
-    return (shape.q_tokens + shape.k_tokens) * 4 if takes_unnormalised(shape, kernel) else 0
+    return (shape.q_tokens + shape.k_tokens) * 4 if takes_unnormalised(kernel, shape.v_dim) else 0
 
 
 def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: int, kernel: KernelChoice) -> int:

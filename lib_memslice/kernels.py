@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_scratch
-from .costs import HALF_GEMM_SCRATCH, UNNORMALISED_MAX_V_DIM, KernelChoice
+from .costs import HALF_GEMM_SCRATCH, KernelChoice, takes_unnormalised
 from .slicing import SlicePlan
 
 log = logging.getLogger("memslice")
@@ -440,7 +440,7 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
     batch, heads, q_tokens, _ = q.shape
     rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
     workers = min(plan.kernel.workers, plan.slices)
-    wide = plan.kernel.unnormalised and v.shape[-1] <= UNNORMALISED_MAX_V_DIM  # costs.takes_unnormalised
+    wide = takes_unnormalised(plan.kernel, v.shape[-1])
     if q.device.type == "meta":
         # shape tracing (memory only: meta tensors hold no values): the buffers are all a call allocates, since
         # every slice writes into them in place, so the slices themselves are not run

@@ -266,9 +266,6 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
         v = torch.randn(rows, s.k_tokens, s.v_dim, generator=g).to(dtype)
         scores = torch.empty(rows, queries, s.k_tokens, dtype=dtype)
         out = torch.empty(rows, queries, s.v_dim, dtype=dtype)
-        wide = takes_unnormalised(s, kernel)
-        ones = torch.ones(rows, s.k_tokens, 1, dtype=dtype)
-        vx, ox = torch.cat([v, ones], -1), torch.empty(rows, queries, s.v_dim + 1, dtype=dtype)
         scale = s.head_dim**-0.5
 
         def best(fn: Callable[[], Any]) -> float:
@@ -280,7 +277,9 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
             return min(times) * 1e3
 
         parts = {"score GEMM": best(lambda: scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=scale))}
-        if wide:
+        if takes_unnormalised(kernel, s.v_dim):
+            vx = torch.cat([v, torch.ones(rows, s.k_tokens, 1, dtype=dtype)], -1)
+            ox = torch.empty(rows, queries, s.v_dim + 1, dtype=dtype)
             parts["exp in place"] = best(lambda: (scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=scale),
                                                   scores.exp_())) - parts["score GEMM"]  # fmt: skip
             parts["value GEMM and row sums (a column of ones)"] = best(lambda: torch.bmm(scores, vx, out=ox))

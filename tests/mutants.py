@@ -137,7 +137,7 @@ MUTANTS = (
     Mutant("the unnormalised softmax where logits are not bounded", "lib_memslice/kernels.py",
            "LOGIT_BOUND = 60.0", "LOGIT_BOUND = 1e30", ("tests/test_kernels.py",)),
     Mutant("the unnormalised softmax's norms not counted", "lib_memslice/costs.py",
-           'return (shape.q_tokens + shape.k_tokens) * 4 if takes_unnormalised(shape, kernel) else 0',
+           'return (shape.q_tokens + shape.k_tokens) * 4 if takes_unnormalised(kernel, shape.v_dim) else 0',
            "return 0", ("tests/test_kernels.py",)),
     Mutant("cuBLAS allocation failures not read as out-of-memory", "lib_memslice/kernels.py",
            '    "cublas_status_alloc_failed",\n', "", ("tests/test_kernels.py",)),

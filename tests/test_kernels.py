@@ -382,7 +382,7 @@ def test_wide_value_heads_keep_the_softmax(v_dim, monkeypatch):
     with PeakTracker() as tracker:
         out = kernels.run_plan(q, k, v, plan, 40**-0.5)
     wide = v_dim <= UNNORMALISED_MAX_V_DIM
-    assert set(taken) == {wide} and takes_unnormalised(shape, kernel) == wide
+    assert set(taken) == {wide} and takes_unnormalised(kernel, v_dim) == wide
     assert tracker.peak == plan.peak_bytes
     assert (out.double() - reference(q, k, v, 40**-0.5)).abs().max().item() <= 1e-5
 

@@ -77,7 +77,12 @@ def measured_scratch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
 
 
 def test_replay_sees_memory_an_op_frees_before_returning():
-    """cross_entropy's log_softmax intermediate (1 MiB) is freed inside the op: the net counter misses it."""
+    """cross_entropy's log_softmax intermediate (1 MiB) is freed inside the op: the replay must still see it.
+
+    The profiler's own per-op counter (``cpu_memory_usage``, allocations minus frees) is no check of that: whether
+    it books the intermediate's free to this op varies between runs on one torch (torch 2.3.1 once counted 1 MiB on
+    CI, 0 locally), so only the replay's bounds are asserted, and that it never reads below the net counter.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     logits = torch.randn(256, 1024)
@@ -93,10 +98,7 @@ def test_replay_sees_memory_an_op_frees_before_returning():
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
     net = max(e.cpu_memory_usage for e in prof.key_averages() if e.key == "aten::cross_entropy_loss")
-    # torch >= 2.2: allocations minus frees, just the scalar loss: the 1 MiB is invisible to the net counter (torch
-    # 2.1 books the intermediate's free elsewhere and happens to see it): the replay is right on both
-    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 2):
-        assert net < SLACK_BYTES
+    assert net <= peak
 
 
 def test_replay_subtracts_frees_in_time_order():

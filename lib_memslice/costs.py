@@ -119,7 +119,10 @@ class KernelChoice:
     "efficient", "cudnn", "math", or "" when unknown). ``workers``: slices run at once, each with its own buffers
     (memslice's einsum kernel on CPUs: one single-threaded worker per torch thread). ``unnormalised``: the einsum
     kernel may skip the softmax's max, sum and scaling passes for heads whose logits are bounded (float32 and
-    bfloat16 on CPUs, value dims up to UNNORMALISED_MAX_V_DIM, see :func:`takes_unnormalised`).
+    bfloat16 on CPUs, value dims up to UNNORMALISED_MAX_V_DIM, see :func:`takes_unnormalised`). ``staged``: the
+    einsum kernel copies each run's keys (and values) and each slice's queries into contiguous buffers first (a CPU
+    GEMM in half precision clones strided operands inside the op on every slice, unseen and uncounted otherwise:
+    q, k and v viewed as heads of ``[B, N, H*d]`` projections are strided).
     """
 
     kind: str
@@ -129,6 +132,7 @@ class KernelChoice:
     backend: str = ""
     workers: int = 1
     unnormalised: bool = False
+    staged: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KERNEL_KINDS:
@@ -218,10 +222,17 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
         return 2 * s_c * mes + s_c + 3 * (q_c + kv_c) * mes + o_c * (mes + ces)
     # einsum: the score buffer; when casting, reused buffers for the cast k, v, q and the chunk's output; on
     # accelerators a possible contiguous temporary of one slice's output and the softmax's row statistics; the
-    # unnormalised path's values and output one column wider (when casting, the cast ones widened)
-    wide = rows * (nk + queries_per_slice) * ces if takes_unnormalised(kernel, dv) else 0
-    cast = (kv_c + q_c + o_c) * ces + wide if shape.cast else wide * (dv + 1)
-    return s_c * ces + o_c * kernel.output_extra + cast + gemm_scratch(shape, rows, queries_per_slice, kernel, capped)
+    # unnormalised path's values and output one column wider (when casting, the cast ones widened); staged, the
+    # contiguous copies of one run's keys, its values (unless the widened ones hold them) and one slice's queries
+    unnormalised = takes_unnormalised(kernel, dv)
+    wide = rows * (nk + queries_per_slice) * ces if unnormalised else 0
+    if shape.cast:
+        copies = (kv_c + q_c + o_c) * ces + wide
+    else:
+        copies = wide * (dv + 1)
+        if kernel.staged:
+            copies += (rows * nk * (d if unnormalised else d + dv) + q_c) * ces
+    return s_c * ces + o_c * kernel.output_extra + copies + gemm_scratch(shape, rows, queries_per_slice, kernel, capped)
 
 
 def call_bytes(shape: AttentionShape, kernel: KernelChoice) -> int:

@@ -116,17 +116,30 @@ def fused_costs(
     return 0, 0, 0
 
 
-def einsum_kernel(device_type: str, dtype: torch.dtype) -> KernelChoice:
+def einsum_kernel(device_type: str, dtype: torch.dtype, strided: bool = False) -> KernelChoice:
     """memslice's einsum kernel on this device. On CPU it allocates nothing per slice besides a half-precision
     GEMM's own scratch (checked with the profiler's in-op events); elsewhere ``bmm(out=)`` may go through a
     contiguous temporary of one slice's output and the softmax runs as elementwise ops with two row statistics:
-    counted as one element plus one byte per output."""
+    counted as one element plus one byte per output. ``strided``: see :func:`strided`; a CPU kernel in half
+    precision then stages its operands (``KernelChoice.staged``)."""
     if device_type == "cpu":
         # unnormalised where exp cannot overflow the type: float32's range, which bfloat16 shares (not float16's)
         unnormalised = dtype in (torch.float32, torch.bfloat16)
-        scratch = HALF_GEMM_SCRATCH if dtype in HALF else 0  # the cap of a half-precision GEMM's in-op scratch
-        return KernelChoice("einsum", scratch, workers=torch.get_num_threads(), unnormalised=unnormalised)
+        half = dtype in HALF
+        scratch = HALF_GEMM_SCRATCH if half else 0  # the cap of a half-precision GEMM's in-op scratch
+        return KernelChoice("einsum", scratch, workers=torch.get_num_threads(), unnormalised=unnormalised,
+                            staged=half and strided)  # fmt: skip
     return KernelChoice("einsum", output_extra=torch.finfo(dtype).bits // 8 + 1)
+
+
+def strided(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether the einsum kernel's GEMMs would read q, k or v in a layout a CPU GEMM in half precision clones
+    (measured with the profiler on torch 2.1.2, 2.3.1 and 2.13: a head of a ``[B, N, H*d]`` projection, rows
+    ``H*d`` apart, is cloned inside ``baddbmm``/``bmm`` on every call; float32 GEMMs read it in place): not
+    contiguous within each batch item, and not cast (a cast copies them into contiguous buffers anyway)."""
+    if compute_dtype != q.dtype:
+        return False
+    return not all(t.shape[0] == 0 or t[0].is_contiguous() for t in (q, k, v))
 
 
 def choose_kernel(
@@ -136,8 +149,9 @@ def choose_kernel(
     memslice's einsum kernel), ``sdpa`` (always SDPA; its math path where nothing fused applies) or ``einsum``.
     Asks torch with the real shapes (its rules look at sequence lengths too: cuDNN refuses a single key), so it
     costs microseconds; a cast to the compute dtype is asked with a broadcast view of one element, not a copy."""
+    layout = strided(q, k, v, compute_dtype)
     if setting == "einsum":
-        return einsum_kernel(q.device.type, compute_dtype)
+        return einsum_kernel(q.device.type, compute_dtype, layout)
     probe = [q, k, v]
     if compute_dtype != q.dtype:
         probe = [t[:1, :1, :1].to(compute_dtype).expand(t.shape) for t in probe]
@@ -146,7 +160,7 @@ def choose_kernel(
         return (
             KernelChoice("sdpa-math", backend="math")
             if setting == "sdpa"
-            else einsum_kernel(q.device.type, compute_dtype)
+            else einsum_kernel(q.device.type, compute_dtype, layout)
         )
     batch_heads = q.shape[0] * q.shape[1]
     scratch, extra, packed = fused_costs(
@@ -176,20 +190,23 @@ def expected_kernel(
     setting: str = "auto",
     ask_device: bool = False,
     v_dim: int | None = None,
+    layout: bool = True,
 ) -> KernelChoice:
     """The kernel a call would get, for previews: what a real call answered, else the CPU (or, with
     ``ask_device``, a present accelerator) asked with tiny tensors, else torch's rules for CUDA: the fused
     memory-efficient kernel for head dims that are multiples of 8 (any dtype; flash only up to 256 in half
     precision, so the VAE's 512 runs memory-efficient, with its float32 accumulator counted), the math path
     elsewhere. Without ``ask_device`` it never touches an accelerator, so the HTTP API can call it while a
-    generation runs.
+    generation runs. ``layout``: whether the call's q, k, v are strided (:func:`strided`; the UNet's heads of its
+    projections are, the VAE's contiguous copies are not).
     """
     v_dim = v_dim or head_dim
+    einsum = einsum_kernel(device_kind, dtype, layout)
     if setting == "einsum":
-        return einsum_kernel(device_kind, dtype)
+        return einsum
     seen = _observed.get((device_kind, dtype, head_dim, setting, sdp_flags()))
     if seen is not None:
-        return seen
+        return replace(seen, staged=einsum.staged) if seen.kind == "einsum" else seen
     if device_kind == "cpu" or (ask_device and device_kind in ("cuda", "mps", "xpu")):
         try:
             q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device_kind)
@@ -198,6 +215,8 @@ def expected_kernel(
             pass
         else:
             found = choose_kernel(setting, q, q, v, dtype)
+            if found.kind == "einsum":
+                return einsum
             if found.kind != "fused":
                 return found
             # sized for any call (the tiny probe tensors would understate the block-sized scratch)
@@ -207,7 +226,7 @@ def expected_kernel(
         backend = "flash" if dtype in HALF and max(head_dim, v_dim) <= 128 else "efficient"
         scratch, extra, _ = fused_costs("cuda", backend, head_dim, v_dim, dtype)
         return KernelChoice("fused", scratch, extra, 0, backend)
-    return KernelChoice("sdpa-math", backend="math") if setting == "sdpa" else einsum_kernel(device_kind, dtype)
+    return KernelChoice("sdpa-math", backend="math") if setting == "sdpa" else einsum
 
 
 def expected_kernels(
@@ -217,19 +236,22 @@ def expected_kernels(
     setting: str = "auto",
     ask_device: bool = False,
     v_dim: int | None = None,
+    layout: bool = True,
 ) -> tuple[KernelChoice, ...]:
     """The kernels a call may use, fastest first, as :func:`lib_memslice.forwards.plan_call` tries them."""
-    first = expected_kernel(device_kind, dtype, head_dim, setting, ask_device, v_dim)
-    return kernels_after(first, setting, device_kind, dtype)
+    first = expected_kernel(device_kind, dtype, head_dim, setting, ask_device, v_dim, layout)
+    return kernels_after(first, setting, device_kind, dtype, layout)
 
 
-def kernels_after(first: KernelChoice, setting: str, device_type: str, dtype: torch.dtype) -> tuple[KernelChoice, ...]:
+def kernels_after(first: KernelChoice, setting: str, device_type: str, dtype: torch.dtype,
+                  layout: bool = True) -> tuple[KernelChoice, ...]:  # fmt: skip
     """``first`` and what a call falls back to when no plan of it fits: with ``kernel = auto`` a fused kernel's
-    memslice's einsum kernel; a CPU einsum kernel with several workers (one buffer each), the same with one, then
-    without the unnormalised path's buffers (the values and an output one column wider, the norms): the leanest."""
+    memslice's einsum kernel (staged when ``layout``, see :func:`strided`); a CPU einsum kernel with several
+    workers (one buffer each), the same with one, then without the unnormalised path's buffers (the values and
+    an output one column wider, the norms): the leanest."""
     found = [first]
     if first.kind == "fused" and setting == "auto":
-        found.append(einsum_kernel(device_type, dtype))
+        found.append(einsum_kernel(device_type, dtype, layout))
     if found[-1].kind == "einsum" and found[-1].workers > 1:
         found.append(replace(found[-1], workers=1))
     if found[-1].kind == "einsum" and found[-1].unnormalised:
@@ -249,7 +271,8 @@ def kernels_for_job(
         chosen = (
             wanted if torch.finfo(wanted).bits // 8 == element_size else (half if element_size == 2 else torch.float32)
         )
-        found = expected_kernels(device_kind, chosen, site.head_dim, setting, ask_device, site.head_dim)
+        # the UNet's heads are strided views of its projections; the VAE hands over contiguous copies
+        found = expected_kernels(device_kind, chosen, site.head_dim, setting, ask_device, site.head_dim, not site.vae)
         if chosen is wanted or found[0].kind != "fused":
             return found
         # upcast: the call casts its q, k and v to the compute dtype first (fused_input_copies counts it at run time)
@@ -328,33 +351,33 @@ def _softmax_(s: Tensor) -> None:
 
 
 class _Buffers:
-    """One worker's reused storage: the score buffer, and when computing wider than the inputs the cast k, v, q and
-    one slice's output. Flat, viewed per slice as contiguous blocks: the in-place softmax is only correct on
-    contiguous tensors, and the last slice may be shorter than the others.
+    """One worker's reused storage: the score buffer, and when computing wider than the inputs (or ``staged``) the
+    k, v and q copied in the compute dtype, contiguous, and when casting one slice's output. Flat, viewed per slice
+    as contiguous blocks: the in-place softmax is only correct on contiguous tensors, and the last slice may be
+    shorter than the others.
 
     ``wide`` (the unnormalised path): one run's values with a column of ones after them, so that the value GEMM
-    also sums each row of probabilities, and a slice's output one column wider; when casting they replace the cast
-    values and output (the plain path reads their first ``dv`` columns)."""
+    also sums each row of probabilities, and a slice's output one column wider; they replace the copied values and
+    the cast output (the plain path reads their first ``dv`` columns)."""
 
     def __init__(self, rows: int, qps: int, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype,
-                 wide: bool = False) -> None:  # fmt: skip
+                 wide: bool = False, staged: bool = False) -> None:  # fmt: skip
         k_tokens, d, dv = k.shape[2], q.shape[-1], v.shape[-1]
         device = q.device
         self.scores = torch.empty(rows * qps * k_tokens, dtype=dtype, device=device)
         self.cast = dtype != q.dtype
+        self.copies = self.cast or staged  # q, k and v are copied into the buffers below before their GEMMs
         self.vx = self.ox = None
         if wide:
             self.vx = torch.empty(rows, k_tokens, dv + 1, dtype=dtype, device=device)
             self.vx[..., dv].fill_(1)
             self.ox = torch.empty(rows * qps * (dv + 1), dtype=dtype, device=device)
-        if self.cast:
+        if self.copies:
             self.kb = torch.empty(rows, k_tokens, d, dtype=dtype, device=device)
             self.qb = torch.empty(rows * qps * d, dtype=dtype, device=device)
-            if wide:
-                self.vb, self.ob = self.vx[..., :dv], self.ox  # type: ignore[index]
-            else:
-                self.vb = torch.empty(rows, k_tokens, dv, dtype=dtype, device=device)
-                self.ob = torch.empty(rows * qps * dv, dtype=dtype, device=device)
+            self.vb = self.vx[..., :dv] if wide else torch.empty(rows, k_tokens, dv, dtype=dtype, device=device)  # type: ignore[index]
+        if self.cast:
+            self.ob = self.ox if wide else torch.empty(rows * qps * dv, dtype=dtype, device=device)
 
 
 def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int, m: int, scale: float,
@@ -363,20 +386,25 @@ def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int,
     the compute dtype): scores into the buffer, softmax in place, multiplied straight into the output.
 
     ``bounded``: every logit of these rows lies within +-LOGIT_BOUND, so ``exp`` can neither overflow nor underflow
-    to zero: the scores are exponentiated in place without subtracting their row maximum, multiplied by the values
-    with a column of ones after them (that column is each row's sum, accumulated by the GEMM), and the output is
-    divided by it (the same result; three passes over the score buffer fewer)."""
+    to zero: the scores are exponentiated in place without subtracting their row maximum (in base 2 where that is
+    faster, see EXP2_DTYPES), multiplied by the values with a column of ones after them (that column is each row's
+    sum, accumulated by the GEMM), and the output is divided by it (the same result; three passes over the score
+    buffer fewer)."""
     n, k_tokens, d, dv = h1 - h0, kk.shape[1], q.shape[-1], vv.shape[-1]
     s = buf.scores[: n * m * k_tokens].view(n, m, k_tokens)
     qq = q[b, h0:h1, n0 : n0 + m]
-    if buf.cast:
+    if buf.copies:
         qq = buf.qb[: n * m * d].view(n, m, d).copy_(qq)
-    s.baddbmm_(qq, kk.transpose(-1, -2), beta=0, alpha=scale)
+    two = bounded and s.dtype in EXP2_DTYPES
+    s.baddbmm_(qq, kk.transpose(-1, -2), beta=0, alpha=scale * LOG2_E if two else scale)
     if mask is not None:
         s.masked_fill_(mask.drop[b, 0], -torch.finfo(s.dtype).max)
     target = out[b, h0:h1, n0 : n0 + m]
     if bounded:
-        s.exp_()
+        if two:
+            s.exp2_()
+        else:
+            s.exp_()
         wide = torch.bmm(s, buf.vx[:n], out=buf.ox[: n * m * (dv + 1)].view(n, m, dv + 1))  # type: ignore[index]
         if buf.cast:
             target.copy_(wide[..., :dv].div_(wide[..., dv:]))
@@ -392,6 +420,11 @@ def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int,
 
 #: |logit| at most this: exp stays within float32's (and bfloat16's) range with room for a sum over 2^24 keys
 LOGIT_BOUND = 60.0
+#: The unnormalised path computes ``exp(x)`` as ``exp2(x log2 e)`` (log2 e folded into the score GEMM's scale) in
+#: these dtypes: on CPUs torch's bfloat16 ``exp2`` takes 0.78-0.83x the time of its ``exp`` (torch 2.1.2, 2.3.1,
+#: 2.13, one thread, 8 M scores), while in float32 ``exp2`` is 1.06-1.08x slower.
+EXP2_DTYPES = (torch.bfloat16,)
+LOG2_E = 1.4426950408889634
 
 
 def _bounded_heads(q: Tensor, k: Tensor, scale: float) -> tuple[list[list[bool]], tuple[Tensor, Tensor]]:
@@ -414,11 +447,11 @@ def _bounded_heads(q: Tensor, k: Tensor, scale: float) -> tuple[list[list[bool]]
 
 
 def _keys(k: Tensor, v: Tensor, b: int, h0: int, h1: int, buf: _Buffers) -> tuple[Tensor, Tensor]:
-    """One run's keys and values in the compute dtype (cast into the worker's buffers when computing wider); on the
-    unnormalised path the values are also copied before the column of ones."""
+    """One run's keys and values in the compute dtype (copied into the worker's buffers when casting or staged); on
+    the unnormalised path the values are also copied before the column of ones."""
     n = h1 - h0
     kk, vv = k[b, h0:h1], v[b, h0:h1]
-    if buf.cast:
+    if buf.copies:
         kk, vv = buf.kb[:n].copy_(kk), buf.vb[:n].copy_(vv)
     elif buf.vx is not None:
         buf.vx[:n, :, : vv.shape[-1]].copy_(vv)
@@ -445,7 +478,7 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
         # shape tracing (memory only: meta tensors hold no values): the buffers are all a call allocates, since
         # every slice writes into them in place, so the slices themselves are not run
         norms = [torch.empty(n, dtype=torch.float32, device="meta") for n in (q_tokens, k.shape[2])] * wide
-        held = [_Buffers(rows, qps, q, k, v, dtype, wide) for _ in range(workers)]
+        held = [_Buffers(rows, qps, q, k, v, dtype, wide, plan.kernel.staged) for _ in range(workers)]
         del held, norms
         return
     # a mask's fully masked rows rely on the max subtraction (ldm averages v there): no unnormalised path with one
@@ -453,7 +486,7 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
     if workers > 1 and q.device.type == "cpu" and _may_use_threads(q, k, v):
         _run_einsum_parallel(q, k, v, plan, scale, mask, dtype, out, workers, bounded, wide)
         return
-    buf = _Buffers(rows, qps, q, k, v, dtype, wide)
+    buf = _Buffers(rows, qps, q, k, v, dtype, wide, plan.kernel.staged)
     for b, h0, h1, starts in _slices(batch, heads, q_tokens, plan):
         kk, vv = _keys(k, v, b, h0, h1, buf)  # cast once per run of rows
         fast = bounded is not None and all(bounded[b][h0:h1])
@@ -528,7 +561,7 @@ def _run_einsum_parallel(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale
     inference = torch.is_inference_mode_enabled()
     modes = _dispatch_modes()
     # every worker's buffers allocated here, before any starts: the peak is the cost model's, whatever the timing
-    buffers = [_Buffers(rows, qps, q, k, v, dtype, wide) for _ in range(workers)]
+    buffers = [_Buffers(rows, qps, q, k, v, dtype, wide, plan.kernel.staged) for _ in range(workers)]
 
     def work(buf: _Buffers) -> None:
         # what the caller's thread runs under is per thread: inference mode, and dispatch modes (a memory tracker)

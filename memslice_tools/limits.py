@@ -91,8 +91,8 @@ def traced_cpu(fused: bool) -> Iterator[None]:
 
     real_einsum = kernels.einsum_kernel
 
-    def einsum(device_type: str, dtype: torch.dtype) -> Any:  # the CPU's einsum kernel: a worker per thread
-        return real_einsum("cpu" if device_type == "meta" else device_type, dtype)
+    def einsum(device_type: str, dtype: torch.dtype, strided: bool = False) -> Any:  # the CPU's: a worker per thread
+        return real_einsum("cpu" if device_type == "meta" else device_type, dtype, strided)
 
     F.scaled_dot_product_attention = sdpa
     torch._fused_sdp_choice = choice

@@ -34,6 +34,7 @@ import torch
 
 from lib_memslice import forwards, strategies
 from lib_memslice.costs import GiB, MiB, takes_unnormalised
+from lib_memslice.kernels import EXP2_DTYPES, LOG2_E
 
 from .contenders import MEMSLICE_AUTO, SDPA, Case, Contender, make_case, make_inputs
 from .limits import sdpa_math_only, traced_peak
@@ -258,7 +259,7 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
     try:
         case = make_case("sd15", site, pixels, dtype)
         s = case.shape
-        kernel = _single_worker(dtype)
+        kernel = _single_worker(dtype, strided=not case.site.vae)  # the UNet's heads are views of projections
         rows, queries = 1, max(1, min(s.q_tokens, strategies.CPU_EINSUM_TARGET_BYTES // (s.k_tokens * s.element_size)))
         g = torch.Generator().manual_seed(0)
         q = torch.randn(rows, queries, s.head_dim, generator=g).to(dtype)
@@ -276,12 +277,29 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
                 times.append(time.perf_counter() - start)
             return min(times) * 1e3
 
-        parts = {"score GEMM": best(lambda: scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=scale))}
-        if takes_unnormalised(kernel, s.v_dim):
+        parts = {}
+        unnormalised = takes_unnormalised(kernel, s.v_dim)
+        if kernel.staged:  # copies from heads of [1, N, H*d] projections, the keys' (and values') shared by a run
+
+            def head(tokens: int) -> Tensor:
+                return torch.randn(1, tokens, s.heads * s.head_dim, generator=g).to(dtype)[..., : s.head_dim]
+
+            hq, hk = head(queries), head(s.k_tokens)
+            runs = -(-s.q_tokens // queries)
+            per_run = best(lambda: k.copy_(hk)) * (1 if unnormalised else 2)  # values too unless widened anyway
+            parts["staged copies (a slice's queries; keys and values once per run)"] = (
+                best(lambda: q.copy_(hq)) + per_run / runs)  # fmt: skip
+        two = unnormalised and dtype in EXP2_DTYPES
+        alpha = scale * LOG2_E if two else scale
+        parts["score GEMM"] = best(lambda: scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=alpha))
+        if unnormalised:
             vx = torch.cat([v, torch.ones(rows, s.k_tokens, 1, dtype=dtype)], -1)
             ox = torch.empty(rows, queries, s.v_dim + 1, dtype=dtype)
-            parts["exp in place"] = best(lambda: (scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=scale),
-                                                  scores.exp_())) - parts["score GEMM"]  # fmt: skip
+            exp = torch.Tensor.exp2_ if two else torch.Tensor.exp_
+            parts["exp2 in place" if two else "exp in place"] = (
+                best(lambda: (scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=alpha), exp(scores)))
+                - parts["score GEMM"]
+            )
             parts["value GEMM and row sums (a column of ones)"] = best(lambda: torch.bmm(scores, vx, out=ox))
             parts["division"] = best(lambda: torch.div(ox[..., : s.v_dim], ox[..., s.v_dim :], out=out))
         else:
@@ -296,10 +314,10 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
         torch.set_num_threads(threads)
 
 
-def _single_worker(dtype: torch.dtype) -> Any:
+def _single_worker(dtype: torch.dtype, strided: bool) -> Any:
     from lib_memslice import kernels
 
-    return kernels.einsum_kernel("cpu", dtype)
+    return kernels.einsum_kernel("cpu", dtype, strided)
 
 
 @dataclass(frozen=True)

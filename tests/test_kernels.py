@@ -435,3 +435,83 @@ def test_at_the_edge_of_memory_the_cpu_einsum_kernel_drops_its_extra_buffers():
         out = attend(q, k, v, scale=40**-0.5, strategy="auto", host=BasicHost(Settings(budget_gb=room / 2**30)))
     assert tracker.peak <= room  # the call's own allocations, its output included
     assert (out.double() - reference(q, k, v, 40**-0.5)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("unnormalised", [False, True], ids=["softmax", "unnormalised"])
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("plan_shape", [(1, 64), (3, 50), (8, 333)])
+def test_staged_einsum_kernel_allocates_exactly_the_prediction(plan_shape, workers, unnormalised):
+    """Half precision on strided heads: the contiguous copies of a run's keys, its values (unless the widened ones
+    hold them) and a slice's queries are counted per worker, exactly (live tensors; the GEMM scratch is in-op)."""
+    from lib_memslice.slicing import SlicePlan
+
+    q, k, v = projected_qkv(2, 8, 1000, 300, 40, dtype=torch.bfloat16)
+    kernel = kernels.choose_kernel("einsum", q, k, v, q.dtype)
+    assert kernel.staged
+    kernel = replace(kernel, scratch=0, workers=workers, unnormalised=unnormalised)
+    shape = shape_of(q, k, v, q.dtype)
+    hps, qps = plan_shape
+    plan = SlicePlan(hps, qps, math.ceil(16 / hps), math.ceil(1000 / qps), peak_bytes(shape, hps, qps, kernel),
+                     kernel, "auto", "test")  # fmt: skip
+    with PeakTracker() as tracker:
+        out = kernels.run_plan(q, k, v, plan, 40**-0.5)
+    assert tracker.peak == plan.peak_bytes
+    assert (out.double() - reference(q.float(), k.float(), v.float(), 40**-0.5)).abs().max() < DTYPE_TOL[q.dtype]
+
+
+def _clones(call) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::clone")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALVES])
+def test_no_gemm_clones_its_operands_on_strided_heads(dtype):
+    """Heads viewed out of ``[B, N, H*d]`` projections: a CPU GEMM in half precision would clone each strided
+    operand inside the op on every slice (memory no tracker sees: 5.9 MiB at 65536 keys, over the GEMM scratch
+    bound); the staged kernel copies them into its counted buffers once per run instead. Float32 GEMMs read them
+    in place, so nothing is staged there. The clone check is asked of torch first, so it follows the torch."""
+    q, k, v = projected_qkv(1, 2, 256, 1024, 40, dtype=dtype)
+    scores = torch.empty(1, 256, 1024, dtype=dtype)
+    raw = _clones(lambda: scores.baddbmm_(q[0, :1], k[0, :1].transpose(-1, -2), beta=0, alpha=0.1))
+    kernel = kernels.choose_kernel("einsum", q, k, v, dtype)
+    assert kernel.staged == (dtype in HALVES)
+    assert (raw > 0) == kernel.staged  # the rule matches what this torch does
+    for unnormalised in (False, True):
+        chosen = replace(kernel, workers=1, unnormalised=unnormalised)
+        plan = plan_attention(shape_of(q, k, v, dtype), 64 * MiB, kernel=chosen, min_slices=8)
+        assert plan.slices >= 8
+        assert _clones(lambda plan=plan: kernels.run_plan(q, k, v, plan, 0.1)) == 0
+
+
+def test_strided_layouts_are_staged_only_where_a_half_precision_gemm_would_clone():
+    q, k, v = projected_qkv(2, 4, 64, 77, 40, dtype=torch.bfloat16)
+    assert kernels.strided(q, k, v, torch.bfloat16)
+    assert not kernels.strided(q, k, v, torch.float32)  # upcast: the cast copies are contiguous already
+    contiguous = [t.contiguous() for t in (q, k, v)]
+    assert not kernels.strided(*contiguous, torch.bfloat16)
+    one_head = projected_qkv(2, 1, 64, 77, 40, dtype=torch.bfloat16)  # a view of one head is contiguous
+    assert not kernels.strided(*one_head, torch.bfloat16)
+    mixed = (contiguous[0], contiguous[1], v)
+    assert kernels.strided(*mixed, torch.bfloat16)
+    assert kernels.choose_kernel("einsum", q, k, v, torch.bfloat16).staged
+    assert not kernels.choose_kernel("einsum", *contiguous, torch.bfloat16).staged
+    assert not kernels.choose_kernel("einsum", q, k, v, torch.float32).staged
+    # every fallback of a strided call stages too (the leanest included: a clone would cost the same, uncounted)
+    first = kernels.choose_kernel("auto", q, k, v, torch.bfloat16)
+    for kernel in kernels.kernels_after(first, "auto", "cpu", torch.bfloat16, True):
+        assert kernel.kind != "einsum" or kernel.staged
+
+
+def test_job_previews_stage_the_unets_heads_and_not_the_vaes_copies():
+    from lib_memslice.models import BUILTIN
+
+    kernels_for = kernels.kernels_for_job("cpu", torch.bfloat16, torch.bfloat16, "einsum")
+    sites = BUILTIN["sd15"].sites
+    unet = next(s for s in sites if not s.vae)
+    vae = next(s for s in sites if s.vae)
+    assert all(kernel.staged for kernel in kernels_for(unet, 2))
+    assert not any(kernel.staged for kernel in kernels_for(vae, 2))
+    assert not any(kernel.staged for kernel in kernels_for(unet, 4))  # float32 GEMMs read strided heads in place

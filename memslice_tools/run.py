@@ -253,11 +253,15 @@ def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                   e["steadiness"] for c in speed.get("cases", []) for e in c["entries"]
                   if len(e["wall_ms"]) >= 2}  # fmt: skip
     unsteady = {k: v for k, v in steadiness.items() if v > 1.3}
+    repeated = {f"{e['name']} {c['pixels']} px {c['threads']}t {c['dtype']}": e.get("repeats", 0)
+                for c in speed.get("cases", []) for e in c["entries"] if e.get("repeats")}  # fmt: skip
     targets.append(_target(
         "steady", "no fused kernel: every contender's slowest round <= 1.3x its fastest",
         (P if not unsteady else F_) if steadiness else NA,
         f"{len(steadiness)} contender timings; " + (f"over: {'; '.join(f'{k} {v:.2f}' for k, v in unsteady.items())}"
-                                                     if unsteady else "all steady"),
+                                                     if unsteady else "all steady")
+        + (f"; calls run again after the heap grew under them: {', '.join(f'{k} {n}' for k, n in repeated.items())}"
+           if repeated else "; no call was run again (the heap never grew under one)"),
         worst=max(steadiness.values(), default=None), threshold=1.3,
     ))  # fmt: skip
     contended = {f"{c['site']} {c['pixels']} px {budget_label(int(free))}":

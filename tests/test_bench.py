@@ -169,3 +169,32 @@ def test_a_peak_check_that_cannot_fail_is_not_a_pass():
 def test_with_a_webui_checkout_its_real_functions_compete():
     found = {c.name: c for c in all_contenders(os.environ["WEBUI_DIR"])}
     assert found["Doggettx"].label.startswith("webui (real)")
+
+
+def test_a_timed_call_the_heap_grew_under_is_run_again_and_counted(monkeypatch):
+    """With glibc keeping freed memory, a call that takes more fresh pages than FRESH_PAGES_LIMIT measured the
+    OS, not the computation: it runs again in its slot (at most twice) and the repeats are reported; a call that
+    takes none is timed once, and with glibc's defaults (faults on every call by design) nothing is repeated."""
+    import mmap
+
+    from memslice_tools import speed
+
+    def fresh() -> None:  # 80 MiB of fresh pages on every call, whatever malloc keeps
+        pages = mmap.mmap(-1, 80 << 20)
+        for offset in range(0, 80 << 20, mmap.PAGESIZE):
+            pages[offset] = 1
+        pages.close()
+
+    monkeypatch.setattr(speed, "_keeps_freed_memory", True)
+    grows = speed.Timed("grows", fresh, True, [0])
+    grows.run_once()
+    assert grows.repeats == 2 and len(grows.wall) == 1 and grows.faults[0] > speed.FRESH_PAGES_LIMIT
+    assert grows.summary()["repeats"] == 2
+    kept = torch.empty(1 << 20)
+    steady = speed.Timed("steady", lambda: kept.fill_(1), True, [0])
+    steady.run_once()
+    assert steady.repeats == 0 and len(steady.wall) == 1
+    monkeypatch.setattr(speed, "_keeps_freed_memory", False)
+    defaults = speed.Timed("defaults", fresh, True, [0])
+    defaults.run_once()
+    assert defaults.repeats == 0 and len(defaults.wall) == 1

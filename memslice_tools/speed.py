@@ -10,8 +10,9 @@ the fused kernel's own time at the same shape, with the backends on, is the limi
 - the **fused kernel** (plain SDPA on 4-D views).
 
 A contender whose plan is the same at both numbers (its slice count) is timed once and reused. All run in
-interleaved rounds; every call is sampled for wall time, the CPU time of this process (all its threads) and the
-share of the machine other processes used meanwhile (``/proc/stat``). A ratio is the median of per-round ratios.
+interleaved rounds; a round runs a contender's call back to back for about ``ROUND_S`` (the count fixed from its
+warm-up call) and samples wall time, the CPU time of this process (all its threads) and the share of the machine
+other processes used meanwhile (``/proc/stat``); times are per call. A ratio is the median of per-round ratios.
 The **contended** cases run the same with a background process keeping one core busy, started and stopped here.
 The **slice-size sweep** times memslice-auto's einsum kernel with other score-buffer targets than its rule's, so the
 report shows how far the rule is from the best size measured.
@@ -49,6 +50,11 @@ SWEEP_MIB = (4, 8, 16, 32)
 #: computation, and the report counts the repeats per contender. Measured on torch 2.1.2: one such round of a
 #: built-in took 2628 ms against 529-537 ms, with 196608 faults (768 MiB) in it and none in the others.
 FRESH_PAGES_LIMIT = 16384
+#: A round times back-to-back calls for at least this long (at most MAX_CALLS of them; how many is set from the
+#: warm-up call, the same for every round): a 20 ms call timed once per round moved up to 2.2x between rounds on
+#: this shared host (torch 2.13, the VAE at 512 px in bf16: 17.9-39.8 ms), its process CPU time with it.
+ROUND_S = 0.2
+MAX_CALLS = 16
 _keeps_freed_memory = False
 
 
@@ -101,6 +107,7 @@ class Timed:
     others: list[float] = field(default_factory=list)
     faults: list[int] = field(default_factory=list)
     repeats: int = 0  # calls run again because the heap grew under them (FRESH_PAGES_LIMIT)
+    calls: int = 1  # back-to-back calls per round (ROUND_S); the times are per call
 
     def run_once(self) -> None:
         cpus = os.cpu_count() or 1
@@ -108,7 +115,8 @@ class Timed:
             for attempt in range(3):
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 w0, c0, b0 = cpu_sample()
-                self.call()
+                for _ in range(self.calls):
+                    self.call()
                 w1, c1, b1 = cpu_sample()
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
                 if not _keeps_freed_memory or faults <= FRESH_PAGES_LIMIT or attempt == 2:
@@ -116,15 +124,16 @@ class Timed:
                 self.repeats += 1
             self.faults.append(faults)
         wall = w1 - w0
-        self.wall.append(wall * 1e3)
-        self.cpu.append((c1 - c0) * 1e3)
+        self.wall.append(wall * 1e3 / self.calls)
+        self.cpu.append((c1 - c0) * 1e3 / self.calls)
         # /proc/stat counts in clock ticks (10 ms): a short call's share is coarse, so it is clamped to 0-1
         self.others.append(min(1.0, max(0.0, (b1 - b0) - (c1 - c0)) / max(wall * cpus, 1e-9)))
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "plan": self.plan, "frees": self.frees, "wall_ms": self.wall, "cpu_ms": self.cpu,
                 "others_share": self.others, "page_faults": self.faults, "repeats": self.repeats,
-                "median_ms": statistics.median(self.wall), "steadiness": max(self.wall) / min(self.wall)}  # fmt: skip
+                "calls_per_round": self.calls, "median_ms": statistics.median(self.wall),
+                "steadiness": max(self.wall) / min(self.wall)}  # fmt: skip
 
 
 def _ratio(a: Timed, b: Timed) -> float:
@@ -194,6 +203,7 @@ def measure(
     with torch.no_grad():
         for entry in entries if warm_up else ():  # memslice's pool starts, allocators settle
             entry.run_once()
+            entry.calls = max(1, min(MAX_CALLS, round(ROUND_S * 1e3 / max(entry.wall[-1], 1e-3))))
             entry.wall.clear(), entry.cpu.clear(), entry.others.clear(), entry.faults.clear()
             entry.repeats = 0
         for r in range(rounds):

@@ -198,3 +198,13 @@ def test_a_timed_call_the_heap_grew_under_is_run_again_and_counted(monkeypatch):
     defaults = speed.Timed("defaults", fresh, True, [0])
     defaults.run_once()
     assert defaults.repeats == 0 and len(defaults.wall) == 1
+
+
+def test_a_round_runs_its_calls_back_to_back_and_keeps_per_call_numbers():
+    from memslice_tools import speed
+
+    made = []
+    entry = speed.Timed("short", lambda: made.append(1), True, [0], calls=4)
+    entry.run_once()
+    entry.run_once()
+    assert len(made) == 8 and len(entry.wall) == 2 and entry.summary()["calls_per_round"] == 4

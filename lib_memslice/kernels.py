@@ -120,8 +120,8 @@ def einsum_kernel(device_type: str, dtype: torch.dtype, strided: bool = False) -
     """memslice's einsum kernel on this device. On CPU it allocates nothing per slice besides a half-precision
     GEMM's own scratch (checked with the profiler's in-op events); elsewhere ``bmm(out=)`` may go through a
     contiguous temporary of one slice's output and the softmax runs as elementwise ops with two row statistics:
-    counted as one element plus one byte per output. ``strided``: see :func:`strided`; a CPU kernel in half
-    precision then stages its operands (``KernelChoice.staged``)."""
+    counted as one element plus one byte per output. ``strided``: see :func:`strided_operands`; a CPU kernel in
+    half precision then stages its operands (``KernelChoice.staged``)."""
     if device_type == "cpu":
         # unnormalised where exp cannot overflow the type: float32's range, which bfloat16 shares (not float16's)
         unnormalised = dtype in (torch.float32, torch.bfloat16)
@@ -132,7 +132,7 @@ def einsum_kernel(device_type: str, dtype: torch.dtype, strided: bool = False) -
     return KernelChoice("einsum", output_extra=torch.finfo(dtype).bits // 8 + 1)
 
 
-def strided(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype) -> bool:
+def strided_operands(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype) -> bool:
     """Whether the einsum kernel's GEMMs would read q, k or v in a layout a CPU GEMM in half precision clones
     (measured with the profiler on torch 2.1.2, 2.3.1 and 2.13: a head of a ``[B, N, H*d]`` projection, rows
     ``H*d`` apart, is cloned inside ``baddbmm``/``bmm`` on every call; float32 GEMMs read it in place): not
@@ -149,9 +149,9 @@ def choose_kernel(
     memslice's einsum kernel), ``sdpa`` (always SDPA; its math path where nothing fused applies) or ``einsum``.
     Asks torch with the real shapes (its rules look at sequence lengths too: cuDNN refuses a single key), so it
     costs microseconds; a cast to the compute dtype is asked with a broadcast view of one element, not a copy."""
-    layout = strided(q, k, v, compute_dtype)
+    strided = strided_operands(q, k, v, compute_dtype)
     if setting == "einsum":
-        return einsum_kernel(q.device.type, compute_dtype, layout)
+        return einsum_kernel(q.device.type, compute_dtype, strided)
     probe = [q, k, v]
     if compute_dtype != q.dtype:
         probe = [t[:1, :1, :1].to(compute_dtype).expand(t.shape) for t in probe]
@@ -160,7 +160,7 @@ def choose_kernel(
         return (
             KernelChoice("sdpa-math", backend="math")
             if setting == "sdpa"
-            else einsum_kernel(q.device.type, compute_dtype, layout)
+            else einsum_kernel(q.device.type, compute_dtype, strided)
         )
     batch_heads = q.shape[0] * q.shape[1]
     scratch, extra, packed = fused_costs(
@@ -190,18 +190,18 @@ def expected_kernel(
     setting: str = "auto",
     ask_device: bool = False,
     v_dim: int | None = None,
-    layout: bool = True,
+    strided: bool = True,
 ) -> KernelChoice:
     """The kernel a call would get, for previews: what a real call answered, else the CPU (or, with
     ``ask_device``, a present accelerator) asked with tiny tensors, else torch's rules for CUDA: the fused
     memory-efficient kernel for head dims that are multiples of 8 (any dtype; flash only up to 256 in half
     precision, so the VAE's 512 runs memory-efficient, with its float32 accumulator counted), the math path
     elsewhere. Without ``ask_device`` it never touches an accelerator, so the HTTP API can call it while a
-    generation runs. ``layout``: whether the call's q, k, v are strided (:func:`strided`; the UNet's heads of its
-    projections are, the VAE's contiguous copies are not).
+    generation runs. ``strided``: whether the call's q, k, v are (:func:`strided_operands`; the UNet's heads of
+    its projections are, the VAE's contiguous copies are not).
     """
     v_dim = v_dim or head_dim
-    einsum = einsum_kernel(device_kind, dtype, layout)
+    einsum = einsum_kernel(device_kind, dtype, strided)
     if setting == "einsum":
         return einsum
     seen = _observed.get((device_kind, dtype, head_dim, setting, sdp_flags()))
@@ -236,22 +236,22 @@ def expected_kernels(
     setting: str = "auto",
     ask_device: bool = False,
     v_dim: int | None = None,
-    layout: bool = True,
+    strided: bool = True,
 ) -> tuple[KernelChoice, ...]:
     """The kernels a call may use, fastest first, as :func:`lib_memslice.forwards.plan_call` tries them."""
-    first = expected_kernel(device_kind, dtype, head_dim, setting, ask_device, v_dim, layout)
-    return kernels_after(first, setting, device_kind, dtype, layout)
+    first = expected_kernel(device_kind, dtype, head_dim, setting, ask_device, v_dim, strided)
+    return kernels_after(first, setting, device_kind, dtype, strided)
 
 
 def kernels_after(first: KernelChoice, setting: str, device_type: str, dtype: torch.dtype,
-                  layout: bool = True) -> tuple[KernelChoice, ...]:  # fmt: skip
+                  strided: bool = True) -> tuple[KernelChoice, ...]:  # fmt: skip
     """``first`` and what a call falls back to when no plan of it fits: with ``kernel = auto`` a fused kernel's
-    memslice's einsum kernel (staged when ``layout``, see :func:`strided`); a CPU einsum kernel with several
+    memslice's einsum kernel (staged when ``strided``, see :func:`strided_operands`); a CPU einsum kernel with several
     workers (one buffer each), the same with one, then without the unnormalised path's buffers (the values and
     an output one column wider, the norms): the leanest."""
     found = [first]
     if first.kind == "fused" and setting == "auto":
-        found.append(einsum_kernel(device_type, dtype, layout))
+        found.append(einsum_kernel(device_type, dtype, strided))
     if found[-1].kind == "einsum" and found[-1].workers > 1:
         found.append(replace(found[-1], workers=1))
     if found[-1].kind == "einsum" and found[-1].unnormalised:

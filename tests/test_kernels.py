@@ -488,14 +488,14 @@ def test_no_gemm_clones_its_operands_on_strided_heads(dtype):
 
 def test_strided_layouts_are_staged_only_where_a_half_precision_gemm_would_clone():
     q, k, v = projected_qkv(2, 4, 64, 77, 40, dtype=torch.bfloat16)
-    assert kernels.strided(q, k, v, torch.bfloat16)
-    assert not kernels.strided(q, k, v, torch.float32)  # upcast: the cast copies are contiguous already
+    assert kernels.strided_operands(q, k, v, torch.bfloat16)
+    assert not kernels.strided_operands(q, k, v, torch.float32)  # upcast: the cast copies are contiguous already
     contiguous = [t.contiguous() for t in (q, k, v)]
-    assert not kernels.strided(*contiguous, torch.bfloat16)
+    assert not kernels.strided_operands(*contiguous, torch.bfloat16)
     one_head = projected_qkv(2, 1, 64, 77, 40, dtype=torch.bfloat16)  # a view of one head is contiguous
-    assert not kernels.strided(*one_head, torch.bfloat16)
+    assert not kernels.strided_operands(*one_head, torch.bfloat16)
     mixed = (contiguous[0], contiguous[1], v)
-    assert kernels.strided(*mixed, torch.bfloat16)
+    assert kernels.strided_operands(*mixed, torch.bfloat16)
     assert kernels.choose_kernel("einsum", q, k, v, torch.bfloat16).staged
     assert not kernels.choose_kernel("einsum", *contiguous, torch.bfloat16).staged
     assert not kernels.choose_kernel("einsum", q, k, v, torch.float32).staged

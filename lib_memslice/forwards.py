@@ -169,7 +169,8 @@ def _kernels_to_try(call: Call) -> tuple[KernelChoice, ...]:
     first = kernels.choose_kernel(call.settings.kernel, call.q, call.k, call.v, call.compute_dtype, _bias(call))
     if call.mask is None:
         kernels.observe(call.q.device.type, call.compute_dtype, call.shape.head_dim, call.settings.kernel, first)
-    strided = kernels.strided_operands(call.q, call.k, call.v, call.compute_dtype)
+    # only a fused kernel's einsum fallback is chosen here; an einsum choice already carries its staging
+    strided = first.kind == "fused" and kernels.strided_operands(call.q, call.k, call.v, call.compute_dtype)
     return kernels.kernels_after(first, call.settings.kernel, call.q.device.type, call.compute_dtype, strided)
 
 

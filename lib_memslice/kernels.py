@@ -149,9 +149,8 @@ def choose_kernel(
     memslice's einsum kernel), ``sdpa`` (always SDPA; its math path where nothing fused applies) or ``einsum``.
     Asks torch with the real shapes (its rules look at sequence lengths too: cuDNN refuses a single key), so it
     costs microseconds; a cast to the compute dtype is asked with a broadcast view of one element, not a copy."""
-    strided = strided_operands(q, k, v, compute_dtype)
     if setting == "einsum":
-        return einsum_kernel(q.device.type, compute_dtype, strided)
+        return einsum_kernel(q.device.type, compute_dtype, strided_operands(q, k, v, compute_dtype))
     probe = [q, k, v]
     if compute_dtype != q.dtype:
         probe = [t[:1, :1, :1].to(compute_dtype).expand(t.shape) for t in probe]
@@ -160,7 +159,7 @@ def choose_kernel(
         return (
             KernelChoice("sdpa-math", backend="math")
             if setting == "sdpa"
-            else einsum_kernel(q.device.type, compute_dtype, strided)
+            else einsum_kernel(q.device.type, compute_dtype, strided_operands(q, k, v, compute_dtype))
         )
     batch_heads = q.shape[0] * q.shape[1]
     scratch, extra, packed = fused_costs(

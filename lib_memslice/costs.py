@@ -150,8 +150,8 @@ UNNORMALISED_MAX_V_DIM = 80
 
 def takes_unnormalised(kernel: KernelChoice, v_dim: int) -> bool:
     """Whether an einsum call with these value dims allocates the unnormalised path's buffers: per worker a copy of
-    one run's values with a column of ones and a slice's output one column wider; per call one head's query and key
-    norms (float32). The kernel runs the path where this holds and the cost model counts it: one rule for both."""
+    one run's values with a column of ones, a slice's output one column wider, and the norms of the run's keys and
+    the slice's queries. The kernel runs the path where this holds and the cost model counts it: one rule for both."""
     return kernel.kind == "einsum" and kernel.unnormalised and v_dim <= UNNORMALISED_MAX_V_DIM
 
 
@@ -222,23 +222,19 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
         return 2 * s_c * mes + s_c + 3 * (q_c + kv_c) * mes + o_c * (mes + ces)
     # einsum: the score buffer; when casting, reused buffers for the cast k, v, q and the chunk's output; on
     # accelerators a possible contiguous temporary of one slice's output and the softmax's row statistics; the
-    # unnormalised path's values and output one column wider (when casting, the cast ones widened); staged, the
-    # contiguous copies of one run's keys, its values (unless the widened ones hold them) and one slice's queries
+    # unnormalised path's values and output one column wider (when casting, the cast ones widened) and the norms of
+    # a run's keys and a slice's queries with each row's largest; staged, the contiguous copies of one run's keys,
+    # its values (unless the widened ones hold them) and one slice's queries
     unnormalised = takes_unnormalised(kernel, dv)
     wide = rows * (nk + queries_per_slice) * ces if unnormalised else 0
+    norms = wide + 2 * rows * ces if unnormalised else 0
     if shape.cast:
-        copies = (kv_c + q_c + o_c) * ces + wide
+        copies = (kv_c + q_c + o_c) * ces + wide + norms
     else:
-        copies = wide * (dv + 1)
+        copies = wide * (dv + 1) + norms
         if kernel.staged:
             copies += (rows * nk * (d if unnormalised else d + dv) + q_c) * ces
     return s_c * ces + o_c * kernel.output_extra + copies + gemm_scratch(shape, rows, queries_per_slice, kernel, capped)
-
-
-def call_bytes(shape: AttentionShape, kernel: KernelChoice) -> int:
-    """Bytes one call allocates once besides its output and its chunks: the unnormalised einsum kernel's float32
-    norms of one head's queries and keys."""
-    return (shape.q_tokens + shape.k_tokens) * 4 if takes_unnormalised(kernel, shape.v_dim) else 0
 
 
 def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: int, kernel: KernelChoice) -> int:
@@ -260,7 +256,7 @@ def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: i
         wide = shape.batch_heads * shape.q_tokens * shape.v_dim * shape.element_size
         return max(chunk, wide + shape.output_bytes)
     # a sliced plan runs ``workers`` slices at once, each in its own buffers (one slice: one worker)
-    return shape.output_bytes + call_bytes(shape, kernel) + (1 if whole else kernel.workers) * chunk
+    return shape.output_bytes + (1 if whole else kernel.workers) * chunk
 
 
 def largest_queries(shape: AttentionShape, heads_per_slice: int, kernel: KernelChoice, room: int) -> int | None:
@@ -268,7 +264,7 @@ def largest_queries(shape: AttentionShape, heads_per_slice: int, kernel: KernelC
     a huge number where queries cost nothing), solved instead of searched. The peak is affine in the query chunk
     except the GEMM scratch, which is the smaller of a cap and a line: so the peak is the smaller of two lines,
     and a chunk fits when it fits under either. Never falls as the room grows."""
-    fixed = shape.output_bytes + call_bytes(shape, kernel)
+    fixed = shape.output_bytes
     best = None
     for capped in (None,) if gemm_scratch(shape, 1, 0, kernel) == 0 else (False, True):
         zero = fixed + kernel.workers * chunk_bytes(shape, heads_per_slice, 0, kernel, capped)

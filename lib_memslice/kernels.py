@@ -357,7 +357,9 @@ class _Buffers:
 
     ``wide`` (the unnormalised path): one run's values with a column of ones after them, so that the value GEMM
     also sums each row of probabilities, and a slice's output one column wider; they replace the copied values and
-    the cast output (the plain path reads their first ``dv`` columns)."""
+    the cast output (the plain path reads their first ``dv`` columns). Also the norms that bound the logits: of a
+    run's keys and of a slice's queries, in the compute dtype (a norm asked for in float32 of bfloat16 rows copies
+    them to float32 inside the op), each with one element per row for its maximum."""
 
     def __init__(self, rows: int, qps: int, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype,
                  wide: bool = False, staged: bool = False) -> None:  # fmt: skip
@@ -371,6 +373,9 @@ class _Buffers:
             self.vx = torch.empty(rows, k_tokens, dv + 1, dtype=dtype, device=device)
             self.vx[..., dv].fill_(1)
             self.ox = torch.empty(rows * qps * (dv + 1), dtype=dtype, device=device)
+            # the norms of a run's keys and of a slice's queries, and each row's largest of them
+            self.kn = torch.empty(rows * (k_tokens + 1), dtype=dtype, device=device)
+            self.qn = torch.empty(rows * (qps + 1), dtype=dtype, device=device)
         if self.copies:
             self.kb = torch.empty(rows, k_tokens, d, dtype=dtype, device=device)
             self.qb = torch.empty(rows * qps * d, dtype=dtype, device=device)
@@ -379,21 +384,45 @@ class _Buffers:
             self.ob = self.ox if wide else torch.empty(rows * qps * dv, dtype=dtype, device=device)
 
 
-def _slice(q: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int, m: int, scale: float,
-           mask: KeepMask | None, out: Tensor, buf: _Buffers, bounded: bool = False) -> None:  # fmt: skip
-    """One slice: rows h0:h1 of batch item b, queries n0:n0+m, against keys ``kk`` and values ``vv`` (already in
-    the compute dtype): scores into the buffer, softmax in place, multiplied straight into the output.
-
-    ``bounded``: every logit of these rows lies within +-LOGIT_BOUND, so ``exp`` can neither overflow nor underflow
-    to zero: the scores are exponentiated in place without subtracting their row maximum (in base 2 where that is
-    faster, see EXP2_DTYPES), multiplied by the values with a column of ones after them (that column is each row's
-    sum, accumulated by the GEMM), and the output is divided by it (the same result; three passes over the score
-    buffer fewer)."""
-    n, k_tokens, d, dv = h1 - h0, kk.shape[1], q.shape[-1], vv.shape[-1]
-    s = buf.scores[: n * m * k_tokens].view(n, m, k_tokens)
+def _queries(q: Tensor, b: int, h0: int, h1: int, n0: int, m: int, buf: _Buffers) -> Tensor:
+    """A slice's queries as its score GEMM reads them: copied into the worker's buffer when casting or staged."""
     qq = q[b, h0:h1, n0 : n0 + m]
     if buf.copies:
-        qq = buf.qb[: n * m * d].view(n, m, d).copy_(qq)
+        qq = buf.qb[: qq.numel()].view(qq.shape).copy_(qq)
+    return qq
+
+
+def _largest_norms(x: Tensor, norms: Tensor) -> list[float]:
+    """Each row's largest vector norm of ``x`` ``[n, m, d]`` (``m`` >= 1), through ``norms`` (``n * (m + 1)``
+    elements: no temporaries)."""
+    n, m = x.shape[0], x.shape[1]
+    every = norms[: n * m].view(n, m)
+    torch.linalg.vector_norm(x, dim=-1, out=every)
+    return torch.amax(every, dim=-1, out=norms[n * m : n * m + n]).tolist()
+
+
+def _bounded(qq: Tensor, key_norms: list[float], scale: float, buf: _Buffers) -> bool:
+    """Whether every logit of this slice lies within +-LOGIT_BOUND: ``|scale| x |q| x |k|`` (Cauchy-Schwarz) per
+    row, from the largest norms of its queries and of its run's keys. The norms are rounded to the compute dtype
+    (a relative error of at most eps / 2 each): the bound is widened by ``1 + 2 eps`` per norm to stay above the
+    true one."""
+    widen = (1 + 2 * torch.finfo(qq.dtype).eps) ** 2 * abs(scale)
+    found = _largest_norms(qq, buf.qn)
+    return all(a * b * widen <= LOGIT_BOUND for a, b in zip(found, key_norms, strict=True))
+
+
+def _slice(qq: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int, scale: float,
+           mask: KeepMask | None, out: Tensor, buf: _Buffers, bounded: bool = False) -> None:  # fmt: skip
+    """One slice: queries ``qq`` (rows h0:h1 of batch item b from query n0 on) against keys ``kk`` and values
+    ``vv``, all in the compute dtype: scores into the buffer, softmax in place, multiplied straight into the output.
+
+    ``bounded``: every logit of these rows lies within +-LOGIT_BOUND (:func:`_bounded`), so ``exp`` can neither
+    overflow nor underflow to zero: the scores are exponentiated in place without subtracting their row maximum (in
+    base 2 where that is faster, see EXP2_DTYPES), multiplied by the values with a column of ones after them (that
+    column is each row's sum, accumulated by the GEMM), and the output is divided by it (the same result; three
+    passes over the score buffer fewer)."""
+    n, m, k_tokens, dv = qq.shape[0], qq.shape[1], kk.shape[1], vv.shape[-1]
+    s = buf.scores[: n * m * k_tokens].view(n, m, k_tokens)
     two = bounded and s.dtype in EXP2_DTYPES
     s.baddbmm_(qq, kk.transpose(-1, -2), beta=0, alpha=scale * LOG2_E if two else scale)
     if mask is not None:
@@ -426,45 +455,74 @@ EXP2_DTYPES = (torch.bfloat16,)
 LOG2_E = 1.4426950408889634
 
 
-def _bounded_heads(q: Tensor, k: Tensor, scale: float) -> tuple[list[list[bool]], tuple[Tensor, Tensor]]:
-    """Per batch item and head, whether every logit is within LOGIT_BOUND: ``scale x max|q| x max|k|`` (the
-    Cauchy-Schwarz bound) from one head's float32 norms at a time, in two reused buffers (returned too: the caller
-    holds them while its slices run, as the cost model counts them)."""
-    batch, heads = q.shape[0], q.shape[1]
-    qn = torch.empty(q.shape[2], dtype=torch.float32, device=q.device)
-    kn = torch.empty(k.shape[2], dtype=torch.float32, device=q.device)
-    found = []
-    for b in range(batch):
-        row = []
-        for h in range(heads):
-            torch.linalg.vector_norm(q[b, h], dim=-1, dtype=torch.float32, out=qn)
-            torch.linalg.vector_norm(k[b, h], dim=-1, dtype=torch.float32, out=kn)
-            bound = abs(scale) * float(qn.max()) * float(kn.max()) if qn.numel() and kn.numel() else 0.0
-            row.append(bound <= LOGIT_BOUND)
-        found.append(row)
-    return found, (qn, kn)
-
-
-def _keys(k: Tensor, v: Tensor, b: int, h0: int, h1: int, buf: _Buffers) -> tuple[Tensor, Tensor]:
+def _keys(k: Tensor, v: Tensor, b: int, h0: int, h1: int, buf: _Buffers,
+          bounding: bool) -> tuple[Tensor, Tensor, list[float] | None]:  # fmt: skip
     """One run's keys and values in the compute dtype (copied into the worker's buffers when casting or staged); on
-    the unnormalised path the values are also copied before the column of ones."""
+    the unnormalised path the values are also copied before the column of ones, and with ``bounding`` each row's
+    largest key norm is taken (see :func:`_bounded`)."""
     n = h1 - h0
     kk, vv = k[b, h0:h1], v[b, h0:h1]
     if buf.copies:
         kk, vv = buf.kb[:n].copy_(kk), buf.vb[:n].copy_(vv)
     elif buf.vx is not None:
         buf.vx[:n, :, : vv.shape[-1]].copy_(vv)
-    return kk, vv
+    return kk, vv, _largest_norms(kk, buf.kn) if bounding else None
 
 
-def _slices(batch: int, heads: int, q_tokens: int, plan: SlicePlan) -> Iterator[tuple[int, int, int, list[int]]]:
+def _runs(batch: int, heads: int, q_tokens: int, plan: SlicePlan) -> list[tuple[int, int, int, list[int]]]:
     """(batch item, first row, end row, query starts) in plan order: a run of rows that crosses batch items is run
     one item at a time through the same buffer."""
     qps = min(plan.queries_per_slice, q_tokens)
-    for pieces in rectangles(batch, heads, plan.heads_per_slice):
-        for b0, b1, h0, h1 in pieces:
-            for b in range(b0, b1):
-                yield b, h0, h1, list(range(0, q_tokens, qps))
+    starts = list(range(0, q_tokens, qps))
+    return [(b, h0, h1, starts) for pieces in rectangles(batch, heads, plan.heads_per_slice)
+            for b0, b1, h0, h1 in pieces for b in range(b0, b1)]  # fmt: skip
+
+
+class _Queue:
+    """The slices of a call, handed out run by run: a worker keeps taking slices of the run whose keys it holds
+    and, when that is done, starts a run nobody has started, so each run's keys are copied (and their norms taken)
+    once; only at the end does an idle worker join the run with the most slices left. Thread-safe."""
+
+    def __init__(self, runs: list[tuple[int, int, int, list[int]]], queries_per_slice: int) -> None:
+        self.runs = runs
+        self.queries_per_slice = queries_per_slice
+        self.left = [list(reversed(starts)) for *_, starts in runs]
+        self.started = 0
+        self.lock = threading.Lock()
+
+    def take(self, held: int | None) -> tuple[int, int] | None:
+        """(run index, first query) of the next slice for a worker holding run ``held``; None when none is left."""
+        with self.lock:
+            if held is None or not self.left[held]:
+                if self.started < len(self.runs):
+                    held = self.started
+                    self.started += 1
+                else:
+                    held = max(range(len(self.runs)), key=lambda r: len(self.left[r]))
+                    if not self.left[held]:
+                        return None
+            return held, self.left[held].pop()
+
+
+def _work(queue: _Queue, q: Tensor, k: Tensor, v: Tensor, scale: float, mask: KeepMask | None, out: Tensor,
+          buf: _Buffers, bounding: bool, stop: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
+    """Run slices from ``queue`` through one worker's buffers until none is left (or ``stop`` says so)."""
+    held = None
+    kk = vv = q
+    key_norms: list[float] | None = None
+    q_tokens = q.shape[2]
+    while not stop():
+        taken = queue.take(held)
+        if taken is None:
+            return
+        run, n0 = taken
+        b, h0, h1, _ = queue.runs[run]
+        if run != held:
+            kk, vv, key_norms = _keys(k, v, b, h0, h1, buf, bounding)
+            held = run
+        qq = _queries(q, b, h0, h1, n0, min(queue.queries_per_slice, q_tokens - n0), buf)
+        fast = key_norms is not None and _bounded(qq, key_norms, scale, buf)
+        _slice(qq, kk, vv, b, h0, h1, n0, scale, mask, out, buf, fast)
 
 
 def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, mask: KeepMask | None,
@@ -473,24 +531,19 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
     rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
     workers = min(plan.kernel.workers, plan.slices)
     wide = takes_unnormalised(plan.kernel, v.shape[-1])
+    # every worker's buffers allocated here, before any starts: the peak is the cost model's, whatever the timing
+    buffers = [_Buffers(rows, qps, q, k, v, dtype, wide, plan.kernel.staged) for _ in range(workers)]
     if q.device.type == "meta":
         # shape tracing (memory only: meta tensors hold no values): the buffers are all a call allocates, since
         # every slice writes into them in place, so the slices themselves are not run
-        norms = [torch.empty(n, dtype=torch.float32, device="meta") for n in (q_tokens, k.shape[2])] * wide
-        held = [_Buffers(rows, qps, q, k, v, dtype, wide, plan.kernel.staged) for _ in range(workers)]
-        del held, norms
         return
     # a mask's fully masked rows rely on the max subtraction (ldm averages v there): no unnormalised path with one
-    bounded, norms = _bounded_heads(q, k, scale) if wide and mask is None else (None, ())
+    bounding = wide and mask is None
+    queue = _Queue(_runs(batch, heads, q_tokens, plan), qps)
     if workers > 1 and q.device.type == "cpu" and _may_use_threads(q, k, v):
-        _run_einsum_parallel(q, k, v, plan, scale, mask, dtype, out, workers, bounded, wide)
+        _run_parallel(queue, q, k, v, scale, mask, out, buffers, bounding)
         return
-    buf = _Buffers(rows, qps, q, k, v, dtype, wide, plan.kernel.staged)
-    for b, h0, h1, starts in _slices(batch, heads, q_tokens, plan):
-        kk, vv = _keys(k, v, b, h0, h1, buf)  # cast once per run of rows
-        fast = bounded is not None and all(bounded[b][h0:h1])
-        for n0 in starts:
-            _slice(q, kk, vv, b, h0, h1, n0, min(qps, q_tokens - n0), scale, mask, out, buf, fast)
+    _work(queue, q, k, v, scale, mask, out, buffers[0], bounding)
 
 
 # --- memslice's CPU worker pool -----------------------------------------------------------------------------------
@@ -549,49 +602,27 @@ def _dispatch_modes() -> list[Any]:
         return []
 
 
-def _run_einsum_parallel(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, mask: KeepMask | None,
-                         dtype: torch.dtype, out: Tensor, workers: int,
-                         bounded: list[list[bool]] | None, wide: bool) -> None:  # fmt: skip
-    batch, heads, q_tokens, _ = q.shape
-    rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
-    jobs = [(b, h0, h1, n0) for b, h0, h1, starts in _slices(batch, heads, q_tokens, plan) for n0 in starts]
-    lock = threading.Lock()
-    state = {"next": 0, "error": None}
+def _run_parallel(queue: _Queue, q: Tensor, k: Tensor, v: Tensor, scale: float, mask: KeepMask | None,
+                  out: Tensor, buffers: list[_Buffers], bounding: bool) -> None:  # fmt: skip
+    errors: list[BaseException] = []
     inference = torch.is_inference_mode_enabled()
     modes = _dispatch_modes()
-    # every worker's buffers allocated here, before any starts: the peak is the cost model's, whatever the timing
-    buffers = [_Buffers(rows, qps, q, k, v, dtype, wide, plan.kernel.staged) for _ in range(workers)]
 
     def work(buf: _Buffers) -> None:
         # what the caller's thread runs under is per thread: inference mode, and dispatch modes (a memory tracker)
         with torch.inference_mode(inference), torch.no_grad(), contextlib.ExitStack() as stack:
             for mode in modes:
                 stack.enter_context(mode)
-            held: tuple[int, int, int] | None = None
-            kk = vv = q
-            while True:
-                with lock:
-                    if state["error"] is not None or state["next"] >= len(jobs):
-                        return
-                    b, h0, h1, n0 = jobs[state["next"]]
-                    state["next"] += 1
-                try:
-                    if held != (b, h0, h1):
-                        kk, vv = _keys(k, v, b, h0, h1, buf)
-                        held = (b, h0, h1)
-                    fast = bounded is not None and all(bounded[b][h0:h1])
-                    _slice(q, kk, vv, b, h0, h1, n0, min(qps, q_tokens - n0), scale, mask, out, buf, fast)
-                except BaseException as exc:  # the first error stops every worker; the caller re-raises it
-                    with lock:
-                        state["error"] = state["error"] or exc
-                    return
+            try:
+                _work(queue, q, k, v, scale, mask, out, buf, bounding, stop=lambda: bool(errors))
+            except BaseException as exc:  # the first error stops every worker; the caller re-raises it
+                errors.append(exc)
 
-    pool = _pool(workers)
+    pool = _pool(len(buffers))
     for future in [pool.submit(work, buf) for buf in buffers]:
         future.result()
-    if state["error"] is not None:
-        error, state["error"] = state["error"], None
-        raise error
+    if errors:
+        raise errors[0]
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, dtype: torch.dtype) -> Tensor:

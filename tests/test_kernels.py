@@ -324,6 +324,28 @@ def test_the_cpu_worker_pool_gives_the_serial_result_and_leaves_the_callers_thre
     assert kernels._pool(2).submit(torch.get_num_threads).result() == 1
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_copy_each_runs_keys_once(workers, monkeypatch):
+    """Workers take the slices of the run whose keys they hold before starting another, so a run's keys and values
+    are copied (and their norms taken) once, not once per worker that touches it: only at the end may an idle
+    worker join a run already started. Every slice still runs exactly once."""
+    from lib_memslice.slicing import SlicePlan
+
+    q, k, v = projected_qkv(2, 4, 700, 300, 40, dtype=torch.bfloat16)
+    kernel = kernels.choose_kernel("einsum", q, k, v, q.dtype)
+    assert kernel.staged
+    plan = SlicePlan(1, 100, 8, 7, 0, replace(kernel, workers=workers), "auto", "test")
+    staged, sliced = [], []
+    real_keys, real_slice = kernels._keys, kernels._slice
+    monkeypatch.setattr(kernels, "_keys", lambda *a: staged.append(a[2:5]) or real_keys(*a))
+    monkeypatch.setattr(kernels, "_slice", lambda *a: sliced.append(a[3:7]) or real_slice(*a))
+    out = kernels.run_plan(q, k, v, plan, 40**-0.5)
+    assert sorted(sliced) == sorted((b, h, h + 1, n0) for b in range(2) for h in range(4) for n0 in range(0, 700, 100))
+    assert set(staged) == {(b, h, h + 1) for b in range(2) for h in range(4)}
+    assert len(staged) <= 8 + workers - 1, staged
+    assert (out.double() - reference(q.float(), k.float(), v.float(), 40**-0.5)).abs().max() < DTYPE_TOL[q.dtype]
+
+
 def test_an_error_in_a_worker_reaches_the_caller(monkeypatch):
     from lib_memslice.slicing import SlicePlan
 
@@ -367,6 +389,29 @@ def test_the_unnormalised_softmax_runs_only_where_the_logits_are_bounded(gain, d
     # float32 logits of about +-1000 carry float32's own rounding; bfloat16 rounds the probabilities and output
     tol = (1e-4 if gain == 1.0 else 1e-2) if dtype == torch.float32 else DTYPE_TOL[dtype]
     assert (out.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_logits_bound_holds_at_its_edge(dtype):
+    """The bound comes from norms rounded to the compute dtype (bfloat16: 8 bits): it must stay above the true one.
+    A query of norm sqrt(6^2 + b^2) against a key of norm 7.5: wherever the kernel calls the slice bounded, the
+    float64 product is within LOGIT_BOUND, and well inside it the slice is bounded."""
+    d = 8
+    k = torch.zeros(1, 1, 4, d, dtype=dtype)
+    k[..., 0] = 7.5
+    seen = set()
+    for b in torch.linspace(4.0, 6.0, 65).tolist():
+        q = torch.zeros(1, 1, 3, d, dtype=dtype)
+        q[..., 0], q[..., 1] = 6.0, b
+        buf = kernels._Buffers(1, 3, q, k, k, dtype, wide=True)
+        *_, key_norms = kernels._keys(k, k, 0, 0, 1, buf, True)
+        bounded = kernels._bounded(q[0], key_norms, 1.0, buf)
+        true = q[0, 0, 0].double().norm().item() * k[0, 0, 0].double().norm().item()
+        assert not bounded or true <= kernels.LOGIT_BOUND, (b, true)
+        seen.add(bounded)
+        if true < 0.95 * kernels.LOGIT_BOUND:
+            assert bounded, (b, true)
+    assert seen == {True, False}
 
 
 @pytest.mark.parametrize("v_dim", [80, 81, 512])
@@ -447,6 +492,38 @@ def _clones(call) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
     return sum(e.count for e in prof.key_averages() if e.key == "aten::clone")
+
+
+def _allocating_ops(call) -> set[str]:
+    """The outermost op around every allocation ``call`` makes on this thread (profiler memory records)."""
+    from memslice_tools.inop import memory_timeline
+
+    memory, spans = memory_timeline(call)
+    found = set()
+    for at, nbytes in memory:
+        if nbytes > 0:
+            around = [s for s in spans if s.start_ns <= at <= s.end_ns and s.name.startswith("aten::")]
+            found.add(max(around, key=lambda s: s.end_ns - s.start_ns).name if around else "(none)")
+    return found
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_only_the_buffers_and_the_gemms_allocate(dtype, workers):
+    """Everything the einsum kernel allocates is its up-front buffers (``aten::empty``) or a GEMM's in-op scratch
+    (bounded per worker by the cost model): the norms that bound the logits are taken in the compute dtype into
+    the workers' buffers (a norm asked for in float32 of bfloat16 heads would copy each head to float32 inside the
+    op: 2.5 MiB at 1024 px, uncounted), the division and copies write into buffers. Two workers: the caller's
+    thread, which the profiler sees, hands out the work and allocates every worker's buffers."""
+    q, k, v = projected_qkv(2, 4, 700, 300, 40, dtype=dtype)
+    kernel = replace(kernels.choose_kernel("einsum", q, k, v, dtype), workers=workers)
+    assert kernel.unnormalised
+    plan = plan_attention(shape_of(q, k, v, dtype), 64 * MiB, kernel=kernel, min_slices=8)
+    assert plan.slices >= 8
+    with torch.no_grad():
+        found = _allocating_ops(lambda: kernels.run_plan(q, k, v, plan, 40**-0.5))
+    gemms = {"aten::baddbmm_", "aten::bmm"} if dtype in HALVES and workers == 1 else set()
+    assert found <= {"aten::empty"} | gemms, found
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *HALVES])

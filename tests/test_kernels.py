@@ -495,34 +495,37 @@ def _clones(call) -> int:
 
 
 def _allocating_ops(call) -> set[str]:
-    """The outermost op around every allocation ``call`` makes on this thread (profiler memory records)."""
+    """The outermost op around every allocation ``call`` makes on this thread (profiler memory records; torch 2.3
+    stamps them in whole microseconds, one after the end of the ``aten::empty`` that made them: 1 us of slack)."""
     from memslice_tools.inop import memory_timeline
 
     memory, spans = memory_timeline(call)
     found = set()
     for at, nbytes in memory:
         if nbytes > 0:
-            around = [s for s in spans if s.start_ns <= at <= s.end_ns and s.name.startswith("aten::")]
-            found.add(max(around, key=lambda s: s.end_ns - s.start_ns).name if around else "(none)")
+            ops = [s for s in spans if s.name.startswith("aten::")]
+            around = [s for s in ops if s.start_ns <= at <= s.end_ns]
+            if not around:  # the op that ended just before it
+                around = [max((s for s in ops if at - 1000 <= s.end_ns <= at), key=lambda s: s.end_ns, default=None)]
+            found.add(max(around, key=lambda s: s.end_ns - s.start_ns).name if around[0] else "(none)")
     return found
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("workers", [1, 2])
-def test_only_the_buffers_and_the_gemms_allocate(dtype, workers):
+def test_only_the_buffers_and_the_gemms_allocate(dtype):
     """Everything the einsum kernel allocates is its up-front buffers (``aten::empty``) or a GEMM's in-op scratch
     (bounded per worker by the cost model): the norms that bound the logits are taken in the compute dtype into
     the workers' buffers (a norm asked for in float32 of bfloat16 heads would copy each head to float32 inside the
-    op: 2.5 MiB at 1024 px, uncounted), the division and copies write into buffers. Two workers: the caller's
-    thread, which the profiler sees, hands out the work and allocates every worker's buffers."""
+    op: 2.5 MiB at 1024 px, uncounted), the division and copies write into buffers. One worker: the profiler
+    records the calling thread's memory."""
     q, k, v = projected_qkv(2, 4, 700, 300, 40, dtype=dtype)
-    kernel = replace(kernels.choose_kernel("einsum", q, k, v, dtype), workers=workers)
+    kernel = replace(kernels.choose_kernel("einsum", q, k, v, dtype), workers=1)
     assert kernel.unnormalised
     plan = plan_attention(shape_of(q, k, v, dtype), 64 * MiB, kernel=kernel, min_slices=8)
     assert plan.slices >= 8
     with torch.no_grad():
         found = _allocating_ops(lambda: kernels.run_plan(q, k, v, plan, 40**-0.5))
-    gemms = {"aten::baddbmm_", "aten::bmm"} if dtype in HALVES and workers == 1 else set()
+    gemms = {"aten::baddbmm_", "aten::bmm"} if dtype in HALVES else set()
     assert found <= {"aten::empty"} | gemms, found
 
 

@@ -469,12 +469,10 @@ def _keys(k: Tensor, v: Tensor, b: int, h0: int, h1: int, buf: _Buffers,
     return kk, vv, _largest_norms(kk, buf.kn) if bounding else None
 
 
-def _runs(batch: int, heads: int, q_tokens: int, plan: SlicePlan) -> list[tuple[int, int, int, list[int]]]:
-    """(batch item, first row, end row, query starts) in plan order: a run of rows that crosses batch items is run
-    one item at a time through the same buffer."""
-    qps = min(plan.queries_per_slice, q_tokens)
-    starts = list(range(0, q_tokens, qps))
-    return [(b, h0, h1, starts) for pieces in rectangles(batch, heads, plan.heads_per_slice)
+def _runs(batch: int, heads: int, plan: SlicePlan) -> list[tuple[int, int, int]]:
+    """(batch item, first row, end row) in plan order: a run of rows that crosses batch items is run one item at a
+    time through the same buffer."""
+    return [(b, h0, h1) for pieces in rectangles(batch, heads, plan.heads_per_slice)
             for b0, b1, h0, h1 in pieces for b in range(b0, b1)]  # fmt: skip
 
 
@@ -483,10 +481,10 @@ class _Queue:
     and, when that is done, starts a run nobody has started, so each run's keys are copied (and their norms taken)
     once; only at the end does an idle worker join the run with the most slices left. Thread-safe."""
 
-    def __init__(self, runs: list[tuple[int, int, int, list[int]]], queries_per_slice: int) -> None:
+    def __init__(self, runs: list[tuple[int, int, int]], q_tokens: int, queries_per_slice: int) -> None:
         self.runs = runs
         self.queries_per_slice = queries_per_slice
-        self.left = [list(reversed(starts)) for *_, starts in runs]
+        self.left = [list(range(0, q_tokens, queries_per_slice))[::-1] for _ in runs]
         self.started = 0
         self.lock = threading.Lock()
 
@@ -516,7 +514,7 @@ def _work(queue: _Queue, q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Ke
         if taken is None:
             return
         run, n0 = taken
-        b, h0, h1, _ = queue.runs[run]
+        b, h0, h1 = queue.runs[run]
         if run != held:
             kk, vv, key_norms = _keys(k, v, b, h0, h1, buf, bounding)
             held = run
@@ -539,7 +537,7 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
         return
     # a mask's fully masked rows rely on the max subtraction (ldm averages v there): no unnormalised path with one
     bounding = wide and mask is None
-    queue = _Queue(_runs(batch, heads, q_tokens, plan), qps)
+    queue = _Queue(_runs(batch, heads, plan), q_tokens, qps)
     if workers > 1 and q.device.type == "cpu" and _may_use_threads(q, k, v):
         _run_parallel(queue, q, k, v, scale, mask, out, buffers, bounding)
         return

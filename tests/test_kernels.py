@@ -500,14 +500,17 @@ def _allocating_ops(call) -> set[str]:
     from memslice_tools.inop import memory_timeline
 
     memory, spans = memory_timeline(call)
+    ops = [s for s in spans if s.name.startswith("aten::")]
     found = set()
     for at, nbytes in memory:
-        if nbytes > 0:
-            ops = [s for s in spans if s.name.startswith("aten::")]
-            around = [s for s in ops if s.start_ns <= at <= s.end_ns]
-            if not around:  # the op that ended just before it
-                around = [max((s for s in ops if at - 1000 <= s.end_ns <= at), key=lambda s: s.end_ns, default=None)]
-            found.add(max(around, key=lambda s: s.end_ns - s.start_ns).name if around[0] else "(none)")
+        if nbytes <= 0:
+            continue
+        around = [s for s in ops if s.start_ns <= at <= s.end_ns]
+        before = [s for s in ops if at - 1000 <= s.end_ns <= at]  # the op that ended just before it
+        if around:
+            found.add(max(around, key=lambda s: s.end_ns - s.start_ns).name)
+        else:
+            found.add(max(before, key=lambda s: s.end_ns).name if before else "(none)")
     return found
 
 

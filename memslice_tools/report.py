@@ -165,11 +165,12 @@ def speed_lines(speed: dict[str, Any] | None) -> list[str]:
                     + f" | {mine['steadiness']:.2f} | {100 * others:.0f} % |"
                 )
     if speed.get("sweeps"):
-        lines += ["", "Slice-size sweep (memslice-auto's einsum kernel, 2 threads, fp32; ms per call by score buffer "
-                  "per worker):", ""]  # fmt: skip
+        lines += ["", "Slice-size sweep (memslice-auto's einsum kernel, 2 threads; ms per call by score buffer per "
+                  "worker):", ""]  # fmt: skip
         for s in speed["sweeps"]:
             sizes = ", ".join(f"{mib} MiB {ms:.0f}" for mib, ms in s["median_ms"].items())
-            lines.append(f"- {_where(s)}: {sizes}; the rule ({s['rule_mib']} MiB) is {s['rule_vs_best']:.3f}x the best")
+            lines.append(f"- {_where(s)} {s.get('dtype', 'float32')}: {sizes}; the rule ({s['rule_mib']} MiB) is "
+                         f"{s['rule_vs_best']:.3f}x the best")  # fmt: skip
     if speed.get("profiles"):
         lines += ["", "Where the einsum kernel's time goes (one thread, one slice of its plan, each op alone, best of "
                   "5; the fused kernel on the same slice):", ""]  # fmt: skip

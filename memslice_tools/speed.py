@@ -243,10 +243,10 @@ def one_core_busy() -> Iterator[None]:
         spinner.wait()
 
 
-def sweep(site: str, pixels: int, threads: int, rounds: int) -> dict[str, Any]:
+def sweep(site: str, pixels: int, threads: int, rounds: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """memslice-auto's einsum kernel at several score-buffer targets (the rule's and others), interleaved."""
     torch.set_num_threads(threads)
-    case = make_case("sd15", site, pixels)
+    case = make_case("sd15", site, pixels, dtype)
     qkv = make_inputs(case, "cpu")
     from .contenders import _memslice
 
@@ -270,7 +270,8 @@ def sweep(site: str, pixels: int, threads: int, rounds: int) -> dict[str, Any]:
         forwards._memo.clear()
     medians = {mib: statistics.median(t) for mib, t in times.items()}
     best = min(medians, key=medians.__getitem__)
-    return {"site": site, "pixels": pixels, "threads": threads, "median_ms": medians, "best_mib": best,
+    return {"site": site, "pixels": pixels, "threads": threads, "dtype": str(dtype)[6:], "median_ms": medians,
+            "best_mib": best,
             "rule_mib": rule // MiB, "rule_vs_best": medians[rule // MiB] / medians[best]}  # fmt: skip
 
 
@@ -349,7 +350,7 @@ def _single_worker(dtype: torch.dtype, strided: bool) -> Any:
 @dataclass(frozen=True)
 class Plan:
     """What the speed section runs: (site, pixels, rounds, warm up) cases, thread counts, dtypes, contended cases
-    (2 threads, fp32, one core busy) and slice-size sweeps."""
+    (2 threads, fp32, one core busy) and slice-size sweeps (2 threads, in each dtype)."""
 
     cases: tuple[tuple[str, int, int, bool], ...]
     threads: tuple[int, ...]
@@ -408,11 +409,12 @@ def section(plan: Plan, contenders: dict[str, Contender], log: Callable[[str], N
                 found = measure(contenders, site, pixels, 2, torch.float32, rounds, log,
                                 fastest.get((site, 2, str(torch.float32))))  # fmt: skip
             result["contended"].append(found)
-        for site, pixels, rounds in plan.sweeps:
-            found = sweep(site, pixels, 2, rounds)
-            log(f"  slice-size sweep {site} {pixels} px: " + ", ".join(
-                f"{mib} MiB {ms:.0f} ms" for mib, ms in found["median_ms"].items()))  # fmt: skip
-            result["sweeps"].append(found)
+        for dtype in dtypes:  # the rule is one for every dtype: proved in each
+            for site, pixels, rounds in plan.sweeps:
+                found = sweep(site, pixels, 2, rounds, dtype)
+                log(f"  slice-size sweep {site} {pixels} px {found['dtype']}: " + ", ".join(
+                    f"{mib} MiB {ms:.0f} ms" for mib, ms in found["median_ms"].items()))  # fmt: skip
+                result["sweeps"].append(found)
         for site, pixels in plan.profiles:
             for dtype in dtypes:
                 found = profile(site, pixels, dtype)

@@ -123,8 +123,10 @@ MUTANTS = (
            "            torch.div(wide[..., :dv], wide[..., dv:], out=target)",
            "            target.copy_(wide[..., :dv])", ("tests/test_kernels.py",)),
     Mutant("the unnormalised path's wider values and output not counted", "lib_memslice/costs.py",
-           "        copies = (kv_c + q_c + o_c) * ces + wide + norms\n    else:\n        copies = wide * (dv + 1) + norms\n",
-           "        copies = (kv_c + q_c + o_c) * ces + norms\n    else:\n        copies = norms\n", ("tests/test_kernels.py",)),
+           "        copies = (kv_c + q_c + o_c) * ces + wide + norms\n    else:\n"
+           "        copies = wide * (dv + 1) + norms\n",
+           "        copies = (kv_c + q_c + o_c) * ces + norms\n    else:\n        copies = norms\n",
+           ("tests/test_kernels.py",)),
     Mutant("strided half-precision operands not staged (cloned inside every GEMM)", "lib_memslice/kernels.py",
            "        self.copies = self.cast or staged", "        self.copies = self.cast", ("tests/test_kernels.py",)),
     Mutant("the staged copies not counted", "lib_memslice/costs.py",

@@ -210,6 +210,12 @@ def _copy(dest: str) -> None:
     shutil.copytree(ROOT, dest, ignore=ignore, symlinks=True)
 
 
+def stale(mutant: Mutant, text: str) -> str | None:
+    """Why ``mutant`` no longer applies to its file's ``text`` (its text must occur exactly once); None if it does."""
+    found = text.count(mutant.old)
+    return None if found == 1 else f"the text to change occurs {found} times"
+
+
 def run(mutant: Mutant, python: str, timeout: int) -> tuple[str, float]:
     with tempfile.TemporaryDirectory(prefix="memslice-mutant-") as tmp:
         copy = os.path.join(tmp, "project")
@@ -217,8 +223,9 @@ def run(mutant: Mutant, python: str, timeout: int) -> tuple[str, float]:
         path = os.path.join(copy, mutant.path)
         with open(path) as f:
             text = f.read()
-        if text.count(mutant.old) != 1:
-            return f"STALE (the text to change occurs {text.count(mutant.old)} times)", 0.0
+        why = stale(mutant, text)
+        if why:
+            return f"STALE ({why})", 0.0
         with open(path, "w") as f:
             f.write(text.replace(mutant.old, mutant.new))
         start = time.perf_counter()

@@ -262,6 +262,9 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
         "height": p.height,
         "batch": p.batch,
         "attention_bytes": max(attention.values(), default=0),
+        "attention_at_peak_bytes": max(  # the attention transient live at the pass's peak (0: it peaks elsewhere)
+            (a for s, a in attention.items() if live.get(s, peak) + a == tensors - weights - inputs), default=0
+        ),
         "activation_bytes": peak,
         "input_bytes": inputs,
         "weight_bytes": weights,

@@ -107,6 +107,28 @@ def test_a_pass_is_weights_inputs_and_its_measured_peak():
     assert unet["fits"] and all(row["slices"] == 1 and row["kernel_used"] == "fused" for row in unet["layers"])
 
 
+@pytest.mark.parametrize("kernels_for", [cuda_kernels, einsum_only])
+def test_a_pass_names_the_attention_live_at_its_peak(kernels_for):
+    """The panel's bar: weights, inputs, other activations and the attention transient live at the pass's peak add up
+    to its tensors. The transient is the one of the site whose call sets the peak, or 0 where the other activations
+    peak elsewhere (a sliced or fused call: its largest transient is then not part of the peak)."""
+    job = builtin_job("sd15", 1024, 1024, batch=1, memory_bytes=64 * GiB, element_size=2, slice_cap=1)
+    seen = set()
+    for p in passes(job):
+        planned = plan_pass(job, p, kernels_for)
+        peak = planned["tensor_bytes"] - planned["weight_bytes"] - planned["input_bytes"]
+        at_peak = planned["attention_at_peak_bytes"]
+        if at_peak == 0:
+            assert peak == planned["activation_bytes"]
+        else:
+            live = (activations.unet_live_bytes("sd15", 1024, 1024, 2, 2) if p.kind == "unet"
+                    else activations.vae_decode_live_bytes(1024, 1024, 1, 2))  # fmt: skip
+            sites = [row["site"] for row in planned["layers"] if row["peak_bytes"] == at_peak]
+            assert any(live[site] + at_peak == peak for site in sites) and peak > planned["activation_bytes"]
+        seen.add(at_peak > 0)
+    assert seen == ({False} if kernels_for is cuda_kernels else {False, True})  # the UNet's one-piece einsum binds
+
+
 def test_attention_is_planned_for_what_its_call_finds_free():
     """Memory just above weights + activations: no fused kernel offered, einsum slices to fit what is left."""
     base = builtin_job("sd15", 1024, 1024, batch=1, memory_bytes=64 * GiB, element_size=2)

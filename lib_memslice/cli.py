@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import re
 import sys
@@ -17,7 +18,7 @@ from . import __version__, kernels, probe
 from .costs import GiB, format_bytes
 from .job_plan import DTYPE_BYTES, NOT_PLANNED, UPSCALERS, make_job, plan_job
 from .models import BUILTIN, MODEL_NAMES
-from .settings import KERNELS, SPEC_BY_KEY, Settings, coerce
+from .settings import KERNELS, SPEC_BY_KEY, VAE_MODES, Settings, coerce
 from .strategies import NAMES as STRATEGY_NAMES
 
 #: binary units only: every memory number memslice prints is in GiB/MiB (2^30 / 2^20 bytes)
@@ -53,6 +54,20 @@ def _bounded_int(lo: int, hi: int) -> Any:
         return value
 
     return parse
+
+
+#: what the CLI and the HTTP routes accept as a hires scale (the webui's slider runs 1 to 4)
+HIRES_SCALE = (1.0, 8.0)
+
+
+def _hires_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not HIRES_SCALE[0] <= value <= HIRES_SCALE[1]:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected a number from {HIRES_SCALE[0]:g} to {HIRES_SCALE[1]:g}")
+    return value
 
 
 def best_device() -> str:
@@ -163,7 +178,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _settings(args: argparse.Namespace) -> Settings:
     values = {}
-    for field, raw in (("safety_factor", args.safety_factor), ("slice_cap", args.slice_cap), ("kernel", args.kernel)):
+    given = (("safety_factor", args.safety_factor), ("slice_cap", args.slice_cap), ("kernel", args.kernel),
+             ("vae", args.vae))  # fmt: skip
+    for field, raw in given:
         if raw is not None:
             spec = SPEC_BY_KEY[f"memslice_{field}"]
             value, problem = coerce(spec, raw)
@@ -306,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--slice-cap", dest="slice_cap", help="most slices per attention call (default 4096)")
     plan.add_argument("--kernel", choices=KERNELS, default=None, help="the 'Kernel per slice' setting (default auto)")
+    plan.add_argument("--vae", choices=VAE_MODES, default=None,
+                      help="the 'VAE' setting (default auto; off: the webui's own VAE attention)")  # fmt: skip
     plan.add_argument(
         "--device",
         choices=("cuda", "mps", "xpu", "cpu", "unknown"),
@@ -322,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--memory", type=parse_size, help="memory the whole job may use, weights included (default: free here)"
     )
-    plan.add_argument("--hires-scale", dest="hires_scale", type=float, default=None, help="hires fix: upscale by")
+    plan.add_argument("--hires-scale", dest="hires_scale", type=_hires_scale, default=None,
+                      help=f"hires fix: upscale by ({HIRES_SCALE[0]:g} to {HIRES_SCALE[1]:g})")  # fmt: skip
     plan.add_argument("--hires-width", dest="hires_width", type=_bounded_int(8, 65536), help="hires fix: width")
     plan.add_argument("--hires-height", dest="hires_height", type=_bounded_int(8, 65536), help="hires fix: height")
     plan.add_argument(

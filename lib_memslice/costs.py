@@ -12,6 +12,8 @@ from the webui's rules' multipliers:
   wider dtype than the inputs. A chunk of several batch items is run one item at a time through the same buffer.
 - ``sdpa-math`` (torch's SDPA reference path): the scores twice (scaled scores and softmax), computed in float32
   for half precision inputs, plus the copies the math path makes.
+- ``stock`` (ldm's own ``AttnBlock``: bmm, scale, softmax, bmm; what the webui runs with memslice's VAE setting
+  ``off``): the scores twice. Planned, never run by memslice.
 
 Pure arithmetic: no torch here, so the planner, the CLI and the HTTP API share it without touching a device.
 """
@@ -25,8 +27,12 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 #: What can run one chunk. "fused": SDPA flash / memory-efficient / cuDNN (no score matrix); "sdpa-math": SDPA's
-#: reference path; "einsum": memslice's matmul + in-place softmax + matmul into one reused score buffer.
-KERNEL_KINDS = ("fused", "sdpa-math", "einsum")
+#: reference path; "einsum": memslice's matmul + in-place softmax + matmul into one reused score buffer; "stock":
+#: ldm's AttnBlock as the webui runs it when memslice leaves the VAE alone (planned only, in one piece).
+KERNEL_KINDS = ("fused", "sdpa-math", "einsum", "stock")
+#: ldm's stock AttnBlock holds the scaled scores and their softmax at once: 2 x the scores beyond its q, k, v (live
+#: tensors and the profiler's in-op replay on CPU, torch 2.1.2 and 2.13, fp32 and bf16: 2.000 x, the output later).
+STOCK_SCORE_COPIES = 2
 
 LSE_BYTES = 4  # the fused kernels keep one float32 log-sum-exp per query row
 FUSED_SCALARS = 64  # torch 2.1's CPU flash op also returns four 0-d int64 and one 0-d float32 tensor (36 bytes)
@@ -215,6 +221,8 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
             + FUSED_SCALARS
             + copies * (q_c + kv_c) * ces
         )
+    if kernel.kind == "stock":
+        return STOCK_SCORE_COPIES * s_c * ces
     if kernel.kind == "sdpa-math":
         # torch computes half precision in float32 on this path; since 2.5 its safe softmax also keeps a boolean
         # per score (which rows are fully masked): 9 bytes per score measured on CUDA in every dtype

@@ -25,7 +25,7 @@ from .costs import AttentionShape, GiB, KernelChoice, format_bytes
 from .limits import Attempt, Geometry, NotEnoughMemory, not_enough_memory, out_of_memory
 from .models import LATENT_DOWNSCALE, site_of
 from .settings import Settings
-from .slicing import Room, SlicePlan, budget_room, plan_attention, room_for, smallest_peak_plan
+from .slicing import Room, SlicePlan, budget_room, plan_chain, plan_in, room_for, smallest_peak_plan
 from .stats import CallRecord, Stats, plural
 
 log = logging.getLogger("memslice")
@@ -189,32 +189,20 @@ def read_room(call: Call, precise: bool = False) -> tuple[Room, probe.FreeMemory
 
 
 def _plan_in(call: Call, choices: tuple[KernelChoice, ...], room_bytes: int, min_slices: int) -> SlicePlan | None:
-    for kernel in choices:
-        plan = plan_attention(call.shape, room_bytes, strategy=call.strategy, slice_cap=call.settings.slice_cap,
-                              kernel=kernel, device_kind=call.device_kind, min_slices=min_slices)  # fmt: skip
-        if plan is not None:
-            return plan
-    return None
+    return plan_chain(call.shape, room_bytes, choices, strategy=call.strategy, slice_cap=call.settings.slice_cap,
+                      device_kind=call.device_kind, min_slices=min_slices)  # fmt: skip
 
 
 def _planned(
     call: Call, choices: tuple[KernelChoice, ...], room: Room, free: probe.FreeMemory | None
 ) -> Planned | None:
-    """The strategy's plan in the room; else, when only the safety factor refuses (the room is a margin for
-    slicing, not a refusal threshold), the smallest-peak plan within free memory itself, as sdp would simply run."""
-    room_bytes = room.bytes_for(call.shape)
-    plan = _plan_in(call, choices, room_bytes, 1)
-    if plan is not None:
-        return Planned(plan, room, room_bytes, free)
-    if room.fixed:
+    """The call's plan (:func:`lib_memslice.slicing.plan_in`: in the room, or over the margin in free memory)."""
+    plan, over_margin = plan_in(call.shape, room, choices, strategy=call.strategy,
+                                slice_cap=call.settings.slice_cap, device_kind=call.device_kind)  # fmt: skip
+    if plan is None:
         return None
-    limit = room.limit().bytes_for(call.shape)
-    for kernel in choices:
-        plan = smallest_peak_plan(call.shape, limit, strategy=call.strategy, slice_cap=call.settings.slice_cap,
-                                  kernel=kernel, device_kind=call.device_kind)  # fmt: skip
-        if plan is not None:
-            return Planned(plan, room, limit, free, over_margin=True)
-    return None
+    limit = room.limit().bytes_for(call.shape) if over_margin else room.bytes_for(call.shape)
+    return Planned(plan, room, limit, free, over_margin=over_margin)
 
 
 def _refused(
@@ -519,10 +507,10 @@ def _tokens_last(t: Tensor) -> Tensor:
 def make_attnblock_forward(
     strategy: str, host: Host, fallback: Callable[..., Tensor] | None = None
 ) -> Callable[..., Tensor]:
-    """An ``AttnBlock.forward`` (the VAE's single-head attention). With the VAE setting off, runs ``fallback``."""
+    """An ``AttnBlock.forward`` (the VAE's single-head attention). With the VAE setting ``off``, runs ``fallback``."""
 
     def forward(self: Any, x: Tensor, **kwargs: Any) -> Tensor:
-        if fallback is not None and not host.settings().vae:
+        if fallback is not None and host.settings().vae == "off":
             return fallback(self, x, **kwargs)
         h_ = self.norm(x)
         q = _tokens_last(self.q(h_))

@@ -18,11 +18,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import activations
-from .costs import AttentionShape, GiB, KernelChoice, format_bytes
+from .costs import AttentionShape, GiB, KernelChoice, format_bytes, peak_bytes
 from .limits import MAX_RESOLUTION, max_square_resolution, not_enough_memory
 from .models import BUILTIN, WEIGHTS, ModelSpec, Site, Weights
 from .settings import Settings
-from .slicing import Room, budget_room, plan_attention, room_for, smallest_peak_plan
+from .slicing import Room, budget_room, plan_in, room_for
 
 #: the kernels a site's attention call may use, fastest first: (site, compute element size) -> choices
 KernelsFor = Callable[[Site, int], tuple[KernelChoice, ...]]
@@ -87,7 +87,7 @@ class Job:
     safety_factor: float = 3.3
     attention_budget: int | None = None  # 'Attention budget (GiB)': every attention call's room, fixed
     device_kind: str = "cuda"
-    include_vae: bool = True  # memslice plans the VAE's attention (off: the webui's own, planned the same here)
+    vae: str = "auto"  # the VAE setting: "off" leaves the webui's stock VAE attention, planned as it runs
 
     @property
     def unet_element(self) -> int:
@@ -189,29 +189,34 @@ def _room(job: Job, free_at_call: int, shape: AttentionShape) -> Room:
     return room_for(job.strategy, max(0, free_at_call), job.safety_factor, shape.input_bytes)
 
 
+def stock_vae_kernel(job: Job, chain: tuple[KernelChoice, ...]) -> KernelChoice:
+    """The VAE attention the webui runs with the VAE setting ``off``: ldm's ``AttnBlock`` (SD1.x, SD2.x: bmm and
+    softmax, the scores twice), sgm's (SDXL: one SDPA call, fused where torch runs it, else its math path)."""
+    if job.arch != "sdxl":
+        return KernelChoice("stock")
+    return replace(chain[0], workers=1) if chain[0].kind == "fused" else KernelChoice("sdpa-math")
+
+
 def plan_site(
     job: Job, p: Pass, site: Site, kernels_for: KernelsFor, free_at_call: int, site_limit: bool = True
 ) -> dict[str, Any]:
     """One attention site of a pass: its shape, the plan memslice would make (or why none fits), the largest
-    square size its own call reaches with that memory."""
+    square size its own call reaches with that memory. With the VAE setting ``off`` the VAE's attention is the
+    webui's own, in one piece, in whatever is free."""
+    stock = site.vae and job.vae == "off"
     io = job.vae_element if site.vae else job.unet_element
-    element = 4 if job.upcast_attention else io
+    element = 4 if job.upcast_attention and not stock else io  # the webui's own VAE attention never upcasts
     shape = site.shape(p.width, p.height, batch=p.batch // 2 if p.kind == "unet" else 1, element_size=element,
                        io_element_size=io, prompt_chunks=job.prompt_chunks)  # fmt: skip
     choices = kernels_for(site, element)
-    room = _room(job, free_at_call, shape)
-    options = dict(strategy=job.strategy, slice_cap=job.slice_cap, device_kind=job.device_kind)
-    plan, over_margin = None, False
-    for kernel in choices:
-        plan = plan_attention(shape, room.bytes_for(shape), kernel=kernel, **options)  # type: ignore[arg-type]
-        if plan is not None:
-            break
-    if plan is None and not room.fixed:  # as at run time: the smallest-peak plan if free memory itself holds it
-        for kernel in choices:
-            plan = smallest_peak_plan(shape, room.limit().bytes_for(shape), kernel=kernel, **options)  # type: ignore[arg-type]
-            if plan is not None:
-                over_margin = True
-                break
+    if stock:
+        choices = (stock_vae_kernel(job, choices),)
+        room = Room(max(0, free_at_call) + shape.input_bytes)  # no slicing, no budget: it simply runs
+        options = dict(strategy="auto", slice_cap=1, device_kind=job.device_kind)
+    else:
+        room = _room(job, free_at_call, shape)
+        options = dict(strategy=job.strategy, slice_cap=job.slice_cap, device_kind=job.device_kind)
+    plan, over_margin = plan_in(shape, room, choices, **options)  # type: ignore[arg-type]
     row: dict[str, Any] = {
         "pass": p.name,
         "site": site.name,
@@ -227,6 +232,13 @@ def plan_site(
         row.update(kernel_used=plan.kernel.kind, heads_per_slice=plan.heads_per_slice,
                    queries_per_slice=plan.queries_per_slice, slices=plan.slices, peak_bytes=plan.peak_bytes,
                    reason=plan.reason, fits=True, over_margin=over_margin)  # fmt: skip
+    elif stock:
+        need = peak_bytes(shape, shape.batch_heads, shape.q_tokens, choices[0])
+        reason = (f"the VAE setting is off: the webui's own VAE attention runs in one piece and needs "
+                  f"{format_bytes(need)}, {format_bytes(room.bytes_for(shape))} is free; set 'VAE' to auto to slice "
+                  "it")  # fmt: skip
+        row.update(kernel_used=choices[0].kind, heads_per_slice=0, queries_per_slice=0, slices=0, peak_bytes=need,
+                   reason=reason, fits=False, over_margin=False)  # fmt: skip
     else:
         error = not_enough_memory(shape, room, choices, geometry=site.geometry, site=site.name,
                                   **options)  # type: ignore[arg-type]  # fmt: skip
@@ -411,7 +423,7 @@ def make_job(
         slice_cap=settings.slice_cap,
         safety_factor=settings.safety_factor,
         attention_budget=int(settings.budget_gb * GiB) if settings.budget_gb > 0 else None,
-        include_vae=settings.vae,
+        vae=settings.vae,
         **model,
     )
 

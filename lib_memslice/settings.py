@@ -19,6 +19,9 @@ log = logging.getLogger("memslice")
 MAX_SLICE_CAP = 65536
 KERNELS: tuple[str, ...] = ("auto", "sdpa", "einsum")
 LOG_LEVELS: tuple[str, ...] = ("off", "summary", "every call")
+#: what memslice does to the VAE: ``attention`` slices its attention; ``auto`` too (and, where bands are available,
+#: runs its decode and encode in exact bands when a pass would not fit); ``off`` leaves the webui's stock VAE
+VAE_MODES: tuple[str, ...] = ("auto", "attention", "off")
 
 #: The settings-page section (id, title) and the webui category the section appears under.
 SECTION = ("memslice", "Memory slicing")
@@ -40,6 +43,7 @@ class OptionSpec:
     hi: float | None = None
     choices: tuple[str, ...] = ()
     step: float | None = None
+    was_bool: tuple[str, str] | None = None  # a choice that was an on/off switch: the choices true and false read as
 
     @property
     def key(self) -> str:
@@ -95,10 +99,13 @@ SPECS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "vae",
-        "bool",
-        True,
-        "Slice VAE attention",
-        "plan the VAE's single-head attention too (its score matrix is the largest of all at high resolution)",
+        "choice",
+        "auto",
+        "VAE",
+        "auto and attention = memslice plans and slices the VAE's attention (its score matrix is the largest of all "
+        "at high resolution); off = the webui's stock VAE attention, in one piece",
+        choices=VAE_MODES,
+        was_bool=("auto", "off"),
     ),
     OptionSpec(
         "log",
@@ -122,7 +129,7 @@ class Settings:
     budget_gb: float = 0.0
     kernel: str = "auto"
     oom_retry: bool = True
-    vae: bool = True
+    vae: str = "auto"
     log: str = "summary"
 
     def as_options(self) -> dict[str, Any]:
@@ -176,12 +183,9 @@ def coerce(spec: OptionSpec, raw: Any) -> tuple[Any, str | None]:
             return clamped, f"out of range [{lo}, {hi}], clamped to {clamped}"
         return x, None
     if spec.kind == "bool":
-        if isinstance(raw, bool):
-            return raw, None
-        if isinstance(raw, (int, float)) and raw in (0, 1):
-            return bool(raw), None
-        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
-            return raw.strip().lower() in _TRUE, None
+        flag = _as_bool(raw)
+        if flag is not None:
+            return flag, None
         return spec.default, f"not a true/false value, using the default {spec.default}"
     # choice
     if isinstance(raw, str):
@@ -189,7 +193,21 @@ def coerce(spec: OptionSpec, raw: Any) -> tuple[Any, str | None]:
         text = _ALIASES.get(text, text)
         if text in spec.choices:
             return text, None
+    if spec.was_bool is not None:  # what an earlier version stored: read as the choice it meant, without a warning
+        flag = _as_bool(raw)
+        if flag is not None:
+            return spec.was_bool[0 if flag else 1], None
     return spec.default, f"not one of {', '.join(spec.choices)}; using {spec.default!r}"
+
+
+def _as_bool(raw: Any) -> bool | None:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, (int, float)) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    return None
 
 
 _warned: set[tuple[str, str]] = set()

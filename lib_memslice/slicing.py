@@ -297,6 +297,53 @@ def smallest_peak_plan(
     return _plan(c, found, strategy, "over the safety margin: the smallest-peak plan within free memory")
 
 
+def plan_chain(
+    shape: AttentionShape,
+    room: float,
+    kernels: tuple[KernelChoice, ...],
+    *,
+    strategy: str = "auto",
+    slice_cap: int = 4096,
+    device_kind: str = "cpu",
+    min_slices: int = 1,
+    smallest_peak: bool = False,
+) -> SlicePlan | None:
+    """The plan a call runs over its chain of kernels (fastest first): the fewest slices among the kernels whose
+    plan fits ``room``, the fastest among equally few. Each kernel's count never rises with the room, so neither
+    does their minimum: a faster kernel that starts to fit in a larger room (a second CPU worker) never brings
+    more slices. ``smallest_peak``: each kernel's smallest-peak plan instead of the strategy's."""
+    make = smallest_peak_plan if smallest_peak else plan_attention
+    best = None
+    for kernel in kernels:
+        plan = make(shape, room, strategy=strategy, slice_cap=slice_cap, kernel=kernel, device_kind=device_kind,
+                    min_slices=min_slices)  # fmt: skip
+        if plan is not None and (best is None or plan.slices < best.slices):
+            best = plan
+            if plan.slices <= max(1, min_slices):
+                break  # no later kernel has fewer
+    return best
+
+
+def plan_in(
+    shape: AttentionShape,
+    room: Room,
+    kernels: tuple[KernelChoice, ...],
+    *,
+    strategy: str = "auto",
+    slice_cap: int = 4096,
+    device_kind: str = "cpu",
+) -> tuple[SlicePlan | None, bool]:
+    """``(plan, over_margin)``: the strategy's plan in the room; else, when only the safety factor refuses (the room
+    is a margin for slicing, not a refusal threshold), the smallest-peak plan within free memory itself, as sdp
+    would simply run; ``(None, False)`` when nothing fits. The one rule for calls and previews alike."""
+    options = {"strategy": strategy, "slice_cap": slice_cap, "device_kind": device_kind}
+    plan = plan_chain(shape, room.bytes_for(shape), kernels, **options)
+    if plan is not None or room.fixed:
+        return plan, False
+    plan = plan_chain(shape, room.limit().bytes_for(shape), kernels, smallest_peak=True, **options)
+    return plan, plan is not None
+
+
 def smallest_need(
     shape: AttentionShape, *, slice_cap: int, kernel: KernelChoice, device_kind: str = "cpu", strategy: str = "auto"
 ) -> int:

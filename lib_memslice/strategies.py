@@ -87,7 +87,9 @@ def doggettx(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind
 
 def invokeai(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: str) -> Aim:
     """The webui's InvokeAI rule (its CUDA form): the score tensor in MB against a tensor budget of room / 3.3;
-    over it, a power-of-two divisor slices batch x heads first, then queries."""
+    over it, a power-of-two divisor slices batch x heads first, then queries. Where the divisor passes the query
+    count the webui's count falls (one query per slice is fewer slices than the rows were): the aim keeps the
+    count of the rows' largest divisor then, so it never rises with the room."""
     if kernel.kind == "fused":
         return Aim(1, 0, "fused kernel: fewest slices the cost model needs", True)
     tensor_mb = room / WEBUI_MARGIN / MiB
@@ -96,11 +98,14 @@ def invokeai(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind
     if size_mb <= tensor_mb:
         return Aim(1, shape.batch_heads, why, True)
     div = 1 << int((size_mb - 1) / max(tensor_mb, 1e-9)).bit_length()
+    rows_div = min(div, 1 << (max(shape.batch_heads, 1).bit_length() - 1))  # the largest power of two <= rows
+    rows = max(shape.batch_heads // rows_div, 1)
+    by_rows = Aim(_ceil_div(shape.batch_heads, rows), rows, f"{why}: batch x heads in {rows_div}", False)
     if div <= shape.batch_heads:
-        rows = shape.batch_heads // div
-        return Aim(_ceil_div(shape.batch_heads, rows), rows, f"{why}: batch x heads in {div}", False)
+        return by_rows
     queries = max(shape.q_tokens // div, 1)
-    return Aim(_ceil_div(shape.q_tokens, queries), shape.batch_heads, f"{why}: queries in {div}", False)
+    by_queries = Aim(_ceil_div(shape.q_tokens, queries), shape.batch_heads, f"{why}: queries in {div}", False)
+    return by_queries if by_queries.slices >= by_rows.slices else by_rows
 
 
 def mps(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: str) -> Aim:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import replace
 
 import pytest
 import torch
@@ -217,3 +218,66 @@ def test_upcast_previews_count_the_cast_copy_a_call_makes():
     assert preview.input_copies == runtime.input_copies
     plain = kernels.kernels_for_job("cpu", torch.float32, torch.float32, "auto")(site, 4)[0]
     assert plain.input_copies == preview.input_copies - 1  # a float32 model's call: no cast copy
+
+
+def _decode_row(result, name="VAE decode (hires)"):
+    return next(row for row in result["layers"] if row["pass"] == name)
+
+
+def test_the_vae_attention_is_planned_as_the_webui_runs_it():
+    """With the VAE setting off the webui runs its stock VAE attention, in one piece and in whatever is free (no
+    safety factor, no attention budget): the review's case, 768 px with hires x2 on an 8 GiB card, "fit" with
+    memslice's sliced attention planned while ldm's stock attention alone took 5 GiB."""
+    job = builtin_job("sd15", 768, 768, batch=1, memory_bytes=8 * GiB, element_size=2, hires=(1536, 1536))
+    sliced, stock = plan_job(job, cuda_kernels), plan_job(replace(job, vae="off"), cuda_kernels)
+    tokens = (1536 // 8) ** 2
+    row = _decode_row(stock)
+    assert row["kernel_used"] == "stock" and row["slices"] == 1
+    assert row["peak_bytes"] == 2 * tokens * tokens * 2  # the scaled scores and their softmax, fp16
+    assert _decode_row(sliced)["peak_bytes"] < row["peak_bytes"] // 40
+    assert sliced["fits"] and stock["verdict"] != "fits" and stock["limit"] == "VAE decode (hires)"
+    assert replace(job, vae="attention") == replace(job, vae="attention") and plan_job(
+        replace(job, vae="attention"), cuda_kernels)["passes"] == sliced["passes"]  # fmt: skip
+    budget = plan_job(replace(job, vae="off", attention_budget=64 * MiB), cuda_kernels)
+    assert (
+        _decode_row(budget)["room_bytes"] == row["room_bytes"] > 64 * MiB
+    )  # the budget is memslice's, not the webui's
+    assert max_square(replace(job, vae="off"), cuda_kernels) < max_square(job, cuda_kernels)
+
+
+def test_sdxls_stock_vae_attention_is_one_sdpa_call():
+    """sgm's AttnBlock calls SDPA on the whole latent: the fused kernel where torch runs it, else its math path."""
+    job = builtin_job("sdxl", 1024, 1024, batch=1, memory_bytes=64 * GiB, element_size=2, vae="off")
+    fused = _decode_row(plan_job(job, cuda_kernels), "VAE decode")
+    math_path = _decode_row(plan_job(job, einsum_only), "VAE decode")
+    assert fused["kernel_used"] == "fused" and fused["slices"] == 1
+    assert math_path["kernel_used"] == "sdpa-math" and math_path["slices"] == 1
+    assert math_path["peak_bytes"] > 2 * (1024 // 8) ** 4 * 4  # the scores twice, in float32
+
+
+def test_a_stock_vae_attention_that_does_not_fit_says_why():
+    job = builtin_job("sd15", 2048, 2048, batch=1, memory_bytes=12 * GiB, element_size=2, vae="off")
+    row = _decode_row(plan_job(job, cuda_kernels), "VAE decode")
+    assert not row["fits"] and "VAE setting is off" in row["reason"] and "one piece" in row["reason"]
+    assert "slice cap" not in row["reason"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_stock_vae_attentions_term_is_what_the_real_attnblock_allocates(dtype):
+    """ldm's own AttnBlock.forward, measured (live tensors and the profiler's in-op replay): its peak beyond the
+    norm's output and q, k, v is the cost model's stock term."""
+    from ldm.modules.diffusionmodules.model import AttnBlock
+
+    from lib_memslice.costs import AttentionShape, KernelChoice, peak_bytes
+    from memslice_tools.inop import call_peak_bytes
+
+    torch.manual_seed(0)
+    channels, side = 32, 40
+    block = AttnBlock(channels).to(dtype).eval()
+    x = torch.randn(1, channels, side, side, dtype=dtype)
+    tokens, size = side * side, x.element_size()
+    with torch.no_grad():
+        measured = call_peak_bytes(lambda: block(x)) - 4 * tokens * channels * size
+    shape = AttentionShape(1, tokens, tokens, channels, element_size=size)
+    predicted = peak_bytes(shape, 1, tokens, KernelChoice("stock"))
+    assert predicted == measured or abs(predicted - measured) <= 64, (predicted, measured)

@@ -84,7 +84,7 @@ def test_read_settings_is_cached_but_type_sensitive():
 
 def test_as_options_round_trips():
     custom = s.Settings(safety_factor=2.0, slice_cap=128, budget_gb=6.0, kernel="einsum", oom_retry=False,
-                        vae=False, log="off")  # fmt: skip
+                        vae="off", log="off")  # fmt: skip
     assert s.coerce_all(custom.as_options()) == custom
 
 
@@ -98,3 +98,15 @@ def test_specs_match_the_issue():
     assert keys["memslice_safety_factor"].default == 3.3 and keys["memslice_slice_cap"].default == 4096
     assert (keys["memslice_slice_cap"].lo, keys["memslice_slice_cap"].hi) == (1, 65536)
     assert keys["memslice_log"].choices == ("off", "summary", "every call")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(True, "auto"), (False, "off"), ("true", "auto"), ("False", "off"),
+                                               (1, "auto"), (0, "off"), ("attention", "attention"), ("OFF", "off")])  # fmt: skip
+def test_the_vae_choice_reads_what_the_old_switch_stored_without_a_warning(raw, expected, caplog):
+    """memslice_vae was a checkbox before 0.4.0: config.json files hold true/false, read as auto/off silently."""
+    spec = s.SPEC_BY_KEY["memslice_vae"]
+    with caplog.at_level("WARNING", logger="memslice"):
+        assert s.coerce(spec, raw) == (expected, None)
+        assert s.coerce_all({"memslice_vae": raw}).vae == expected
+    assert not caplog.records
+    assert s.coerce(spec, "sometimes")[0] == "auto" and s.coerce(spec, [True])[1] is not None

@@ -17,7 +17,7 @@ from lib_memslice import strategies
 from lib_memslice.costs import EINSUM, FUSED, GiB, KernelChoice, MiB
 from lib_memslice.costs import AttentionShape as Shape
 from lib_memslice.models import BUILTIN
-from lib_memslice.slicing import chunkings, plan_attention, room_for, smallest_need
+from lib_memslice.slicing import chunkings, plan_attention, plan_in, room_for, smallest_need
 
 from .test_slicing import KERNELS, shapes
 
@@ -237,3 +237,80 @@ def test_fused_kernels_are_sliced_only_as_the_cost_model_needs():
     for strategy in strategies.NAMES:
         plan = plan_attention(shape, 256 * MiB, strategy=strategy, kernel=FUSED)
         assert plan.slices == (4 if strategy == "heads" else 1), strategy
+
+
+# --- whole calls: the chain of kernels and the rules' large-score branches ----------------------------------------
+
+#: shapes whose scores reach tens of MiB to GiB with few queries: every branch of every rule (InvokeAI's budget in
+#: whole MB, its divisor past the rows and past the queries)
+big_scores = st.builds(
+    lambda b, h, nq, nk, es: Shape(b * h, nq, nk, 8, element_size=es, heads=h),
+    st.integers(1, 4),
+    st.integers(1, 8),
+    st.integers(1, 64),
+    st.integers(1 << 14, 1 << 21),
+    st.sampled_from([2, 4]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shape=big_scores, strategy=st.sampled_from(strategies.NAMES), device=st.sampled_from(DEVICES),
+       rooms=st.lists(st.floats(20, 36), min_size=2, max_size=10))  # fmt: skip
+def test_every_rules_aim_never_rises_with_the_room_at_large_scores(shape, strategy, device, rooms):
+    """Rooms from 1 MiB to 64 GiB (log-uniform) against scores of up to GiB: the rules' branches that scores
+    under 1 MiB never reach."""
+    rule = strategies.RULES[strategy]
+    aims = [rule(shape, int(2**r), EINSUM_ON[device], device).slices for r in sorted(rooms)]
+    assert aims == sorted(aims, reverse=True), aims
+
+
+def test_the_invokeai_aim_past_the_query_count():
+    """The webui's InvokeAI divides queries once its divisor passes the rows: with 2 queries and 3 rows a divisor
+    of 4 gave 2 slices and, in a larger room, a divisor of 2 gave 3 (the published counterexample)."""
+    shape = Shape(3, 2, 1048576, 8, heads=3)
+    counts = []
+    for kib in range(30000, 42000, 128):
+        plan = plan_attention(shape, kib * 1024, strategy="invokeai", kernel=EINSUM_ON["cuda"], device_kind="cuda")
+        counts.append(math.inf if plan is None else plan.slices)
+    assert counts == sorted(counts, reverse=True), counts
+    assert strategies.invokeai(shape, 38656 * 1024, EINSUM_ON["cuda"], "cuda").slices == 3
+
+
+def _cpu_chain(first, threads=2):
+    """The chain a CPU call tries (kernels.kernels_after) with a worker per thread."""
+    import torch
+
+    from lib_memslice import kernels
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        einsum = kernels.einsum_kernel("cpu", torch.float32)
+        return kernels.kernels_after(einsum if first == "einsum" else FUSED, "auto", "cpu", torch.float32, False)
+    finally:
+        torch.set_num_threads(before)
+
+
+CHAIN_SHAPES = [Shape(16, 4096, 4096, 40, heads=8), Shape(16, 16384, 16384, 40, heads=8), Shape(1, 16384, 16384, 512)]
+
+
+@pytest.mark.parametrize("first", ["einsum", "fused"])
+@pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=lambda s: f"{s.batch_heads}x{s.q_tokens}")
+def test_no_call_slices_more_with_more_free_memory_over_its_kernel_chain(first, shape):
+    """What a call runs (slicing.plan_in over the whole chain: a worker per thread, one worker, the leanest; the
+    over-margin plan where only the safety factor refuses) never has more slices with more free memory. It did:
+    SD1.5's level-0 self-attention at 512 px went from 912 slices (one worker) to 4096 (two) when 16 KiB more
+    were free, since the first kernel that fit was taken."""
+    chain = _cpu_chain(first)
+    assert len(chain) >= 3
+    low = smallest_need(shape, slice_cap=4096, kernel=chain[-1], device_kind="cpu") // 2
+    frees = [int(low * LADDER**i) for i in range(int(math.log(64 * shape.score_bytes / low, LADDER)))]
+    frees += list(range(40878080 - 64 * 1024, 40894464 + 64 * 1024, 4096))
+    for strategy in strategies.NAMES:
+        for cap in (1000, 4096):
+            counts = []
+            for free in sorted(frees):
+                room = room_for(strategy, free, 3.3)
+                plan, _ = plan_in(shape, room, chain, strategy=strategy, slice_cap=cap, device_kind="cpu")
+                counts.append(math.inf if plan is None else plan.slices)
+            assert counts == sorted(counts, reverse=True), (strategy, cap, counts)

@@ -294,11 +294,11 @@ def test_vae_attnblock_is_planned_and_gated_by_the_setting(webui):
         with torch.no_grad():
             assert (block(x) - expected).abs().max() < 1e-5
         assert webui.memslice.STATS.total_calls == n + 1
-        webui.shared.opts.set("memslice_vae", False)
+        webui.shared.opts.set("memslice_vae", "off")
         with torch.no_grad():
             assert (block(x) - expected).abs().max() < 1e-5
         assert webui.memslice.STATS.total_calls == n + 1  # the stock forward ran
-        webui.shared.opts.set("memslice_vae", True)
+        webui.shared.opts.set("memslice_vae", "auto")
 
 
 def generate(env, sample, **p_kwargs):

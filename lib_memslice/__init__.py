@@ -6,4 +6,4 @@ command line on its own; the benchmark and measurement tools live apart, in ``me
 
 #: The one version string: pyproject.toml reads it (``[tool.setuptools.dynamic]``), the status route reports it,
 #: and the newest CHANGELOG.md heading names it (tests/test_cli.py checks both).
-__version__ = "0.3.4"
+__version__ = "0.4.0"

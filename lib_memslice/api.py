@@ -107,13 +107,15 @@ def job_fits(
     if name not in BUILTIN:
         raise ValueError(f"model must be one of {', '.join(BUILTIN)}, got {name!r}")
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if memory_bytes is None:
-        memory_bytes = probe.free_memory(torch.device(kind)).bytes
+    ceiling = None
+    if memory_bytes is None:  # the calls count torch's cached blocks as free: so does the preview
+        free = probe.free_memory(torch.device(kind), precise=True)
+        memory_bytes, ceiling = free.bytes, free.ceiling
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     settings = Settings()
     device_kind = probe.device_kind(torch.device(kind))
     job = make_job(BUILTIN[name], name, width, height, batch, int(memory_bytes), settings, hr_scale=hr_scale,
                    hr_width=hr_width, hr_height=hr_height, hr_upscaler=hr_upscaler, img2img=img2img,
-                   element_size=DTYPE_BYTES[dtype], device_kind=device_kind)  # fmt: skip
+                   element_size=DTYPE_BYTES[dtype], device_kind=device_kind, ceiling_bytes=ceiling)  # fmt: skip
     kernels_for = kernels.kernels_for_job(device_kind, dtypes[dtype], dtypes[dtype], settings.kernel)
     return _from(plan_job(job, kernels_for))

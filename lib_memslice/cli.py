@@ -114,11 +114,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.budget is not None and args.safety_factor is not None:
         print("warning: --safety-factor has no effect with --budget (the attention budget is not divided)",
               file=sys.stderr)  # fmt: skip
+    ceiling = None
     if args.memory is not None:
         memory, source = args.memory, f"--memory {format_bytes(args.memory)}"
     elif device_kind == best_device() or device_kind == "cpu":
-        free = probe.free_memory(torch.device(device_kind))
-        memory, source = free.bytes, f"{free.source} on this machine (nothing of the model loaded)"
+        free = probe.free_memory(torch.device(device_kind), precise=True)  # torch's cached blocks count, as in calls
+        memory, ceiling, source = (
+            free.bytes,
+            free.ceiling,
+            f"{free.source} on this machine (nothing of the model loaded)",
+        )
     else:
         print(f"error: no {device_kind} device here to measure; pass --memory (e.g. --memory 8GiB)", file=sys.stderr)
         return 2
@@ -129,7 +134,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                    hr_scale=args.hires_scale, hr_width=args.hires_width, hr_height=args.hires_height,
                    hr_upscaler=args.hires_upscaler, img2img=args.img2img, strategy=args.strategy, element_size=io,
                    vae_element_size=4 if args.no_half_vae else io, upcast_attention=args.upcast, medvram=args.medvram,
-                   prompt_chunks=args.prompt_chunks, device_kind=device_kind)  # fmt: skip
+                   prompt_chunks=args.prompt_chunks, device_kind=device_kind, ceiling_bytes=ceiling)  # fmt: skip
     hires = job.hires
     unet_dtype = compute[io]
     kernels_for = kernels.kernels_for_job(device_kind, unet_dtype, torch.float32 if args.no_half_vae else unet_dtype,

@@ -185,7 +185,7 @@ def read_room(call: Call, precise: bool = False) -> tuple[Room, probe.FreeMemory
     if settings.budget_gb > 0:
         return budget_room(int(settings.budget_gb * GiB)), None
     free = probe.free_memory(call.q.device, precise)
-    return room_for(call.strategy, free.bytes, settings.safety_factor, call.shape.input_bytes), free
+    return room_for(call.strategy, free.bytes, settings.safety_factor, call.shape.input_bytes, free.ceiling), free
 
 
 def _plan_in(call: Call, choices: tuple[KernelChoice, ...], room_bytes: int, min_slices: int) -> SlicePlan | None:

@@ -88,6 +88,12 @@ class Job:
     attention_budget: int | None = None  # 'Attention budget (GiB)': every attention call's room, fixed
     device_kind: str = "cuda"
     vae: str = "auto"  # the VAE setting: "off" leaves the webui's stock VAE attention, planned as it runs
+    ceiling_bytes: int | None = None  # past memory_bytes, what the device still grants (Apple): plans there are tight
+
+    @property
+    def beyond(self) -> int:
+        """Bytes the device grants past ``memory_bytes`` (0 but on Apple's unified memory)."""
+        return max(0, self.ceiling_bytes - self.memory_bytes) if self.ceiling_bytes is not None else 0
 
     @property
     def unet_element(self) -> int:
@@ -186,7 +192,8 @@ def _room(job: Job, free_at_call: int, shape: AttentionShape) -> Room:
     factor, or the attention budget."""
     if job.attention_budget is not None:
         return budget_room(job.attention_budget)
-    return room_for(job.strategy, max(0, free_at_call), job.safety_factor, shape.input_bytes)
+    ceiling = max(0, free_at_call) + job.beyond if job.ceiling_bytes is not None else None
+    return room_for(job.strategy, max(0, free_at_call), job.safety_factor, shape.input_bytes, ceiling)
 
 
 def stock_vae_kernel(job: Job, chain: tuple[KernelChoice, ...]) -> KernelChoice:
@@ -211,7 +218,7 @@ def plan_site(
     choices = kernels_for(site, element)
     if stock:
         choices = (stock_vae_kernel(job, choices),)
-        room = Room(max(0, free_at_call) + shape.input_bytes)  # no slicing, no budget: it simply runs
+        room = Room(max(0, free_at_call) + job.beyond + shape.input_bytes)  # no slicing, no budget: it simply runs
         options = dict(strategy="auto", slice_cap=1, device_kind=job.device_kind)
     else:
         room = _room(job, free_at_call, shape)
@@ -244,6 +251,7 @@ def plan_site(
                                   **options)  # type: ignore[arg-type]  # fmt: skip
         row.update(kernel_used=error.kernel or choices[0].kind, heads_per_slice=0, queries_per_slice=0, slices=0,
                    peak_bytes=error.need, reason=str(error), fits=False, over_margin=False)  # fmt: skip
+    row["tight"] = bool(row["fits"] and row["peak_bytes"] > max(0, free_at_call))  # only past free memory (Apple)
     if site_limit:
         row["max_square_resolution"] = max_square_resolution(shape, site.geometry, room.limit(), choices, **options)
     return row
@@ -263,10 +271,11 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
     overhead = allocator_overhead(job.device_kind)
     least, most = int(peak * overhead.low), int(peak * overhead.high)
     total = tensors + most
-    if not all(row["fits"] for row in rows) or tensors + least > job.memory_bytes:
+    over = any(row["tight"] for row in rows)
+    if not all(row["fits"] for row in rows) or tensors + least > job.memory_bytes + job.beyond:
         verdict = "does not fit"
     else:
-        verdict = "fits" if total <= job.memory_bytes else "tight"
+        verdict = "fits" if total <= job.memory_bytes and not over else "tight"
     return {
         "name": p.name,
         "kind": p.kind,

@@ -30,11 +30,16 @@ DEVICE_KINDS = ("cuda", "mps", "xpu", "cpu", "unknown")
 
 @dataclass(frozen=True)
 class FreeMemory:
-    """Bytes free on a device and where the number came from (shown in logs, status and the CLI)."""
+    """Bytes free on a device and where the number came from (shown in logs, status and the CLI).
+
+    ``ceiling``: where a device grants more than it runs well with (Apple's unified memory: Metal's recommended
+    working set is ``bytes``, the allocator grants more until the Mac swaps), the most that can be had at all; a
+    plan past ``bytes`` but within it is *tight*. None: ``bytes`` is the limit."""
 
     bytes: int
     source: str
     trusted: bool = True
+    ceiling: int | None = None
 
 
 def device_kind(device: Any) -> str:
@@ -257,10 +262,23 @@ def mps_recommended() -> tuple[int, str]:
     ), f"recommended working set ({'2/3' if share < 0.7 else '3/4'} of RAM: this torch cannot read it)"
 
 
+def _resident_bytes() -> int:
+    """This process's resident CPU memory (psutil, which the webui ships); 0 where it cannot be read."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return 0
+
+
 def mps_free() -> FreeMemory:
-    """What torch's MPS allocator will still grant: its limit (the watermark ratio x Metal's recommended working
-    set) minus what tensors occupy. Blocks it caches for reuse count as free: it releases them before refusing.
-    With the ratio 0.0 (no limit) the system's available memory plus those cached blocks."""
+    """Apple's unified memory: what fits is Metal's recommended working set less what tensors occupy (blocks the
+    allocator caches for reuse count as free: it releases them before refusing). Past it torch's allocator still
+    grants up to its limit (the watermark ratio x the working set; ratio 0.0: no limit), but the GPU then pages and
+    the Mac swaps: that is the ``ceiling`` (a tight plan), and never more than the physical memory less what this
+    process holds (its resident CPU memory and its tensors; on unified memory the two may overlap, which only
+    lowers the ceiling)."""
     import torch
 
     mps = torch.mps
@@ -268,12 +286,14 @@ def mps_free() -> FreeMemory:
         _warn_once("mps", "memslice: this torch cannot report Metal memory; using available system memory")
         return FreeMemory(cpu_free().bytes, "system available (old torch on mps)", trusted=False)
     tensors = int(mps.current_allocated_memory())
-    ratio = mps_watermark_ratio()
-    if ratio <= 0:
-        cached = max(0, int(getattr(mps, "driver_allocated_memory", lambda: 0)()) - tensors)
-        return FreeMemory(cpu_free().bytes + cached, "no MPS limit (watermark ratio 0): system available + MPS cache")
     recommended, source = mps_recommended()
-    return FreeMemory(int(ratio * recommended) - tensors, f"MPS limit {ratio:g} x {source} - tensors")
+    ratio = mps_watermark_ratio()
+    ram = _physical_memory() - _resident_bytes() - tensors
+    granted = int(ratio * recommended) - tensors if ratio > 0 else ram
+    ceiling = min(granted, ram)
+    limit = f"MPS limit {ratio:g} x the working set" if ratio > 0 else "no MPS limit (watermark ratio 0)"
+    return FreeMemory(min(recommended - tensors, ceiling), f"{source} - tensors (tight up to {limit}, within RAM)",
+                      ceiling=max(0, ceiling))  # fmt: skip
 
 
 def xpu_free(device: Any) -> FreeMemory:
@@ -332,7 +352,9 @@ def free_memory(device: Any, precise: bool = False) -> FreeMemory:
     if value is None:
         return _fallback(kind, "not a number", f"the {kind} memory probe answered {found.bytes!r}")
     if value <= 0:
-        return FreeMemory(0, f"{found.source} (nothing free)", found.trusted)
+        return FreeMemory(0, f"{found.source} (nothing free)", found.trusted, found.ceiling)
     return (
-        found if value == found.bytes and type(found.bytes) is int else FreeMemory(value, found.source, found.trusted)
+        found
+        if value == found.bytes and type(found.bytes) is int
+        else FreeMemory(value, found.source, found.trusted, found.ceiling)
     )

@@ -372,6 +372,7 @@ class Room:
     free: int  # free memory before the call's inputs existed (or the attention budget)
     divisor: float = 1.0  # >= 1 (room_for makes it so): no room is more than free memory
     fixed: bool = False
+    ceiling: int | None = None  # past free memory, what the device still grants (Apple: tight, see probe.FreeMemory)
 
     def bytes_for(self, shape: AttentionShape) -> int:
         if self.fixed:
@@ -379,16 +380,23 @@ class Room:
         return int(max(0, self.free - shape.input_bytes) / self.divisor)
 
     def limit(self) -> Room:
-        """Past this nothing runs: free memory itself (no safety margin), or the attention budget."""
-        return self if self.fixed else Room(self.free, 1.0)
+        """Past this nothing runs: free memory itself (no safety margin; on Apple up to what the device still
+        grants), or the attention budget."""
+        if self.fixed:
+            return self
+        return Room(max(self.free, self.ceiling if self.ceiling is not None else self.free), 1.0)
 
 
-def room_for(strategy: str, free_bytes: int, safety_factor: float = 1.0, inputs_bytes: int = 0) -> Room:
+def room_for(
+    strategy: str, free_bytes: int, safety_factor: float = 1.0, inputs_bytes: int = 0, ceiling_bytes: int | None = None
+) -> Room:
     """The room of a strategy from a probe's reading ``free_bytes`` (taken after the call's inputs existed, which
-    ``inputs_bytes`` adds back; 0 for previews made before a job)."""
+    ``inputs_bytes`` adds back; 0 for previews made before a job) and its ``ceiling`` (see
+    :class:`lib_memslice.probe.FreeMemory`)."""
     factor = safety_factor if safety_factor == safety_factor and safety_factor >= 1.0 else 1.0
     divisor = factor / strategies.WEBUI_MARGIN if strategy in strategies.WEBUI_RULES else factor
-    return Room(int(free_bytes) + int(inputs_bytes), max(1.0, divisor))
+    ceiling = None if ceiling_bytes is None else int(ceiling_bytes) + int(inputs_bytes)
+    return Room(int(free_bytes) + int(inputs_bytes), max(1.0, divisor), ceiling=ceiling)
 
 
 def budget_room(budget_bytes: int) -> Room:

@@ -281,3 +281,32 @@ def test_the_stock_vae_attentions_term_is_what_the_real_attnblock_allocates(dtyp
     shape = AttentionShape(1, tokens, tokens, channels, element_size=size)
     predicted = peak_bytes(shape, 1, tokens, KernelChoice("stock"))
     assert predicted == measured or abs(predicted - measured) <= 64, (predicted, measured)
+
+
+def test_on_apple_fits_is_the_working_set_and_tight_is_up_to_the_ceiling(monkeypatch):
+    """Unified memory: a job fits within Metal's recommended working set, is tight past it up to what the allocator
+    grants within RAM (the GPU pages, the Mac swaps), and does not fit beyond. The review's case: an 8 GiB Mac read
+    9.07 GiB free and SDXL at 1024 px "fit"."""
+    from .test_probe import FakeMps, on_mps
+
+    ram = 8 * GiB
+    free = on_mps(monkeypatch, FakeMps(int(ram * 2 / 3), 0, 0), ram=ram, resident=GiB)
+    sdxl = builtin_job("sdxl", 1024, 1024, batch=1, memory_bytes=free.bytes, ceiling_bytes=free.ceiling,
+                       element_size=2, device_kind="mps")  # fmt: skip
+    assert plan_job(sdxl, einsum_only)["verdict"] != "fits"
+    need = plan_pass(replace(sdxl, ceiling_bytes=None, memory_bytes=64 * GiB), passes(sdxl)[0], einsum_only)
+    total = need["total_bytes"]
+    low = need["weight_bytes"] + need["input_bytes"] + need["activation_bytes"] - 256 * MiB
+    cases = ((64 * GiB, None, "fits"), (64 * GiB, 128 * GiB, "fits"), (low, None, "does not fit"),
+             (low, 2 * total, "tight"), (low, low + MiB, "does not fit"))  # fmt: skip
+    for memory, ceiling, verdict in cases:
+        job = replace(sdxl, memory_bytes=memory, ceiling_bytes=ceiling)
+        assert plan_pass(job, passes(job)[0], einsum_only)["verdict"] == verdict, (memory, ceiling)
+    stock = builtin_job("sd15", 1024, 1024, batch=1, memory_bytes=64 * GiB, element_size=2, vae="off",
+                        device_kind="mps")  # fmt: skip
+    decode = passes(stock)[1]
+    ample = plan_pass(stock, decode, einsum_only)
+    live = activations.vae_decode_live_bytes(1024, 1024, 1, 2)["vae.mid"]
+    short = ample["weight_bytes"] + ample["input_bytes"] + live + ample["attention_bytes"] // 2  # fits past free only
+    planned = plan_pass(replace(stock, memory_bytes=short, ceiling_bytes=2 * ample["total_bytes"]), decode, einsum_only)
+    assert planned["verdict"] == "tight" and any(row["tight"] for row in planned["layers"])

@@ -120,8 +120,10 @@ class FakeMps:
         return self.tensors
 
 
-def on_mps(monkeypatch, fake, ratio=None):
+def on_mps(monkeypatch, fake, ratio=None, ram=64 * GiB, resident=GiB):
     monkeypatch.setattr(torch, "mps", fake, raising=False)
+    monkeypatch.setattr(probe, "_physical_memory", lambda: ram)
+    monkeypatch.setattr(probe, "_resident_bytes", lambda: resident)
     if ratio is None:
         monkeypatch.delenv("PYTORCH_MPS_HIGH_WATERMARK_RATIO", raising=False)
     else:
@@ -129,35 +131,48 @@ def on_mps(monkeypatch, fake, ratio=None):
     return probe.free_memory("mps")
 
 
-def test_mps_cached_pools_count_as_free(monkeypatch):
-    """The reported case: recommended 10.7 GiB, driver 11 GiB (cached pools included), tensors 8 GiB. The old probe
-    said 0 free and refused every call; torch grants up to 1.7 x the recommended working set, less the tensors."""
+def test_mps_fits_within_the_recommended_working_set_with_cached_pools_free(monkeypatch):
+    """The reported case: recommended 10.7 GiB, driver 11 GiB (cached pools included), tensors 8 GiB. A probe of the
+    driver's memory said 0 free and refused every call; the cached pools are free (the allocator releases them
+    before refusing). Past the working set torch still grants up to 1.7 x it: tight, not free."""
     found = on_mps(monkeypatch, FakeMps(int(10.7 * GiB), 11 * GiB, 8 * GiB))
-    assert found.bytes == int(1.7 * int(10.7 * GiB)) - 8 * GiB and found.trusted and "1.7" in found.source
+    assert found.bytes == int(10.7 * GiB) - 8 * GiB and found.trusted
+    assert found.ceiling == int(1.7 * int(10.7 * GiB)) - 8 * GiB and "1.7" in found.source
+
+
+def test_an_8_gib_mac_never_reads_more_than_it_has(monkeypatch):
+    """The review's case: an 8 GiB Mac read 9.07 GiB free (1.7 x its working set) and SDXL at 1024 "fit"."""
+    ram = 8 * GiB
+    found = on_mps(monkeypatch, FakeMps(int(ram * 2 / 3), GiB, GiB // 2), ram=ram, resident=2 * GiB)
+    assert found.bytes == int(ram * 2 / 3) - GiB // 2  # the working set less the tensors
+    assert found.ceiling == ram - 2 * GiB - GiB // 2 < int(1.7 * int(ram * 2 / 3)) - GiB // 2  # RAM binds
+    assert found.bytes <= found.ceiling < ram
 
 
 def test_mps_honours_the_watermark_ratio(monkeypatch):
     fake = FakeMps(10 * GiB, 9 * GiB, 6 * GiB)
-    assert on_mps(monkeypatch, fake, "1.0").bytes == 4 * GiB
-    assert on_mps(monkeypatch, fake, "2.0").bytes == 14 * GiB
-    lying_cpu_probe(monkeypatch, 20 * GiB)
-    unlimited = on_mps(monkeypatch, fake, "0.0")  # no limit: system memory plus the cached pools
-    assert unlimited.bytes == 20 * GiB + 3 * GiB and "no MPS limit" in unlimited.source
+    assert on_mps(monkeypatch, fake, "1.0").ceiling == 4 * GiB == on_mps(monkeypatch, fake, "1.0").bytes
+    two = on_mps(monkeypatch, fake, "2.0")
+    assert two.ceiling == 14 * GiB and two.bytes == 4 * GiB
+    unlimited = on_mps(monkeypatch, fake, "0.0", ram=32 * GiB)  # no limit: RAM less what the process holds
+    assert unlimited.ceiling == 32 * GiB - GiB - 6 * GiB and unlimited.bytes == 4 * GiB
+    assert "no MPS limit" in unlimited.source
+    assert on_mps(monkeypatch, fake, "0.5").bytes == 0  # the allocator refuses before the working set
 
 
-def test_mps_over_the_recommended_working_set_is_still_granted_up_to_the_limit(monkeypatch):
+def test_mps_over_the_recommended_working_set_is_tight_up_to_the_limit(monkeypatch):
     found = on_mps(monkeypatch, FakeMps(10 * GiB, 14 * GiB, 13 * GiB))
-    assert found.bytes == 17 * GiB - 13 * GiB
-    assert on_mps(monkeypatch, FakeMps(10 * GiB, 18 * GiB, 18 * GiB)).bytes == 0  # at the limit: nothing
+    assert found.bytes == 0 and found.ceiling == 17 * GiB - 13 * GiB
+    at_limit = on_mps(monkeypatch, FakeMps(10 * GiB, 18 * GiB, 18 * GiB))
+    assert at_limit.bytes == 0 and at_limit.ceiling == 0
 
 
 def test_mps_on_the_apple_pins_torch_estimates_the_working_set_from_ram(monkeypatch):
     """torch 2.3.1 (the webui's Apple pin) has no recommended_max_memory: 2/3 of RAM up to 36 GB, 3/4 above."""
-    monkeypatch.setattr(probe, "_physical_memory", lambda: 16 * 10**9)
-    found = on_mps(monkeypatch, FakeMps(0, 2 * GiB, GiB, old=True))
-    assert found.bytes == int(1.7 * int(16 * 10**9 * 2 / 3)) - GiB and "2/3 of RAM" in found.source
-    monkeypatch.setattr(probe, "_physical_memory", lambda: 64 * 10**9)
-    assert on_mps(monkeypatch, FakeMps(0, 0, 0, old=True)).bytes == int(1.7 * int(64 * 10**9 * 3 / 4))
+    found = on_mps(monkeypatch, FakeMps(0, 2 * GiB, GiB, old=True), ram=16 * 10**9)
+    assert found.bytes == int(16 * 10**9 * 2 / 3) - GiB and "2/3 of RAM" in found.source
+    assert found.ceiling == 16 * 10**9 - GiB - GiB < int(1.7 * int(16 * 10**9 * 2 / 3)) - GiB  # RAM binds
+    assert on_mps(monkeypatch, FakeMps(0, 0, 0, old=True), ram=64 * 10**9).bytes == int(64 * 10**9 * 3 / 4)
 
 
 @pytest.mark.parametrize(("text", "ratio"), [("1.5", 1.5), ("0", 0.0), ("2.0x", 2.0), ("abc", 0.0), (" 1e0", 1.0)])

@@ -100,8 +100,11 @@ def test_specs_match_the_issue():
     assert keys["memslice_log"].choices == ("off", "summary", "every call")
 
 
-@pytest.mark.parametrize(("raw", "expected"), [(True, "auto"), (False, "off"), ("true", "auto"), ("False", "off"),
-                                               (1, "auto"), (0, "off"), ("attention", "attention"), ("OFF", "off")])  # fmt: skip
+LEGACY_VAE = [(True, "auto"), (False, "off"), ("true", "auto"), ("False", "off"), (1, "auto"), (0, "off"),
+              ("attention", "attention"), ("OFF", "off")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "expected"), LEGACY_VAE)
 def test_the_vae_choice_reads_what_the_old_switch_stored_without_a_warning(raw, expected, caplog):
     """memslice_vae was a checkbox before 0.4.0: config.json files hold true/false, read as auto/off silently."""
     spec = s.SPEC_BY_KEY["memslice_vae"]

@@ -8,6 +8,8 @@ from typing import Any
 
 from lib_memslice.costs import format_bytes
 
+from . import parity as parity_mod
+
 STATUS_PASS, STATUS_FAIL, STATUS_NA = "PASS", "FAIL", "N/A"
 
 
@@ -17,7 +19,7 @@ def _margin(t: dict[str, Any]) -> str:
     worst, threshold = n.get("worst"), n.get("threshold")
     if not isinstance(worst, (int, float)) or not threshold:
         return "-"
-    return f"{worst:.3g} vs <= {threshold:.3g}"
+    return f"{worst:.4g} vs <= {threshold:.4g}"
 
 
 def targets_lines(targets: list[dict[str, Any]]) -> list[str]:
@@ -102,11 +104,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['site']} | {format_bytes(row['free_bytes'])} | {row['regime']} | {' | '.join(cells)} | "
             f"{row['physical_limit']} |"
         )
-    o = report["overhead"]
+    o = report.get("overhead")
+    if o:
+        lines += ["", f"Per-call overhead on the fast path: {o['per_call_us']:.2f} us (fastest batch "
+                  f"{o['min_us']:.2f} us)."]  # fmt: skip
     lines += [
         "",
-        f"Per-call overhead on the fast path: {o['per_call_us']:.2f} us (fastest batch {o['min_us']:.2f} us).",
-        "",
+        *parity_mod.markdown_lines(report.get("parity")),
         "## Contenders",
         "",
         "| name | what it is | what it does with the free-memory number |",

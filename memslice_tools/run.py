@@ -29,6 +29,7 @@ from lib_memslice.costs import GiB, MiB, format_bytes
 from lib_memslice.forwards import describe, plan_call
 from lib_memslice.settings import Settings
 
+from . import parity as parity_mod
 from . import report as report_mod
 from . import speed as speed_mod
 from .contenders import MEMSLICE_AUTO, SDPA, Contender, all_contenders, heads_view, make_case, make_inputs
@@ -62,24 +63,30 @@ class Mode:
     limit_contenders: tuple[str, ...] = LIMIT_CONTENDERS
     speed: speed_mod.Plan = speed_mod.FULL
     limit_regimes: tuple[bool, ...] = (False, True)  # fused kernels allowed?
+    parity: parity_mod.Plan = parity_mod.FULL
 
 
 def make_mode(name: str, rounds: int | None) -> Mode:
     if name == "smoke":
         mode = Mode("smoke", SMOKE_CASES, (2 * MiB, 8 * MiB), 2, 5.0, True, (8 * MiB,), 500,
-                    "test-only: 128 px cases, budgets of 2 and 8 MiB", speed=speed_mod.SMOKE)  # fmt: skip
+                    "test-only: 128 px cases, budgets of 2 and 8 MiB", speed=speed_mod.SMOKE,
+                    parity=parity_mod.SMOKE)  # fmt: skip
     elif name == "quick":
         mode = Mode(
             "quick", QUICK_CASES[:1], BUDGETS, 2, 20.0, False, (256 * MiB,), 20000,
             "SD1.5 512 px; speed: UNet level 0 and VAE, 2 threads, fp32; memory and the fused regime: UNet level 0 "
-            "(timed at 256 MiB); largest size without a fused kernel at 256 MiB, UNet level 0",
+            "(timed at 256 MiB); largest size without a fused kernel at 256 MiB, UNet level 0; parity with the "
+            "webui's sdp forward at 256 and 1024 tokens, 2 threads, fp32",
             timed_budgets=(256 * MiB,), fused_timed=(MEMSLICE_AUTO, SDPA), limit_sites=("unet.level0.self",),
             limit_contenders=(MEMSLICE_AUTO, "Doggettx"), speed=speed_mod.QUICK, limit_regimes=(False,),
+            parity=parity_mod.QUICK,
         )  # fmt: skip
     else:
         mode = Mode("full", FULL_CASES, BUDGETS, 3, 40.0, True, LIMIT_FREE, 50000,
                     "no fused kernel: SD1.5 UNet level 0 at 512, 768, 1024 px and the VAE at 512, 1024 px, 1 and 2 "
-                    "threads, fp32 and bf16, 256 MiB and 1 GiB; memory and the fused regime at 512 px",
+                    "threads, fp32 and bf16, 256 MiB and 1 GiB; memory and the fused regime at 512 px; parity "
+                    "with the webui's sdp forward at 256, 1024, 4096 tokens and 77 keys, 1 and 2 threads, fp32 "
+                    "and bf16",
                     timed_budgets=(256 * MiB,), fused_timed=(MEMSLICE_AUTO, SDPA))  # fmt: skip
     if rounds is not None:
         mode = Mode(**{**mode.__dict__, "rounds": max(2, rounds)})
@@ -395,7 +402,11 @@ def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         worst=max((g for g, *_ in gaps.values()), default=None), threshold=64,
     ))  # fmt: skip
 
-    # 6: per-call overhead on the fast path
+    # 6: the fused kernel on the real modules: memslice's forward against the webui's sdp forward
+    if "parity" in report:
+        targets.append(parity_mod.judge(report["parity"]))
+
+    # 7: per-call overhead on the fast path
     o = report["overhead"]
     targets.append(_target(
         "overhead", "per-call planning + probing on the fast path <= 10 us",
@@ -423,6 +434,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 3, quick 2; the speed section sets its own per case)")  # fmt: skip
     parser.add_argument("--webui", default=None, help="a webui checkout: run its real functions (read-only)")
     parser.add_argument("--gpu-check", action="store_true", help="the CUDA checks (see make gpu-check)")
+    parser.add_argument("--parity", action="store_true", help="only the parity section: memslice's forward against "
+                        "the webui's sdp forward on the real ldm modules (with --quick: fewer cases)")  # fmt: skip
     parser.add_argument(
         "--glibc-defaults",
         dest="glibc_defaults",
@@ -481,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "cases": [],
     }
+    if args.parity:  # the parity section alone
+        log(f"fused kernel, the real modules: memslice's forward vs the webui's sdp forward [{mode.parity.rounds} "
+            "rounds at most]")  # fmt: skip
+        report["parity"] = parity_mod.section(mode.parity, args.webui, log)
+        report["targets"] = [parity_mod.judge(report["parity"])]
+        return _finish(report, args.out, began, busy, log)
     with torch.no_grad():
         for index, (model, site, pixels) in enumerate(mode.cases, 1):
             case = make_case(model, site, pixels)
@@ -498,14 +517,24 @@ def main(argv: list[str] | None = None) -> int:
         report["limits"] = limits_section(by_name, mode, log)
     log(f"per-call overhead [{time.perf_counter() - began:.0f} s]")
     report["overhead"] = planning_overhead(mode.overhead_calls)
+    log(f"fused kernel, the real modules: memslice's forward vs the webui's sdp forward "
+        f"[{time.perf_counter() - began:.0f} s]")  # fmt: skip
+    report["parity"] = parity_mod.section(mode.parity, args.webui, log)
     report["targets"] = judge_targets(report)
+    return _finish(report, args.out, began, busy, log)
+
+
+def _finish(report: dict[str, Any], out: str, began: float, busy: tuple[float, float] | None,
+            log: Callable[[str], None]) -> int:  # fmt: skip
+    """The run's wall time and the other processes' share into the report; the report written; the targets
+    printed."""
     wall = time.perf_counter() - began
     report["meta"]["wall_s"] = wall
     end = cpu_busy()
     if busy and end and wall > 0:
         other = max(0.0, (end[0] - busy[0]) - (end[1] - busy[1]))
         report["meta"]["other_processes_share"] = other / (wall * (os.cpu_count() or 1))
-    paths = report_mod.write_all(report, args.out)
+    paths = report_mod.write_all(report, out)
     log("")
     for line in report_mod.targets_lines(report["targets"]):
         log(line)

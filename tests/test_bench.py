@@ -10,6 +10,7 @@ import torch
 
 from lib_memslice.costs import MiB
 from memslice_tools import limits
+from memslice_tools import parity as parity_mod
 from memslice_tools import report as report_mod
 from memslice_tools.contenders import all_contenders, make_case
 from memslice_tools.run import judge_targets, main
@@ -25,7 +26,7 @@ def smoke(tmp_path_factory):
 def test_a_smoke_run_writes_a_complete_report(smoke):
     out, report = smoke
     assert (out / "bench-report.md").read_text().startswith("# memslice benchmark")
-    for key in ("meta", "contenders", "cases", "speed", "limits", "overhead", "targets"):
+    for key in ("meta", "contenders", "cases", "speed", "limits", "overhead", "parity", "targets"):
         assert key in report
     meta = report["meta"]
     assert meta["allocator"] and meta["torch"] == torch.__version__ and meta["threads"] >= 1
@@ -33,7 +34,8 @@ def test_a_smoke_run_writes_a_complete_report(smoke):
     assert regimes == {(False, False), (True, False), (True, True)}  # no-fused budgets, fused budgets, fused ample
     names = {t["name"] for t in report["targets"]}
     assert names == {"no_fused_vs_best", "no_fused_vs_fused", "steady", "contended", "slice_size_rule",
-                     "fused_vs_sdpa", "peak_within_budget", "largest_square_vs_physical", "overhead"}  # fmt: skip
+                     "fused_vs_sdpa", "peak_within_budget", "largest_square_vs_physical", "parity",
+                     "overhead"}  # fmt: skip
     assert all(t["status"] in ("PASS", "FAIL", "N/A") for t in report["targets"])
     speed = report["speed"]
     assert speed["cases"] and speed["contended"] and speed["sweeps"]
@@ -269,3 +271,94 @@ def test_a_round_runs_its_calls_back_to_back_and_keeps_per_call_numbers():
     entry.run_once()
     entry.run_once()
     assert len(made) == 8 and len(entry.wall) == 2 and entry.summary()["calls_per_round"] == 4
+
+
+# --- parity: memslice's forward against the webui's sdp forward on the real ldm modules -----------------------
+
+
+def test_the_smoke_run_times_memslices_forward_against_the_webuis_sdp_forward(smoke):
+    out, report = smoke
+    parity = report["parity"]
+    assert parity["webui"].startswith("re-implemented")  # no --webui: said so
+    assert [c["case"] for c in parity["cases"]] == [case.label for case in parity_mod.SMOKE.cases]
+    for c in parity["cases"]:
+        assert c["rounds"] >= parity_mod.SMOKE.min_rounds and c["webui_us"] > 0
+        assert c["ratio_applies"] is (c["webui_us"] >= parity_mod.SHORT_CALL_MS * 1e3)
+        assert set(c["memslice"]) == {"memslice-auto", "memslice-doggettx"}
+        for row in c["memslice"].values():
+            assert row["kernel"] in ("fused", "einsum", "sdpa-math") and row["slices"] >= 1
+            assert isinstance(row["bit_equal"], bool) and row["max_abs_diff"] < 1e-5
+            assert row["ratio_iqr"][0] <= row["ratio"] <= row["ratio_iqr"][1] and row["ratio"] > 0
+            assert row["overhead_iqr_us"][0] <= row["overhead_us"] <= row["overhead_iqr_us"][1]
+        profile = c["profile"]
+        mine, theirs = profile["memslice-auto"], profile[parity_mod.WEBUI]
+        for piece in ("options read (read_settings)", "describe", "plan_call: memo and planning glue", "record",
+                      "run_call (own)", "attend (own)", "forward: layout and glue (own)", "projections"):  # fmt: skip
+            assert piece in mine["us_per_call"], piece
+        assert "describe" not in theirs["us_per_call"] and "projections" in theirs["us_per_call"]
+        assert mine["calls"] >= parity_mod.PROFILE_MIN_CALLS and mine["probes_per_call"] >= 0
+        assert mine["host_us_over_webui"] == pytest.approx(mine["host_us"] - theirs["host_us"])
+    target = next(t for t in report["targets"] if t["name"] == "parity")
+    assert target["status"] in ("PASS", "FAIL", "N/A") and "webui sdp: re-implemented" in target["detail"]
+    text = (out / "bench-report.md").read_text()
+    assert "## Fused kernel, the real modules: memslice's forward vs the webui's sdp forward" in text
+    assert "Host work per call" in text and "| memslice-doggettx |" in text
+
+
+def test_the_parity_section_runs_alone_and_leaves_the_runtime_as_it_was(tmp_path):
+    """``bench --parity`` writes a report of that section alone; the profile's timers are taken off again."""
+    import torch.nn.functional as F
+
+    from lib_memslice import forwards, kernels, probe
+
+    before = (forwards.attend, forwards.describe, forwards.plan_call, forwards.record, forwards.run_call,
+              kernels.run_plan, kernels._sdpa, probe.free_memory, F.scaled_dot_product_attention)  # fmt: skip
+    assert main(["--parity", "--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench-report.json").read_text())
+    assert [t["name"] for t in report["targets"]] == ["parity"] and len(report["parity"]["cases"]) == 2
+    assert "speed" not in report and "## Fused kernel, the real modules" in (tmp_path / "bench-report.md").read_text()
+    after = (forwards.attend, forwards.describe, forwards.plan_call, forwards.record, forwards.run_call,
+             kernels.run_plan, kernels._sdpa, probe.free_memory, F.scaled_dot_product_attention)  # fmt: skip
+    assert all(a is b for a, b in zip(before, after, strict=True))
+
+
+def test_the_bit_equality_column_sees_a_different_output():
+    case = parity_mod.SMOKE.cases[1]
+    plan = parity_mod.Plan((case,), (torch.float32,), (1,), 2, 2, 0.1, 0.0)
+
+    def off_by_a_little(self, x, context=None, **kwargs):
+        return parity_mod.reimplemented_sdp_forward(self, x, context) * (1 + 2**-20)
+
+    found = parity_mod.measure(case, torch.float32, 1, plan, off_by_a_little, lambda _: None)
+    for row in found["memslice"].values():
+        assert row["bit_equal"] is False and 0 < row["max_abs_diff"] < 1e-3
+
+
+def _parity(ratio, webui_us=5000.0):
+    row = {"ratio": ratio, "ratio_iqr": [ratio, ratio], "overhead_us": (ratio - 1) * webui_us,
+           "overhead_iqr_us": [0.0, 0.0], "bit_equal": True, "kernel": "fused", "slices": 1}  # fmt: skip
+    return {"webui": "re-implemented", "cases": [{"case": "256 tokens self", "dtype": "float32", "threads": 2,
+            "webui_us": webui_us, "ratio_applies": webui_us >= parity_mod.SHORT_CALL_MS * 1e3,
+            "memslice": {"memslice-auto": row}}]}  # fmt: skip
+
+
+def test_the_parity_target_fails_past_its_ratio_and_states_the_overhead_of_calls_too_short_for_one():
+    assert parity_mod.judge(_parity(1.004))["status"] == "PASS"
+    regressed = parity_mod.judge(_parity(1.01))
+    assert regressed["status"] == "FAIL" and "over: 256 tokens self float32 2t memslice-auto 1.0100x" in regressed[
+        "detail"]  # fmt: skip
+    assert "closest to failing: 256 tokens self float32 2t memslice-auto 1.0100x of <= 1.005x" in regressed["detail"]
+    assert "| **FAIL** | 1.01 vs <= 1.005 |" in "\n".join(report_mod.targets_lines([regressed]))
+    short = parity_mod.judge(_parity(1.2, webui_us=100.0))  # 20 us over a 0.1 ms call: no ratio judged, stated
+    assert short["status"] == "N/A" and "memslice-auto +20.0 us" in short["detail"] and "0.10 ms call" in short[
+        "detail"]  # fmt: skip
+
+
+@pytest.mark.skipif(not os.environ.get("WEBUI_DIR"), reason="WEBUI_DIR is not set: no webui checkout to load from")
+def test_the_parity_sections_webui_forward_is_the_real_one_with_a_checkout():
+    forward, which = parity_mod.webui_forward(os.environ["WEBUI_DIR"])
+    assert which.startswith("real: scaled_dot_product_attention_forward from")
+    for case in parity_mod.SMOKE.cases:
+        layer, x, ctx = parity_mod.build(case, torch.float32)
+        with torch.no_grad():
+            assert torch.equal(forward(layer, x, context=ctx), parity_mod.reimplemented_sdp_forward(layer, x, ctx))

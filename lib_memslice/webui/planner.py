@@ -9,6 +9,7 @@ planned model's own weights count against it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from modules import shared  # type: ignore[import-not-found]
 
 from .. import kernels, probe
 from ..costs import format_bytes
-from ..job_plan import NOT_PLANNED, make_job, not_planned, plan_job
+from ..job_plan import NOT_PLANNED, Job, make_job, not_planned, plan_job
 from ..models import BUILTIN, ModelSpec, Weights, sites_from_modules
 from ..settings import Settings, read_settings
 from .host import HOST, active_entry, device, device_kind
@@ -83,6 +84,91 @@ def settings_with(overrides: dict[str, Any]) -> Settings:
     return read_settings(lambda key, default: base.get(key, default))
 
 
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything a plan answer depends on, read once: :func:`plan_inputs` computes the answer from it alone, so it
+    is the routes' cache key (hashable; a new input of the planner goes here or the cache could serve a stale
+    answer)."""
+
+    job: Job | None  # None: a model memslice does not plan (then kind, sizes and memory say what was asked)
+    kind: str
+    width: int
+    height: int
+    batch: int
+    memory: int
+    free: probe.FreeMemory
+    resident: int  # the loaded weights counted in ``memory``
+    model_source: str
+    settings: Settings
+    device_kind: str
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+
+
+def inputs_for(
+    width: int,
+    height: int,
+    batch: int = 1,
+    model: str | None = None,
+    strategy: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    hr_scale: float | None = None,
+    hr_width: int | None = None,
+    hr_height: int | None = None,
+    hr_upscaler: str = "latent",
+    img2img: bool = False,
+    free: probe.FreeMemory | None = None,
+) -> PlanInputs:
+    """What :func:`plan_for` plans from: the request, the settings, the loaded model, the dtypes, free memory."""
+    settings = settings_with(overrides or {})
+    kind = model or _loaded["kind"] or "sd15"
+    free = free or probe.free_memory(device())
+    weights, medvram = _resident_weights()
+    resident = 0 if medvram or weights is None else weights.unet + weights.vae + weights.text
+    memory = free.bytes + resident
+    from modules import devices  # type: ignore[import-not-found]
+
+    dtype = getattr(devices, "dtype", torch.float16)
+    vae_dtype = getattr(devices, "dtype_vae", dtype)  # float32 with --no-half-vae
+    found = dict(kind=kind, width=width, height=height, batch=batch, memory=memory, free=free, resident=resident,
+                 settings=settings, device_kind=device_kind(), dtype=dtype, vae_dtype=vae_dtype)  # fmt: skip
+    if kind in NOT_PLANNED:
+        return PlanInputs(job=None, model_source="loaded", **found)  # type: ignore[arg-type]
+    named = model is not None
+    spec = BUILTIN[kind] if named else (loaded_spec() or BUILTIN[kind])
+    entry = active_entry()
+    job = make_job(spec, kind, width, height, batch, memory, settings, hr_scale=hr_scale, hr_width=hr_width,
+                   hr_height=hr_height, hr_upscaler=hr_upscaler, img2img=img2img,
+                   strategy=strategy or (entry.strategy if entry else "auto"),
+                   element_size=torch.finfo(dtype).bits // 8, vae_element_size=torch.finfo(vae_dtype).bits // 8,
+                   upcast_attention=HOST.upcast(), weights=None if named else weights, medvram=medvram,
+                   device_kind=found["device_kind"])  # fmt: skip
+    source = "named" if named else ("loaded" if loaded_spec() else "default (no model loaded yet)")
+    return PlanInputs(job=job, model_source=source, **found)  # type: ignore[arg-type]
+
+
+def plan_inputs(inputs: PlanInputs) -> dict[str, Any]:
+    """The job planner's answer for ``inputs``: arithmetic only, and nothing read but ``inputs``."""
+    free, settings, job = inputs.free, inputs.settings, inputs.job
+    if job is None:
+        result = not_planned(inputs.kind, inputs.width, inputs.height, inputs.batch, inputs.memory,
+                             NOT_PLANNED[inputs.kind])  # fmt: skip
+        result.update(model_source=inputs.model_source, memory_source=free.source)
+        return result
+    kernels_for = kernels.kernels_for_job(inputs.device_kind, inputs.dtype, inputs.vae_dtype, settings.kernel)
+    result = plan_job(job, kernels_for)
+    budget = settings.budget_gb > 0
+    result.update(
+        model_source=inputs.model_source,
+        memory_source=f"{free.source} + the loaded model's weights" if inputs.resident else free.source,
+        free_bytes=free.bytes,
+        room=(f"attention budget {format_bytes(settings.budget_gb * (1 << 30))}" if budget
+              else f"what each call finds free / safety factor {settings.safety_factor:g}"),
+        settings=settings.as_options(),
+    )  # fmt: skip
+    return result
+
+
 def plan_for(
     width: int,
     height: int,
@@ -99,37 +185,5 @@ def plan_for(
 ) -> dict[str, Any]:
     """The job planner's answer for the loaded model (or a named built-in one): arithmetic only. ``free`` is a
     reading already taken (the failure context passes the one from the job's start); None reads it now."""
-    settings = settings_with(overrides or {})
-    kind = model or _loaded["kind"] or "sd15"
-    free = free or probe.free_memory(device())
-    weights, medvram = _resident_weights()
-    resident = 0 if medvram or weights is None else weights.unet + weights.vae + weights.text
-    memory = free.bytes + resident
-    if kind in NOT_PLANNED:
-        result = not_planned(kind, width, height, batch, memory, NOT_PLANNED[kind])
-        result.update(model_source="loaded", memory_source=free.source)
-        return result
-    named = model is not None
-    spec = BUILTIN[kind] if named else (loaded_spec() or BUILTIN[kind])
-    entry = active_entry()
-    from modules import devices  # type: ignore[import-not-found]
-
-    dtype = getattr(devices, "dtype", torch.float16)
-    vae_dtype = getattr(devices, "dtype_vae", dtype)  # float32 with --no-half-vae
-    job = make_job(spec, kind, width, height, batch, memory, settings, hr_scale=hr_scale, hr_width=hr_width,
-                   hr_height=hr_height, hr_upscaler=hr_upscaler, img2img=img2img,
-                   strategy=strategy or (entry.strategy if entry else "auto"),
-                   element_size=torch.finfo(dtype).bits // 8, vae_element_size=torch.finfo(vae_dtype).bits // 8,
-                   upcast_attention=HOST.upcast(), weights=None if named else weights, medvram=medvram,
-                   device_kind=device_kind())  # fmt: skip
-    result = plan_job(job, kernels.kernels_for_job(device_kind(), dtype, vae_dtype, settings.kernel))
-    budget = settings.budget_gb > 0
-    result.update(
-        model_source="named" if named else ("loaded" if loaded_spec() else "default (no model loaded yet)"),
-        memory_source=f"{free.source} + the loaded model's weights" if resident else free.source,
-        free_bytes=free.bytes,
-        room=(f"attention budget {format_bytes(settings.budget_gb * (1 << 30))}" if budget
-              else f"what each call finds free / safety factor {settings.safety_factor:g}"),
-        settings=settings.as_options(),
-    )  # fmt: skip
-    return result
+    return plan_inputs(inputs_for(width, height, batch, model, strategy, overrides, hr_scale, hr_width, hr_height,
+                                  hr_upscaler, img2img, free))  # fmt: skip

@@ -28,6 +28,9 @@ cmd_opts = argparse.Namespace(
     opt_sub_quad_attention=False,
     opt_split_attention_invokeai=False,
     disable_opt_split_attention=False,
+    api_auth=None,
+    gradio_auth=None,
+    gradio_auth_path=None,
     opt_memslice=False,
 )
 device = torch.device("cpu")

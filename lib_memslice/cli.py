@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import __version__, kernels, probe
-from .costs import GiB, format_bytes
+from .costs import GiB, format_bytes, plural
 from .job_plan import DTYPE_BYTES, NOT_PLANNED, UPSCALERS, make_job, plan_job
 from .models import BUILTIN, MODEL_NAMES
 from .settings import KERNELS, SPEC_BY_KEY, VAE_MODES, Settings, coerce
@@ -292,7 +292,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"'Automatic' in Cross attention optimization picks: {info['automatic_picks']}")
     for name, plan in info["plans"].items():
         print(
-            f"  {name}: {plan['verdict']}, at most {plan['max_slices']} slices; "
+            f"  {name}: {plan['verdict']}, at most {plural(plan['max_slices'], 'slice')}; "
             f"largest square: {plan['max_square_resolution']} px"
         )
     return 0

@@ -47,6 +47,13 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def plural(n: int, word: str) -> str:
+    """``1 slice``, ``8 slices``; ``retry`` becomes ``retries``."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
+
+
 @dataclass(frozen=True)
 class AttentionShape:
     """One attention call: ``batch_heads`` rows (batch items x heads) of ``q_tokens`` queries against ``k_tokens``

@@ -21,12 +21,12 @@ from typing import Any, Protocol
 import torch
 
 from . import kernels, probe
-from .costs import AttentionShape, GiB, KernelChoice, format_bytes
+from .costs import AttentionShape, GiB, KernelChoice, format_bytes, plural
 from .limits import Attempt, Geometry, NotEnoughMemory, not_enough_memory, out_of_memory
 from .models import LATENT_DOWNSCALE, site_of
 from .settings import Settings
 from .slicing import Room, SlicePlan, budget_room, plan_chain, plan_in, room_for, smallest_peak_plan
-from .stats import CallRecord, Stats, plural
+from .stats import CallRecord, Stats
 
 log = logging.getLogger("memslice")
 
@@ -153,6 +153,7 @@ class Planned:
     free: probe.FreeMemory | None  # the probe's reading; None when the attention budget is set
     over_margin: bool = False  # only the safety factor refused: planned in free memory itself
     retries: int = 0
+    chain: tuple[KernelChoice, ...] = ()  # the kernels the call may use, fastest first (retries move down it)
 
     def explain(self) -> str:
         """Where the room came from, for logs."""
@@ -202,7 +203,7 @@ def _planned(
     if plan is None:
         return None
     limit = room.limit().bytes_for(call.shape) if over_margin else room.bytes_for(call.shape)
-    return Planned(plan, room, limit, free, over_margin=over_margin)
+    return Planned(plan, room, limit, free, over_margin=over_margin, chain=choices)
 
 
 def _refused(
@@ -303,10 +304,12 @@ def _stopped(call: Call, attempts: list[Attempt], bound: str) -> NotEnoughMemory
 def _after_oom(call: Call, planned: Planned, stage: str, attempts: list[Attempt]) -> tuple[Planned, str]:
     """The plan to try after an out-of-memory error and the retry stage it starts, or NotEnoughMemory.
 
-    Einsum and SDPA-math plans double their slices (in the room they were planned in) up to the cap. A fused plan
-    holds little more than its output, and slicing never shrinks that: it is retried sliced at most once, and only
-    when slicing shrinks its input copies; then (``kernel = auto``) the einsum kernel's smallest-peak plan runs
-    once; if that also runs out, the output itself does not fit.
+    Einsum and SDPA-math plans double their slices (in the room they were planned in) up to the cap, on their
+    kernel or a leaner one further down the call's chain (one CPU worker instead of several); where the slices
+    cannot double (the cap, or a call already cut into every row and query), a leaner kernel's smaller peak at as
+    many slices. A fused plan holds little more than its output, and slicing never shrinks that: it is retried
+    sliced at most once, and only when slicing shrinks its input copies; then (``kernel = auto``) the einsum
+    kernel's smallest-peak plan runs once; if that also runs out, the output itself does not fit.
     """
     plan = planned.plan
     cap = call.settings.slice_cap
@@ -322,12 +325,29 @@ def _after_oom(call: Call, planned: Planned, stage: str, attempts: list[Attempt]
             if last is not None:
                 return replace(planned, plan=last, retries=planned.retries + 1), "einsum-last"
         raise _stopped(call, attempts, "output")
-    if plan.slices * 2 > cap:
-        raise _stopped(call, attempts, "cap")
-    again = _plan_in(call, (plan.kernel,), planned.room_bytes, plan.slices * 2)
+    chain = planned.chain or (plan.kernel,)
+    tail = chain[chain.index(plan.kernel) :] if plan.kernel in chain else (plan.kernel,)
+    pieces = call.shape.batch_heads * call.shape.q_tokens  # a slice is at least one row and one query
+    again = None
+    if plan.slices * 2 <= min(cap, pieces):
+        again = _plan_in(call, tail, planned.room_bytes, plan.slices * 2)
     if again is None:
-        raise _stopped(call, attempts, "memory")
+        leaner = _plan_in(call, tail[1:], planned.room_bytes, plan.slices)
+        if leaner is not None and leaner.peak_bytes < plan.peak_bytes:
+            again = leaner
+    if again is None:
+        raise _stopped(call, attempts, "cap" if plan.slices * 2 > cap else "pieces" if plan.slices * 2 > pieces
+                       else "memory")  # fmt: skip
     return replace(planned, plan=again, retries=planned.retries + 1), stage
+
+
+def _label(kernel: KernelChoice, chain: tuple[KernelChoice, ...]) -> str:
+    """A kernel as an error names it: the CPU einsum kernel's workers, and its leanest form, told apart."""
+    if kernel.workers > 1:
+        return f"{kernel.kind} ({kernel.workers} workers)"
+    if kernel.kind == "einsum" and not kernel.unnormalised and any(k.unnormalised for k in chain):
+        return f"{kernel.kind} (leanest)"
+    return kernel.kind
 
 
 def run_call(call: Call, planned: Planned, scale: float) -> tuple[Tensor, Planned]:
@@ -350,15 +370,15 @@ def run_call(call: Call, planned: Planned, scale: float) -> tuple[Tensor, Planne
             del exc
         kernels.release_after_oom(call.q.device)
         before = planned.plan
-        attempts.append(Attempt(before.kernel.kind, before.slices, before.peak_bytes))
+        attempts.append(Attempt(_label(before.kernel, planned.chain), before.slices, before.peak_bytes))
         planned, stage = _after_oom(call, planned, stage, attempts)
         log.info(
             "memslice: out of memory at %s on the %s kernel (%s); retrying with %s on the %s kernel",
             plural(before.slices, "slice"),
-            before.kernel.kind,
+            _label(before.kernel, planned.chain),
             failed,
             plural(planned.plan.slices, "slice"),
-            planned.plan.kernel.kind,
+            _label(planned.plan.kernel, planned.chain),
         )
 
 

@@ -74,6 +74,7 @@ class Job:
     batch: int
     memory_bytes: int  # what the whole job may use, weights included
     hires: tuple[int, int] | None = None  # the hires pass's size
+    hires_cover: tuple[int, int] | None = None  # the size the picture is upscaled to, when not the hires size
     hires_upscaler: str = "latent"  # "image": decode, upscale the picture, encode again
     img2img: bool = False
     element_size: int = 2  # the UNet's (and the text encoder's) element size
@@ -113,21 +114,37 @@ class Pass:
     batch: int
 
 
+def hires_sizes(
+    width: int, height: int, scale: float | None, hr_width: int | None, hr_height: int | None
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """``(the hires pass's size, the size the picture is upscaled to)`` as webui 1.10.1 computes them
+    (``calculate_target_resolution``, then the crop in ``sample_hr_pass``): a target size wins over the scale; one
+    side given keeps the first pass's aspect ratio; both given, the picture is upscaled to cover the target (the
+    image upscaler's encode runs there) and its latent cropped to it (the pass runs at the target, to 8 px)."""
+    if hr_width and hr_height:
+        if width / height < hr_width / hr_height:
+            cover = (hr_width, hr_width * height // width)
+        else:
+            cover = (hr_height * width // height, hr_height)
+        crop = (8 * (cover[0] // 8 - (cover[0] - hr_width) // 8), 8 * (cover[1] // 8 - (cover[1] - hr_height) // 8))
+        return crop, cover
+    if hr_width:
+        size = (hr_width, hr_width * height // width)
+    elif hr_height:
+        size = (hr_height * width // height, hr_height)
+    elif scale and scale != 1:
+        size = (int(width * scale), int(height * scale))
+    else:
+        return None
+    return size, size
+
+
 def hires_size(
     width: int, height: int, scale: float | None, hr_width: int | None, hr_height: int | None
 ) -> tuple[int, int] | None:
-    """The hires pass's size as the webui 1.10.1 computes it (``calculate_target_resolution``): a target size
-    wins over the scale; one side given keeps the first pass's aspect ratio; both given, the picture is upscaled to
-    cover the target and cropped to it, so the pass runs at the target."""
-    if hr_width and hr_height:
-        return hr_width, hr_height
-    if hr_width:
-        return hr_width, hr_width * height // width
-    if hr_height:
-        return hr_height * width // height, hr_height
-    if scale and scale != 1:
-        return int(width * scale), int(height * scale)
-    return None
+    """The hires pass's size (see :func:`hires_sizes`)."""
+    sizes = hires_sizes(width, height, scale, hr_width, hr_height)
+    return sizes[0] if sizes else None
 
 
 def passes(job: Job) -> list[Pass]:
@@ -140,8 +157,9 @@ def passes(job: Job) -> list[Pass]:
     if job.hires:
         hw, hh = job.hires
         if job.hires_upscaler == "image":
+            cw, ch = job.hires_cover or job.hires
             found.append(Pass("VAE decode", "vae_decode", w, h, 1))
-            found.append(Pass("VAE encode (hires)", "vae_encode", hw, hh, 1))
+            found.append(Pass("VAE encode (hires)", "vae_encode", cw, ch, 1))
         found.append(Pass("UNet (hires)", "unet", hw, hh, 2 * job.batch))
         found.append(Pass("VAE decode (hires)", "vae_decode", hw, hh, 1))
     else:
@@ -335,11 +353,13 @@ def advice(job: Job, limit: dict[str, Any]) -> str:
 
 
 def _at(job: Job, side: int) -> Job:
-    hires = None
-    if job.hires:
-        hires = (max(8, round(job.hires[0] * side / job.width / 8) * 8),
-                 max(8, round(job.hires[1] * side / job.height / 8) * 8))  # fmt: skip
-    return replace(job, width=side, height=side, hires=hires)
+
+    def scaled(size: tuple[int, int] | None) -> tuple[int, int] | None:
+        if size is None:
+            return None
+        return (max(8, round(size[0] * side / job.width / 8) * 8), max(8, round(size[1] * side / job.height / 8) * 8))
+
+    return replace(job, width=side, height=side, hires=scaled(job.hires), hires_cover=scaled(job.hires_cover))
 
 
 def job_fits(job: Job, kernels_for: KernelsFor) -> bool:
@@ -376,6 +396,7 @@ def plan_job(job: Job, kernels_for: KernelsFor) -> dict[str, Any]:
         "height": job.height,
         "batch": job.batch,
         "hires": list(job.hires) if job.hires else None,
+        "hires_cover": list(job.hires_cover) if job.hires_cover else None,
         "hires_upscaler": job.hires_upscaler if job.hires else None,
         "img2img": job.img2img,
         "memory_bytes": job.memory_bytes,
@@ -418,6 +439,7 @@ def make_job(
     """The one builder of a Job from (model, sizes, hires, memory, settings), for the CLI, the Python API and the
     HTTP routes. ``model`` holds what the caller knows of how the model runs: ``element_size``,
     ``vae_element_size``, ``upcast_attention``, ``weights``, ``medvram``, ``prompt_chunks``, ``device_kind``."""
+    sizes = hires_sizes(width, height, hr_scale, hr_width, hr_height)
     return Job(
         spec,
         arch,
@@ -425,7 +447,8 @@ def make_job(
         height,
         batch,
         int(memory_bytes),
-        hires=hires_size(width, height, hr_scale, hr_width, hr_height),
+        hires=sizes[0] if sizes else None,
+        hires_cover=sizes[1] if sizes and sizes[1] != sizes[0] else None,
         hires_upscaler=hr_upscaler,
         img2img=img2img,
         strategy=strategy,

@@ -109,10 +109,10 @@ def _size_hint(shape: AttentionShape, room: Room, kernels: Sequence[KernelChoice
     if geometry is not None:
         side = max_square_resolution(shape, geometry, room, kernels, **options)
         if side <= 0:
-            return "no image size fits this layer", side, None
+            return "no image size fits this attention layer", side, None
         counted = "its output counted; the attention budget leaves the inputs out" if room.fixed else (
             "its inputs and output counted")  # fmt: skip
-        return f"the largest square image this layer fits is {side}x{side} ({counted})", side, None
+        return f"the largest square image this attention layer alone fits is {side}x{side} ({counted})", side, None
     tokens = max_query_tokens(shape, room, kernels, **options)
     if shape.q_tokens <= 0 or tokens >= shape.q_tokens:
         return "", None, tokens
@@ -205,13 +205,16 @@ def out_of_memory(
 ) -> NotEnoughMemory:
     """The error once out-of-memory retries stop: exactly the plans that ran out, and what stopped the retries.
 
-    ``bound``: ``cap`` (the next slice count is over the slice cap), ``memory`` (no plan with more slices fits
-    what is free now), or ``output`` (a fused call: more slices cannot shrink its output, and the einsum kernel's
+    ``bound``: ``cap`` (the next slice count is over the slice cap), ``pieces`` (the call is already cut into every
+    row and query it has), ``memory`` (no plan with more slices, nor a leaner kernel, fits what is free now), or
+    ``output`` (a fused call: more slices cannot shrink its output, and the einsum kernel's
     smallest-peak plan ran out too or was not allowed). ``free`` is a fresh reading (None: an attention budget)."""
     where = f" at {site}" if site else ""
     stop = {
         "cap": f"twice the slices would pass the slice cap ({slice_cap})",
-        "memory": "no plan with twice the slices fits "
+        "pieces": f"the call cannot be cut further ({shape.batch_heads} rows of batch x heads x {shape.q_tokens} "
+        "queries, one each per slice at most)",
+        "memory": "no plan with twice the slices, nor a leaner kernel, fits "
         + (f"the {format_bytes(free)} free now" if free is not None else "the attention budget"),
         "output": f"more slices cannot shrink a fused call's output ({format_bytes(shape.output_bytes)})",
     }[bound]

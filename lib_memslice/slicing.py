@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import strategies
-from .costs import EINSUM, AttentionShape, KernelChoice, chunk_rows, format_bytes, largest_queries, peak_bytes
+from .costs import EINSUM, AttentionShape, KernelChoice, chunk_rows, format_bytes, largest_queries, peak_bytes, plural
 
 MPS_MAX_ELEMENTS = 1 << 31  # Metal cannot index a tensor with more elements
 MPS_MAX_BYTES = 4 << 30  # nor one buffer larger than this
@@ -263,11 +263,13 @@ def plan_attention(
     found, aim, floor = searched
     count = c.slices(*found)
     if count == aim.slices:
-        reason = f"{aim.why}: {count} slices"
+        reason = f"{aim.why}: {plural(count, 'slice')}"
     elif count > aim.slices:
-        reason = f"{aim.why}; {count} slices: the fewest that fit {format_bytes(c.room)}"
+        reason = f"{aim.why}; {plural(count, 'slice')}: the fewest that fit {format_bytes(c.room)}"
     else:
-        reason = f"{aim.why}; {count} slices: the fewest that fit at or above {floor} (the slice cap, {c.cap})"
+        reason = (
+            f"{aim.why}; {plural(count, 'slice')}: the fewest that fit at or above {floor} (the slice cap, {c.cap})"
+        )
     stable = False
     if aim.settled and count == floor:  # the same plan in any larger room, if it is the one an unlimited room gets
         unlimited = _search(Chunkings(shape, 1 << 62, c.cap, kernel, c.min_slices, c.metal), strategy, device_kind)

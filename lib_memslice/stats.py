@@ -12,14 +12,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .costs import format_bytes
-
-
-def plural(n: int, word: str) -> str:
-    """``1 slice``, ``8 slices``; ``retry`` becomes ``retries``."""
-    if n == 1:
-        return f"{n} {word}"
-    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
+from .costs import format_bytes, plural
 
 
 @dataclass(frozen=True)

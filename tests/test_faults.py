@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import subprocess
 import sys
 import threading
@@ -86,14 +88,56 @@ def test_no_output_when_nothing_fits_after_retries(monkeypatch):
     monkeypatch.setattr(kernels, "_slice", fake)
     host = BasicHost(Settings(budget_gb=64, slice_cap=8, kernel="einsum"))
     result = None
-    with pytest.raises(NotEnoughMemory, match=r"einsum kernel at 2, 4 and 8 slices \(predicted ") as info:
+    with pytest.raises(
+        NotEnoughMemory, match=r"einsum (\(\d workers\) )?kernel at 2, 4 and 8 slices \(predicted "
+    ) as info:
         result = attend(q, k, v, scale=1.0, strategy="auto", host=host)
     assert result is None and host.stats.total_failures == 1
     assert "twice the slices would pass the slice cap (8)" in str(info.value)
     # the attention budget (64 GiB) was evidently more than the device had: no size from it, and the advice says so
     assert "lower it to what is free" in str(info.value) and "fit: about" not in str(info.value)
-    # 2 (one head per slice), 4 and 8 slices: each attempt fails at its first slice (per worker on CPUs)
-    assert 3 <= fake.calls <= 3 * torch.get_num_threads()
+    # 2 (one head per slice), 4 and 8 slices: each attempt fails at its first slice (per worker on CPUs); then 8
+    # slices on the leaner kernels of the chain (one worker, the leanest)
+    assert listed_attempts(str(info.value))[:3] == [2, 4, 8]
+    assert 3 <= fake.calls <= 3 * torch.get_num_threads() + 2
+
+
+def test_a_call_that_cannot_be_cut_further_says_so_after_trying_the_leaner_kernels(monkeypatch):
+    """The review's case: a 2 x 2 call (two rows of batch x heads, two queries) ran out at every plan, and the error
+    said no plan with twice the slices fit the free memory, when the call could not be cut further and the
+    one-worker kernel's smaller peak had never been tried."""
+    q, k, v = projected_qkv(1, 2, 2, 64, 8)
+    fake = Failing(kernels._slice, range(1, 10_000), OOM("CUDA out of memory"))
+    monkeypatch.setattr(kernels, "_slice", fake)
+    attempts = []
+    real_run = kernels.run_plan
+    monkeypatch.setattr(kernels, "run_plan", lambda *a, **k: attempts.append(a[3]) or real_run(*a, **k))
+    with torch_threads(2), pytest.raises(NotEnoughMemory) as info:
+        attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(budget_gb=64, kernel="einsum")))
+    text = str(info.value)
+    assert "the call cannot be cut further (2 rows of batch x heads x 2 queries" in text
+    assert "twice the slices" not in text and "raise the slice cap" not in text
+    assert [plan.slices for plan in attempts][-1] == 4 and {plan.kernel.workers for plan in attempts} == {1, 2}
+    assert attempts[-1].peak_bytes < min(p.peak_bytes for p in attempts if p.kernel.workers == 2)
+    assert "einsum (2 workers) kernel at" in text and "on the einsum kernel at 4 slices" in text
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def listed_attempts(text):
+    """The slice counts an out-of-memory error lists, kernel by kernel, in order."""
+    found = []
+    for match in re.finditer(r"kernel at ([\d, and]+?) slices? \(predicted", text):
+        found += [int(n) for n in match.group(1).replace(" and ", ", ").split(", ")]
+    return found
 
 
 def test_a_plan_over_the_safety_margin_that_runs_out_says_only_what_was_tried(monkeypatch):
@@ -112,9 +156,7 @@ def test_a_plan_over_the_safety_margin_that_runs_out_says_only_what_was_tried(mo
     with pytest.raises(NotEnoughMemory) as info:
         attend(q, k, v, scale=1.0, strategy="auto", host=BasicHost(Settings(slice_cap=64, kernel="einsum")))
     text = str(info.value)
-    tried = text.split("einsum kernel at ")[1].split(" (predicted")[0]
-    listed = [int(n) for n in tried.replace(" and ", ", ").removesuffix(" slices").removesuffix(" slice").split(", ")]
-    assert listed == attempts  # exactly the plans that ran out, no more
+    assert listed_attempts(text) == attempts  # exactly the plans that ran out, no more
     assert "every slice count" not in text
     if "free now" in text:  # memory stopped the retries: a higher cap is not the remedy
         assert "raise the slice cap" not in text

@@ -15,6 +15,7 @@ from lib_memslice.job_plan import (
     ALLOCATOR_OVERHEAD,
     builtin_job,
     hires_size,
+    hires_sizes,
     max_square,
     passes,
     plan_job,
@@ -55,7 +56,11 @@ def test_hires_sizes_follow_the_webui():
     assert hires_size(512, 768, 1.5, None, None) == (768, 1152)
     assert hires_size(512, 768, 2.0, 1024, None) == (1024, 1536)  # one side: the aspect ratio is kept
     assert hires_size(512, 768, 2.0, None, 1000) == (666, 1000)
-    assert hires_size(512, 768, 2.0, 900, 900) == (900, 900)  # both: upscaled to cover, cropped to the target
+    # both: upscaled to cover the target (the image upscaler's encode runs there), the latent cropped to it, in
+    # whole latent pixels (900 px: a 1350 px cover's 168 latent rows less (1350 - 900) // 8 = 56 cropped: 896)
+    assert hires_size(512, 768, 2.0, 900, 900) == (896, 896)
+    assert hires_sizes(512, 768, None, 1024, 1024) == ((1024, 1024), (1024, 1536))
+    assert hires_sizes(768, 512, None, 1024, 1024) == ((1024, 1024), (1536, 1024))
     assert hires_size(512, 512, 1.0, None, None) is None
 
 

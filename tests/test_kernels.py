@@ -566,7 +566,9 @@ def test_no_gemm_clones_its_operands_on_strided_heads(dtype):
     raw = _clones(lambda: scores.baddbmm_(q[0, :1], k[0, :1].transpose(-1, -2), beta=0, alpha=0.1))
     kernel = kernels.choose_kernel("einsum", q, k, v, dtype)
     assert kernel.staged == (dtype in HALVES)
-    assert (raw > 0) == kernel.staged  # the rule matches what this torch does
+    # where this torch's GEMM clones, the rule stages (some CPUs' float16 GEMMs read strided heads in place: staging
+    # is then a counted copy that was not needed, never an uncounted one)
+    assert raw == 0 or kernel.staged
     for unnormalised in (False, True):
         chosen = replace(kernel, workers=1, unnormalised=unnormalised)
         plan = plan_attention(shape_of(q, k, v, dtype), 64 * MiB, kernel=chosen, min_slices=8)

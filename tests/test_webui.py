@@ -468,8 +468,12 @@ def test_a_generation_that_fails_names_the_pass_and_what_would_fit(webui):
     scaled = " (first pass; hires scaled alike)"
     basis = "with the attention budget of 256.0 KiB, which refused this call,"
     verdict = webui.memslice.plan_for(512, 512, 1, hr_width=1024, hr_height=1024)["verdict"]
-    said = f"{basis} this job {'fits' if verdict == 'fits' else 'is ' + verdict} and"
-    fits = f"{said} the whole job fits up to {expected}x{expected}{scaled}" if expected else f"{said} no size"
+    from lib_memslice.webui.jobs import VERDICT_WORDS
+
+    said = f"{basis} {VERDICT_WORDS[verdict]} and"
+    fits = (
+        f"{said} the whole job (every pass) fits up to {expected}x{expected}{scaled}" if expected else f"{said} no size"
+    )
     unet = _small_unet(webui)
     sites_from_modules(unet=unet)  # as on_model_loaded tags the loaded model
 
@@ -515,6 +519,44 @@ def test_a_generation_that_fails_names_the_pass_and_what_would_fit(webui):
     assert "In this job: the UNet pass at 512x512 failed" in text
 
 
+def test_hires_with_both_target_sides_names_the_passes_at_their_real_sizes(webui):
+    """Both hires sides given: webui 1.10.1 upscales the picture to cover the target (``hr_upscale_to_x/y``: the
+    image upscaler's encode runs there) and crops the latent to the target (``truncate_x/y``: the hires UNet and the
+    final decode run there). The review's case: 512x768 to 1024x1024, a 1024x1024 decode was named "VAE decode"."""
+    select(webui, TITLES["auto"])
+    webui.shared.opts.set("memslice_budget_gb", 1 / 4096)
+    both = dict(
+        width=512,
+        height=768,
+        enable_hr=True,
+        hr_resize_x=1024,
+        hr_resize_y=1024,
+        hr_upscale_to_x=1024,
+        hr_upscale_to_y=1536,
+        truncate_x=0,
+        truncate_y=64,
+    )  # as calculate_target_resolution sets them
+    encoder, decoder = _small_vae(webui)
+
+    def decode(p):
+        with torch.no_grad():
+            decoder(torch.randn(1, 4, 128, 128))
+
+    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", decode, **both)
+    assert "In this job: the VAE decode (hires) pass at 1024x1024 failed" in text
+
+    def encode(p):
+        with torch.no_grad():
+            encoder(torch.randn(1, 3, 1536, 1024))
+
+    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", encode, hr_upscaler="R-ESRGAN 4x+", **both)
+    assert "In this job: the VAE encode (hires) pass at 1024x1536 failed" in text
+    planned = webui.memslice.plan_for(512, 768, 1, hr_width=1024, hr_height=1024, hr_upscaler="image")
+    sizes = {p["name"]: (p["width"], p["height"]) for p in planned["passes"]}
+    assert sizes["VAE encode (hires)"] == (1024, 1536) and sizes["UNet (hires)"] == (1024, 1024)
+    assert sizes["VAE decode (hires)"] == (1024, 1024)
+
+
 def test_the_fits_up_to_reading_comes_from_the_jobs_start_and_says_when_it_was_optimistic(webui, monkeypatch):
     """The size is planned with the precise reading taken when the job started (not with what the failing pass
     still holds); when the failed size was within it, the text says that reading may have been optimistic."""
@@ -538,7 +580,7 @@ def test_the_fits_up_to_reading_comes_from_the_jobs_start_and_says_when_it_was_o
     text = _failing_oom(webui, "StableDiffusionProcessingTxt2Img", decode, width=128, height=128)
     assert readings[0] is True  # read precisely at the job's start
     assert "In this job: the VAE decode pass at 128x128 failed; with the 64.0 GiB free when this job started" in text
-    assert "this job fits and the whole job fits up to" in text
+    assert "this job fits and the whole job (every pass) fits up to" in text
     assert "this size was within it, so that reading may be optimistic" in text
 
 

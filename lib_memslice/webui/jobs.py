@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,25 +88,58 @@ def failing_module(tb: Any) -> tuple[str, tuple[int, int]] | None:
 
 
 def pass_name(module_pass: str, size: tuple[int, int], p: Any, first: tuple[int, int],
-              hires: tuple[int, int] | None) -> str:  # fmt: skip
+              hires: tuple[int, int] | None, cover: tuple[int, int] | None = None) -> str:  # fmt: skip
     """The job planner's name of a pass: the webui flags the hires UNet pass (``p.is_hr_pass``); a VAE pass at the
-    hires size is the hires one (the encode of an image upscaler, or the final decode)."""
+    hires size (the final decode) or at the size the picture was upscaled to (an image upscaler's encode) is the
+    hires one."""
     if module_pass == "UNet":
         return "UNet (hires)" if hires is not None and getattr(p, "is_hr_pass", False) else "UNet"
-    at_hires = hires is not None and size == hires and hires != first
+    at_hires = hires is not None and size in (hires, cover or hires) and size != first
     return f"{module_pass} (hires)" if at_hires else module_pass
 
 
-def _job_of(p: Any) -> tuple[tuple[int, int], int, tuple[int, int] | None, str, bool]:
-    """(first-pass size, batch, hires size or None, upscaler kind, img2img) as the webui holds them on ``p``."""
+@dataclass(frozen=True)
+class JobSizes:
+    """A running job's sizes as the webui holds them on ``p``, and the hires request to plan it with."""
+
+    first: tuple[int, int]
+    batch: int
+    hires: tuple[int, int] | None  # the hires pass's size (the latent cropped to the target)
+    cover: tuple[int, int] | None  # the size the picture was upscaled to (``hr_upscale_to_x/y``)
+    request: dict[str, Any]  # hr_scale / hr_width / hr_height as the user gave them
+    upscaler: str
+    img2img: bool
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def job_sizes(p: Any) -> JobSizes:
+    """webui 1.10.1's ``calculate_target_resolution`` leaves the cover size in ``hr_upscale_to_x/y`` and the latent
+    rows and columns ``sample_hr_pass`` crops away in ``truncate_x/y``: the hires pass runs at the cover less them."""
     first = (int(p.width), int(p.height))
-    batch = max(1, int(getattr(p, "batch_size", 1) or 1))
-    hires = None
-    if getattr(p, "enable_hr", False) and getattr(p, "hr_upscale_to_x", 0) and getattr(p, "hr_upscale_to_y", 0):
-        hires = (int(p.hr_upscale_to_x), int(p.hr_upscale_to_y))
+    batch = max(1, _int(getattr(p, "batch_size", 1)) or 1)
+    hires = cover = None
+    ux, uy = _int(getattr(p, "hr_upscale_to_x", 0)), _int(getattr(p, "hr_upscale_to_y", 0))
+    if getattr(p, "enable_hr", False) and ux and uy:
+        cover = (ux, uy)
+        tx, ty = _int(getattr(p, "truncate_x", 0)), _int(getattr(p, "truncate_y", 0))
+        hires = (8 * (ux // 8 - tx), 8 * (uy // 8 - ty)) if tx or ty else cover
+    rx, ry = _int(getattr(p, "hr_resize_x", 0)), _int(getattr(p, "hr_resize_y", 0))
+    request: dict[str, Any] = {"hr_width": rx or None, "hr_height": ry or None}
+    if hires is not None and not (rx or ry):
+        request = {"hr_width": hires[0], "hr_height": hires[1]}  # a scale: the webui's own rounding, as it ran
     # the webui's latent upscale modes are all named "Latent..." (None: its default, "Latent")
     upscaler = "latent" if str(getattr(p, "hr_upscaler", None) or "Latent").startswith("Latent") else "image"
-    return first, batch, hires, upscaler, getattr(p, "init_images", None) is not None
+    return JobSizes(first, batch, hires, cover, request if hires else {}, upscaler,
+                    getattr(p, "init_images", None) is not None)  # fmt: skip
+
+
+VERDICT_WORDS = {"fits": "this job fits", "tight": "this job is tight", "does not fit": "this job does not fit"}
 
 
 def failure_context(exc: BaseException) -> str:
@@ -115,7 +149,8 @@ def failure_context(exc: BaseException) -> str:
     p = ref() if ref is not None else None
     if p is None or planner.loaded_kind() in NOT_PLANNED:
         return ""
-    first, batch, hires, upscaler, img2img = _job_of(p)
+    job = job_sizes(p)
+    first, hires = job.first, job.hires
     where = failing_module(exc.__traceback__)
     if where is None and isinstance(exc, NotEnoughMemory) and exc.site.startswith("unet."):
         # a UNet layer called outside a UNetModel forward: the webui's hires flag still tells the pass
@@ -123,9 +158,9 @@ def failure_context(exc: BaseException) -> str:
     if where is None:  # a VAE encode and decode share one site: without their module, say nothing
         return ""
     module_pass, size = where
-    name = pass_name(module_pass, size, p, first, hires)
-    plan = planner.plan_for(*first, batch, hr_width=hires[0] if hires else None, hr_height=hires[1] if hires else None,
-                            hr_upscaler=upscaler, img2img=img2img, free=_running.get("free"))  # fmt: skip
+    name = pass_name(module_pass, size, p, first, hires, job.cover)
+    plan = planner.plan_for(*first, job.batch, hr_upscaler=job.upscaler, img2img=job.img2img,
+                            free=_running.get("free"), **job.request)  # fmt: skip
     side = plan["max_square_resolution"]
     scaled = " (first pass; hires scaled alike)" if hires else ""
     budget = HOST.settings().budget_gb
@@ -133,9 +168,9 @@ def failure_context(exc: BaseException) -> str:
         basis = f"with the attention budget of {format_bytes(budget * (1 << 30))}, which refused this call,"
     else:
         basis = f"with the {format_bytes(plan['free_bytes'])} free when this job started"
-    verdict = f"this job {'fits' if plan['verdict'] == 'fits' else 'is ' + plan['verdict']}"
+    verdict = VERDICT_WORDS.get(plan["verdict"], f"this job: {plan['verdict']}")
     if side:
-        fits = f"{basis} {verdict} and the whole job fits up to {side}x{side}{scaled}"
+        fits = f"{basis} {verdict} and the whole job (every pass) fits up to {side}x{side}{scaled}"
         if max(first) <= side:
             fits += (": this size was within it, so that reading may be optimistic (memory taken after the job "
                      "started, or more allocator overhead than measured)")  # fmt: skip

@@ -18,15 +18,22 @@ class StableDiffusionProcessing:
 
 
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
-    """txt2img with Hires. fix: the webui computes ``hr_upscale_to_x/y`` before sampling and sets ``is_hr_pass``
-    while the hires UNet pass runs (the final VAE decode runs after it is reset)."""
+    """txt2img with Hires. fix: the webui computes ``hr_upscale_to_x/y`` (the size the picture is upscaled to) and
+    ``truncate_x/y`` (latent columns and rows cropped from it when both target sides are given) before sampling, and
+    sets ``is_hr_pass`` while the hires UNet pass runs (the final VAE decode runs after it is reset). Tests pass the
+    computed fields as the webui would have set them."""
 
-    def __init__(self, enable_hr=False, hr_upscaler=None, hr_upscale_to_x=0, hr_upscale_to_y=0, **kwargs):
+    def __init__(self, enable_hr=False, hr_upscaler=None, hr_upscale_to_x=0, hr_upscale_to_y=0, hr_resize_x=0,
+                 hr_resize_y=0, truncate_x=0, truncate_y=0, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         self.enable_hr = enable_hr
         self.hr_upscaler = hr_upscaler
         self.hr_upscale_to_x = hr_upscale_to_x
         self.hr_upscale_to_y = hr_upscale_to_y
+        self.hr_resize_x = hr_resize_x
+        self.hr_resize_y = hr_resize_y
+        self.truncate_x = truncate_x
+        self.truncate_y = truncate_y
         self.is_hr_pass = False
 
 

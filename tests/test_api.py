@@ -58,10 +58,14 @@ def test_api_auth_protects_the_api_routes_as_it_protects_sdapi(webui):
         webui.shared.cmd_opts.api_auth = None
 
 
-def test_the_pages_copy_serves_only_what_the_page_shows(webui):
+def test_the_pages_copy_serves_only_what_the_page_shows(webui, monkeypatch):
     """With --api-auth and no page login the page's copy is open (as the page is) but no way around --api-auth: the
     status line's part of the status only, and plans of the loaded model with the active entry."""
+    from lib_memslice import probe
     from lib_memslice.webui import routes
+
+    # one reading for both copies (this machine's free memory moves between two requests)
+    monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: probe.FreeMemory(8 << 30, "test"))
 
     webui.shared.cmd_opts.api_auth = "alice:secret"
     try:
@@ -448,6 +452,41 @@ def test_sd3_is_detected_and_not_planned(client):
     assert client.get("/memslice/v1/status").json()["model"] == "sd3"
     named = client.get("/memslice/v1/plan", params=dict(model="sd3")).json()
     assert named["verdict"] == "not planned"
+
+
+def test_with_sd3_loaded_a_named_model_credits_sd3s_weights(client, monkeypatch):
+    """Switching to the named model unloads SD3: its weights (read off the loaded model like any other's) count as
+    memory the named model's job may use."""
+    import torch.nn as nn
+
+    from lib_memslice import probe
+
+    monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: probe.FreeMemory(3 << 30, "test"))
+    parts = {"model": type("Inner", (), {"diffusion_model": nn.Linear(1000, 1000)})(),
+             "first_stage_model": nn.Linear(100, 100), "cond_stage_model": nn.Linear(300, 300)}  # fmt: skip
+    sd3 = type("SD3", (), {"is_sd3": True, "is_sdxl": False, "is_sd2": False, **parts})()
+    client.webui.script_callbacks.model_loaded_callback(sd3)
+    weights = sum(p.numel() * 4 for m in (parts["model"].diffusion_model, parts["first_stage_model"],
+                                          parts["cond_stage_model"]) for p in m.parameters())  # fmt: skip
+    named = client.get("/memslice/v1/plan", params=dict(width=512, height=512, model="sd15")).json()
+    assert named["memory_bytes"] == (3 << 30) + weights
+
+
+def test_previews_count_torchs_cached_blocks_as_the_calls_do(client, monkeypatch):
+    """CUDA: 1 GiB driver free with 5.5 GiB cached by torch read "does not fit" in the panel, the API and job_fits
+    while the calls themselves (the precise probe) had 6.5 GiB."""
+    from lib_memslice import probe
+
+    asked = []
+
+    def reading(device, precise=False):
+        asked.append(precise)
+        return probe.FreeMemory((13 if precise else 2) << 29, "test")
+
+    monkeypatch.setattr(probe, "free_memory", reading)
+    body = client.get("/memslice/v1/plan", params=dict(width=512, height=512, model="sd15")).json()
+    assert body["free_bytes"] >= 6 << 30 and asked and all(asked)
+    assert client.get("/memslice/v1/status").json()["free_bytes"] == 13 << 29
 
 
 def counting_plans(monkeypatch, gate=None):

@@ -46,15 +46,16 @@ def on_model_loaded(sd_model: Any) -> None:
     """Tag every attention module with its site (runs after hijack: never inside ``apply()``, see design.md)."""
     kind = model_kind(sd_model)
     _loaded.update(spec=None, kind=kind, weights=None)
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    vae = getattr(sd_model, "first_stage_model", None)
+    text = getattr(sd_model, "cond_stage_model", None) or getattr(sd_model, "conditioner", None)
+    # every model's weights, SD3's too: a plan for another model counts them as freed when it loads
+    _loaded["weights"] = Weights(_parameter_bytes(unet), _parameter_bytes(vae), _parameter_bytes(text))
     if kind in NOT_PLANNED:
         return
     try:
-        unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
-        vae = getattr(sd_model, "first_stage_model", None)
         spec = sites_from_modules(unet, vae)
         _loaded["spec"] = ModelSpec(kind, f"loaded {kind} model", spec.sites, spec.context_dim)
-        text = getattr(sd_model, "cond_stage_model", None) or getattr(sd_model, "conditioner", None)
-        _loaded["weights"] = Weights(_parameter_bytes(unet), _parameter_bytes(vae), _parameter_bytes(text))
     except Exception as exc:  # a model we cannot read still generates, just without site names
         log.warning("memslice: could not read the model's attention layout: %s", exc)
         _loaded["spec"] = None
@@ -122,7 +123,7 @@ def inputs_for(
     """What :func:`plan_for` plans from: the request, the settings, the loaded model, the dtypes, free memory."""
     settings = settings_with(overrides or {})
     kind = model or _loaded["kind"] or "sd15"
-    free = free or probe.free_memory(device())
+    free = free or probe.free_memory(device(), precise=True)  # torch's cached blocks count, as in the calls
     weights, medvram = _resident_weights()
     resident = 0 if medvram or weights is None else weights.unet + weights.vae + weights.text
     memory = free.bytes + resident
@@ -142,7 +143,8 @@ def inputs_for(
                    strategy=strategy or (entry.strategy if entry else "auto"),
                    element_size=torch.finfo(dtype).bits // 8, vae_element_size=torch.finfo(vae_dtype).bits // 8,
                    upcast_attention=HOST.upcast(), weights=None if named else weights, medvram=medvram,
-                   device_kind=found["device_kind"])  # fmt: skip
+                   device_kind=found["device_kind"],
+                   ceiling_bytes=None if free.ceiling is None else free.ceiling + resident)  # fmt: skip
     source = "named" if named else ("loaded" if loaded_spec() else "default (no model loaded yet)")
     return PlanInputs(job=job, model_source=source, **found)  # type: ignore[arg-type]
 

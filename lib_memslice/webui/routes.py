@@ -77,7 +77,7 @@ _answers_lock = threading.Lock()
 def status(limit: int = 32) -> dict[str, Any]:
     """What memslice is doing: device, free memory, room, active entry, settings, recent plans, the last job."""
     settings = HOST.settings()
-    free = probe.free_memory(device())
+    free = probe.free_memory(device(), precise=True)
     budget = int(settings.budget_gb * (1 << 30)) if settings.budget_gb > 0 else None
     entry = active_entry()
     room, why = active_room(entry.strategy if entry else None, free.bytes, settings)
@@ -254,7 +254,7 @@ def _plan_route(page: bool) -> Any:
                                      "side")  # fmt: skip
         overrides = {"memslice_safety_factor": safety_factor, "memslice_slice_cap": slice_cap,
                      "memslice_budget_gb": budget_gb}  # fmt: skip
-        free = coarse(probe.free_memory(device()))
+        free = coarse(probe.free_memory(device(), precise=True))
         return cached_plan(planner.inputs_for(width, height, batch, model, strategy, overrides, hr_scale, hr_width,
                                               hr_height, hr_upscaler, img2img, free))  # fmt: skip
 

@@ -464,7 +464,13 @@ def _heads_view(t: Tensor, batch: int, heads: int) -> Tensor:
 
 
 def make_cross_attention_forward(strategy: str, host: Host) -> Callable[..., Tensor]:
-    """A ``CrossAttention.forward`` for ldm and sgm that plans every call with ``strategy``."""
+    """A ``CrossAttention.forward`` for ldm and sgm that plans every call with ``strategy``.
+
+    Unsliced on a fused kernel it is the webui's ``sdp`` forward to the bit (the same views, the same SDPA call,
+    the same casts: tests/test_same_bits.py). It differs where it must: in slices (each a smaller SDPA call, or
+    memslice's own kernel), with a mask (sdp's forward cannot take one for ldm's and sgm's modules), and with
+    'Upcast cross attention layer to float32' under autocast, which memslice turns off for the call so that it
+    really computes in float32 whatever autocast's policy for SDPA (sdp leaves autocast on)."""
 
     def forward(
         self: Any,
@@ -527,7 +533,12 @@ def _tokens_last(t: Tensor) -> Tensor:
 def make_attnblock_forward(
     strategy: str, host: Host, fallback: Callable[..., Tensor] | None = None
 ) -> Callable[..., Tensor]:
-    """An ``AttnBlock.forward`` (the VAE's single-head attention). With the VAE setting ``off``, runs ``fallback``."""
+    """An ``AttnBlock.forward`` (the VAE's single-head attention). With the VAE setting ``off``, runs ``fallback``.
+
+    Not the webui's ``sdp`` call on purpose: sdp hands SDPA ``[b, hw, c]`` tensors, and torch's fused kernels take
+    only 4-D ones, so sdp's VAE attention always runs SDPA's math path with its whole score matrix (1 GiB per copy
+    at 1024 px in float32); memslice's ``[b, 1, hw, c]`` reaches the fused kernel, which holds none. The results
+    agree to rounding (float32 within 3e-7, bfloat16 one unit in the last place), not to the bit."""
 
     def forward(self: Any, x: Tensor, **kwargs: Any) -> Tensor:
         if fallback is not None and host.settings().vae == "off":

@@ -47,6 +47,10 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def plural(n: int, word: str) -> str:
     """``1 slice``, ``8 slices``; ``retry`` becomes ``retries``."""
     if n == 1:
@@ -274,7 +278,7 @@ def peak_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: i
     return shape.output_bytes + (1 if whole else kernel.workers) * chunk
 
 
-def largest_queries(shape: AttentionShape, heads_per_slice: int, kernel: KernelChoice, room: int) -> int | None:
+def queries_in_room(shape: AttentionShape, heads_per_slice: int, kernel: KernelChoice, room: int) -> int | None:
     """The most queries per slice a *sliced* plan with these rows may take in ``room`` (None: not even 0 fit;
     a huge number where queries cost nothing), solved instead of searched. The peak is affine in the query chunk
     except the GEMM scratch, which is the smaller of a cap and a line: so the peak is the smaller of two lines,

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import activations
-from .costs import AttentionShape, GiB, KernelChoice, format_bytes, peak_bytes
+from . import activations, band_costs
+from .band_costs import BandPlan
+from .costs import AttentionShape, GiB, KernelChoice, format_bytes, peak_bytes, plural
 from .limits import MAX_RESOLUTION, max_square_resolution, not_enough_memory
-from .models import BUILTIN, WEIGHTS, ModelSpec, Site, Weights
+from .models import WEIGHTS, ModelSpec, Site, Weights
 from .settings import Settings
 from .slicing import Room, budget_room, plan_in, room_for
 
@@ -275,13 +276,71 @@ def plan_site(
     return row
 
 
+#: the SD VAE's Decoder and Encoder as the bands see them (SD1.x, SD2.x and SDXL share the geometry)
+VAE_NETS = {"vae_decode": band_costs.decoder_net(), "vae_encode": band_costs.encoder_net()}
+
+
+@dataclass(frozen=True)
+class PassBands:
+    """How a VAE pass runs with the VAE setting ``auto``: ``plan`` (None: no plan under the band cap fits, not even
+    streamed) and ``extra``, what the pass holds beside the banded part's peak (the decoder's input, the
+    post_quant_conv output; the encoder's image is an input)."""
+
+    plan: BandPlan | None
+    extra: int
+    need: int  # the smallest device peak of any plan (what the part needs at least)
+    top: int  # the most bands this pass may have
+
+
+def banded(job: Job, p: Pass) -> bool:
+    """Whether the pass may run in bands: a VAE pass with the VAE setting ``auto`` (an encode only of an image whose
+    sides are whole latent pixels, as the runtime's forward requires)."""
+    if p.kind == "unet" or job.vae != "auto":
+        return False
+    return p.kind == "vae_decode" or (p.width % 8 == 0 and p.height % 8 == 0)
+
+
+def plan_bands(job: Job, p: Pass, free: int) -> PassBands:
+    """The band plan the runtime makes for this pass (:func:`lib_memslice.bands.run_pass`) with ``free`` bytes free
+    beside the weights and the pass's inputs: the stock forward when it fits, else the fewest bands, else streamed.
+    The room is free memory over the allocator's largest measured share (the attention budget when set), less what
+    the pass holds beside its banded part, so that a pass planned to fit is one the verdict calls ``fits``; past
+    that margin, free memory itself (then ``tight``). The runtime reads the free memory at the module's forward, where
+    the decoder's input already exists: its room is at most a fifth of that latent larger than this one."""
+    net = VAE_NETS[p.kind]
+    lat_h, lat_w = -(-p.height // 8), -(-p.width // 8)
+    extra = LATENT_CHANNELS * lat_h * lat_w * job.vae_element * p.batch if p.kind == "vae_decode" else 0
+    over: int | None
+    if job.attention_budget is not None:
+        room, over = job.attention_budget, None
+    else:
+        margin = 1.0 + allocator_overhead(job.device_kind).high
+        room, over = int(max(0, free) / margin) - extra, max(0, free) - extra
+    plan = band_costs.plan_bands(net, lat_h, lat_w, p.batch, job.vae_element, room, over_margin=over)
+    need = band_costs.smallest_band_need(net, lat_h, lat_w, p.batch, job.vae_element)
+    return PassBands(plan, extra, need, band_costs.max_bands(lat_h))
+
+
+def band_words(bands: int, streamed: bool) -> str:
+    """``in 8 bands`` / ``in 64 bands, streamed through host memory`` (the CLI, the advice, the panel's words)."""
+    return f"in {plural(bands, 'band')}" + (", streamed through host memory" if streamed else "")
+
+
 def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = True) -> dict[str, Any]:
     """One pass: weights + inputs + its peak (activations combined with each attention transient), plus what the
-    allocator was measured to add; its verdict against the job's memory."""
+    allocator was measured to add; its verdict against the job's memory. A VAE pass with the VAE setting ``auto``
+    is planned in bands as the runtime runs it: ``bands`` is 0 when the module's own forward runs (untiled, and
+    every UNet pass), else the band count (``streamed``: its lists parked in host memory, ``host_bytes`` of them)."""
     weights = weight_bytes(job, p.kind)
     inputs = _input_bytes(job, p)
     peak, live = _activations(job, p)
     base = job.memory_bytes - weights - inputs
+    found = plan_bands(job, p, base) if banded(job, p) else None
+    band_plan = found.plan if found is not None else None
+    if found is not None and (band_plan is None or band_plan.banded):
+        mid, live = activations.banded_mid_bytes(p.kind, p.width, p.height, p.batch, job.vae_element)
+        part = band_plan.peak_bytes if band_plan is not None else found.need
+        peak = max(mid, found.extra + part)
     sites = [s for s in job.spec.sites if s.vae == (p.kind != "unet")]
     rows = [plan_site(job, p, site, kernels_for, base - live.get(site.name, peak), site_limits) for site in sites]
     attention = {row["site"]: row["peak_bytes"] for row in rows}
@@ -290,7 +349,8 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
     least, most = int(peak * overhead.low), int(peak * overhead.high)
     total = tensors + most
     over = any(row["tight"] for row in rows)
-    if not all(row["fits"] for row in rows) or tensors + least > job.memory_bytes + job.beyond:
+    refused = found is not None and band_plan is None
+    if refused or not all(row["fits"] for row in rows) or tensors + least > job.memory_bytes + job.beyond:
         verdict = "does not fit"
     else:
         verdict = "fits" if total <= job.memory_bytes and not over else "tight"
@@ -313,8 +373,23 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
         "headroom_bytes": job.memory_bytes - total,
         "verdict": verdict,
         "fits": verdict == "fits",
+        "bands": band_plan.bands if band_plan is not None and band_plan.banded else 0,
+        "streamed": bool(band_plan is not None and band_plan.streamed),
+        "host_bytes": band_plan.host_bytes if band_plan is not None else 0,
+        "bands_reason": _bands_reason(found),
         "layers": rows,
     }
+
+
+def _bands_reason(found: PassBands | None) -> str:
+    """Why the pass runs as planned: the band planner's reason, or why nothing fits; empty for a pass memslice does
+    not band (the UNet, the VAE setting ``attention`` or ``off``)."""
+    if found is None:
+        return ""
+    if found.plan is None:
+        return (f"no plan fits: even {band_words(found.top, True)} the VAE needs {format_bytes(found.need)} on the "
+                "device")  # fmt: skip
+    return found.plan.reason
 
 
 def _binding(planned: list[dict[str, Any]]) -> dict[str, Any]:
@@ -329,6 +404,8 @@ def _binding(planned: list[dict[str, Any]]) -> dict[str, Any]:
 def advice(job: Job, limit: dict[str, Any]) -> str:
     """What to do about the pass that binds, in a user's words (one sentence, naming the pass once)."""
     size = f"{limit['width']}x{limit['height']}"
+    if limit.get("bands"):
+        size += f" {band_words(limit['bands'], limit['streamed'])}"
     memory = format_bytes(job.memory_bytes)
     need = f"{format_bytes(limit['total_bytes'])} of {memory}"
     refused = [row for row in limit["layers"] if not row["fits"]]
@@ -345,9 +422,14 @@ def advice(job: Job, limit: dict[str, Any]) -> str:
                 + (": --medvram keeps only the running module on the device" if not job.medvram else ""))  # fmt: skip
     if refused:
         return f"the {limit['name']} at {size}: {refused[0]['reason']}"
+    if limit["kind"] != "unet" and job.vae == "auto":
+        if limit["bands_reason"].startswith("no plan fits"):
+            how = limit["bands_reason"].removeprefix("no plan fits: ")
+            return f"the {limit['name']} at {size} does not fit: {how}; lower the size or the batch"
+        return f"the {limit['name']} at {size} needs {need}: lower the size"
     if limit["kind"] != "unet":
         return (f"the {limit['name']} at {size} needs {need}, mostly its convolutions at full resolution, not "
-                "attention: lower the size, or decode in tiles with a tiling extension (e.g. Tiled VAE)")  # fmt: skip
+                "attention: set the VAE setting to auto to run it in exact bands, or lower the size")  # fmt: skip
     return (f"the {limit['name']} at {size} needs {need}: lower the size or the batch"
             + (", or use --medvram" if not job.medvram else ""))  # fmt: skip
 
@@ -362,20 +444,24 @@ def _at(job: Job, side: int) -> Job:
     return replace(job, width=side, height=side, hires=scaled(job.hires), hires_cover=scaled(job.hires_cover))
 
 
-def job_fits(job: Job, kernels_for: KernelsFor) -> bool:
-    """Every pass fits, the most the allocator was measured to add included."""
-    return all(plan_pass(job, p, kernels_for, site_limits=False)["fits"] for p in passes(job))
+def job_fits(job: Job, kernels_for: KernelsFor, kind: str | None = None) -> bool:
+    """Every pass fits (with ``kind``: every pass of that kind), the most the allocator was measured to add
+    included."""
+    return all(plan_pass(job, p, kernels_for, site_limits=False)["fits"] for p in passes(job)
+               if kind is None or p.kind == kind)  # fmt: skip
 
 
-def max_square(job: Job, kernels_for: KernelsFor, step: int = 64) -> int:
-    """The largest square first-pass size (hires scaled alike) at which every pass fits (not tight); 0 if none."""
+def max_square(job: Job, kernels_for: KernelsFor, step: int = 64, kind: str | None = None) -> int:
+    """The largest square first-pass size (hires scaled alike) at which every pass fits (not tight); 0 if none.
+    ``kind`` (``unet``, ``vae_decode``, ``vae_encode``): the largest at which that kind of pass fits, the others
+    ignored (a pass's own largest size)."""
     lo, hi = 0, MAX_RESOLUTION // step // 4
-    if not job_fits(_at(job, step), kernels_for):
+    if not job_fits(_at(job, step), kernels_for, kind):
         return 0
     lo = 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if job_fits(_at(job, mid * step), kernels_for):
+        if job_fits(_at(job, mid * step), kernels_for, kind):
             lo = mid
         else:
             hi = mid - 1
@@ -412,11 +498,6 @@ def plan_job(job: Job, kernels_for: KernelsFor) -> dict[str, Any]:
         "passes": [{k: v for k, v in p.items() if k != "layers"} for p in planned],
         "layers": [row for p in planned for row in p["layers"]],
     }
-
-
-def builtin_job(model: str, width: int, height: int, **kwargs: Any) -> Job:
-    """A Job for a built-in model (its activation model is the model's own name)."""
-    return Job(BUILTIN[model], model, width, height, **kwargs)
 
 
 def make_job(

@@ -151,10 +151,10 @@ def choose_kernel(
     costs microseconds; a cast to the compute dtype is asked with a broadcast view of one element, not a copy."""
     if setting == "einsum":
         return einsum_kernel(q.device.type, compute_dtype, strided_operands(q, k, v, compute_dtype))
-    probe = [q, k, v]
+    samples = [q, k, v]
     if compute_dtype != q.dtype:
-        probe = [t[:1, :1, :1].to(compute_dtype).expand(t.shape) for t in probe]
-    backend = sdpa_backend(*probe, mask=mask)
+        samples = [t[:1, :1, :1].to(compute_dtype).expand(t.shape) for t in samples]
+    backend = sdpa_backend(*samples, mask=mask)
     if backend == "math":
         return (
             KernelChoice("sdpa-math", backend="math")

@@ -26,7 +26,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import strategies
-from .costs import EINSUM, AttentionShape, KernelChoice, chunk_rows, format_bytes, largest_queries, peak_bytes, plural
+from .costs import (
+    EINSUM,
+    AttentionShape,
+    KernelChoice,
+    ceil_div,
+    chunk_rows,
+    format_bytes,
+    peak_bytes,
+    plural,
+    queries_in_room,
+)
 
 MPS_MAX_ELEMENTS = 1 << 31  # Metal cannot index a tensor with more elements
 MPS_MAX_BYTES = 4 << 30  # nor one buffer larger than this
@@ -58,10 +68,6 @@ class SlicePlan:
         return self.slices > 1
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @dataclass(frozen=True)
 class Chunkings:
     """The plans of one call: which fit ``room``, and the exact searches over them."""
@@ -74,10 +80,10 @@ class Chunkings:
     metal: bool
 
     def head_slices(self, heads_per_slice: int) -> int:
-        return _ceil_div(self.shape.batch_heads, heads_per_slice)
+        return ceil_div(self.shape.batch_heads, heads_per_slice)
 
     def slices(self, heads_per_slice: int, queries_per_slice: int) -> int:
-        return self.head_slices(heads_per_slice) * _ceil_div(self.shape.q_tokens, queries_per_slice)
+        return self.head_slices(heads_per_slice) * ceil_div(self.shape.q_tokens, queries_per_slice)
 
     def head_options(self) -> Iterator[tuple[int, int]]:
         """``(heads_per_slice, head_slices)`` for every distinct head slice count, fewest slices first; each is
@@ -85,8 +91,8 @@ class Chunkings:
         rows = self.shape.batch_heads
         per = rows
         while per >= 1:
-            slices = _ceil_div(rows, per)
-            smallest = _ceil_div(rows, slices)
+            slices = ceil_div(rows, per)
+            smallest = ceil_div(rows, slices)
             yield smallest, slices
             per = smallest - 1
 
@@ -128,27 +134,27 @@ class Chunkings:
         max_query_slices = self.cap // head_slices
         if max_query_slices < 1:
             return None
-        need_query_slices = _ceil_div(at_least, head_slices)
+        need_query_slices = ceil_div(at_least, head_slices)
         if need_query_slices > max_query_slices:
             return None
         if head_slices == 1 and need_query_slices <= 1 and self.fits(heads_per_slice, nq):
             return nq  # one piece (a fused call returns its own output: a different formula)
         hi = nq - 1 if head_slices == 1 else nq
-        fitting = largest_queries(s, heads_per_slice, self.kernel, self.room)
+        fitting = queries_in_room(s, heads_per_slice, self.kernel, self.room)
         if fitting is None:
             return None
         hi = min(hi, fitting)
         if need_query_slices > 1:
-            hi = min(hi, _ceil_div(nq, need_query_slices - 1) - 1)
+            hi = min(hi, ceil_div(nq, need_query_slices - 1) - 1)
         if self.metal:
             per = self._metal_elements(heads_per_slice)
             hi = min(hi, (MPS_MAX_ELEMENTS - 1) // per, MPS_MAX_BYTES // (per * s.element_size))
             if hi % MPS_BAD_MULTIPLE == 0 and hi < nq:
                 hi -= 1
-        lo = _ceil_div(nq, max_query_slices)
+        lo = ceil_div(nq, max_query_slices)
         if hi < max(lo, 1):
             return None
-        even = _ceil_div(nq, _ceil_div(nq, hi))  # same slice count, evenly sized, smaller peak
+        even = ceil_div(nq, ceil_div(nq, hi))  # same slice count, evenly sized, smaller peak
         if self.metal and even % MPS_BAD_MULTIPLE == 0 and even < nq:
             even += 1  # still <= hi, and still the same slice count
         return even
@@ -163,7 +169,7 @@ class Chunkings:
             queries = self.largest_queries(rows, at_least)
             if queries is None:
                 continue
-            total = head_slices * _ceil_div(self.shape.q_tokens, queries)
+            total = head_slices * ceil_div(self.shape.q_tokens, queries)
             key = (abs(rows - heads_per_slice) if heads_per_slice else 0, -rows)
             if best is None or (total, key) < best[:2]:
                 best = (total, key, (rows, queries))
@@ -177,7 +183,7 @@ class Chunkings:
         for rows, head_slices in self.head_options():
             if head_slices > self.cap:
                 break
-            queries = _ceil_div(nq, min(nq, self.cap // head_slices))
+            queries = ceil_div(nq, min(nq, self.cap // head_slices))
             for candidate in (queries, queries + 1):  # Metal's 4096 rule may move it by one
                 if candidate <= nq and self.valid(rows, candidate):
                     key = (self.peak(rows, candidate), self.slices(rows, candidate))
@@ -217,7 +223,7 @@ def chunkings(
 
 def _plan(c: Chunkings, chunking: tuple[int, int], strategy: str, reason: str, stable: bool = False) -> SlicePlan:
     rows, queries = chunking
-    return SlicePlan(rows, queries, c.head_slices(rows), _ceil_div(c.shape.q_tokens, queries), c.peak(rows, queries),
+    return SlicePlan(rows, queries, c.head_slices(rows), ceil_div(c.shape.q_tokens, queries), c.peak(rows, queries),
                      c.kernel, strategy, reason, stable)  # fmt: skip
 
 

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .costs import AttentionShape, KernelChoice, MiB, format_bytes, largest_queries
+from .costs import AttentionShape, KernelChoice, MiB, ceil_div, format_bytes, queries_in_room
 
 #: The webui's InvokeAI rule takes a tensor budget of free memory / 3.3; its Doggettx rule multiplies the scores by
 #: 2.5 or 3. Both are their margin, so they plan in ``free x WEBUI_MARGIN / safety factor``, at most free memory.
@@ -47,10 +47,6 @@ class Aim:
 Rule = Callable[[AttentionShape, int, KernelChoice, str], Aim]
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pow2_at_least(x: float) -> int:
     return 1 if x <= 1 else 1 << math.ceil(math.log2(x))
 
@@ -65,11 +61,11 @@ def auto(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: st
     target = CPU_EINSUM_TARGET_BYTES
     queries = max(1, min(shape.q_tokens, int(target // max(1, shape.k_tokens * shape.element_size))))
     why = f"one head per slice, ~{format_bytes(target)} score buffer per worker (the rule the benchmark's sweep checks)"
-    fitting = largest_queries(shape, 1, kernel, room) or 0
+    fitting = queries_in_room(shape, 1, kernel, room) or 0
     settled = fitting >= queries
     if not settled:
         queries, why = max(1, fitting), f"{why}, fewer queries to fit the room"
-    return Aim(shape.batch_heads * _ceil_div(shape.q_tokens, queries), 1, why, settled)
+    return Aim(shape.batch_heads * ceil_div(shape.q_tokens, queries), 1, why, settled)
 
 
 def doggettx(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: str) -> Aim:
@@ -80,7 +76,7 @@ def doggettx(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind
     modifier = 3.0 if shape.element_size == 2 else 2.5
     estimate = shape.score_bytes * modifier
     steps = min(_pow2_at_least(estimate / max(room, 1)), max(shape.q_tokens, 1))
-    slices = _ceil_div(shape.q_tokens, max(1, shape.q_tokens // steps))
+    slices = ceil_div(shape.q_tokens, max(1, shape.q_tokens // steps))
     why = f"Doggettx rule: scores x{modifier:g} = {format_bytes(estimate)} in {format_bytes(room)}: {steps} steps"
     return Aim(slices, shape.batch_heads, why, steps == 1)
 
@@ -100,11 +96,11 @@ def invokeai(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind
     div = 1 << int((size_mb - 1) / max(tensor_mb, 1e-9)).bit_length()
     rows_div = min(div, 1 << (max(shape.batch_heads, 1).bit_length() - 1))  # the largest power of two <= rows
     rows = max(shape.batch_heads // rows_div, 1)
-    by_rows = Aim(_ceil_div(shape.batch_heads, rows), rows, f"{why}: batch x heads in {rows_div}", False)
+    by_rows = Aim(ceil_div(shape.batch_heads, rows), rows, f"{why}: batch x heads in {rows_div}", False)
     if div <= shape.batch_heads:
         return by_rows
     queries = max(shape.q_tokens // div, 1)
-    by_queries = Aim(_ceil_div(shape.q_tokens, queries), shape.batch_heads, f"{why}: queries in {div}", False)
+    by_queries = Aim(ceil_div(shape.q_tokens, queries), shape.batch_heads, f"{why}: queries in {div}", False)
     return by_queries if by_queries.slices >= by_rows.slices else by_rows
 
 
@@ -118,7 +114,7 @@ def heads(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: s
     """diffusers' head slicing: half of each item's heads per slice; more slices where that does not fit, rows per
     slice still as close to half the heads as the room allows."""
     half = max(1, shape.heads // 2)
-    return Aim(_ceil_div(shape.batch_heads, half), half, "diffusers: half the heads per slice", True)
+    return Aim(ceil_div(shape.batch_heads, half), half, "diffusers: half the heads per slice", True)
 
 
 RULES: dict[str, Rule] = {"auto": auto, "doggettx": doggettx, "invokeai": invokeai, "mps": mps, "heads": heads}

@@ -46,7 +46,7 @@ from lib_memslice.settings import Settings
 from lib_memslice.slicing import plan_attention
 
 from . import webui_attention
-from .limits import probe_reads, sdpa_math_only
+from .largest import probe_reads, sdpa_math_only
 from .memtrack import PeakTracker
 
 Tensor = torch.Tensor

@@ -27,7 +27,7 @@ from lib_memslice.costs import MiB, format_bytes
 
 from . import inop
 from .contenders import Call, Case, Contender, make_inputs
-from .limits import sdpa_math_only, traced_cpu, traced_peak
+from .largest import sdpa_math_only, traced_cpu, traced_peak
 
 Tensor = torch.Tensor
 

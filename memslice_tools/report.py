@@ -93,7 +93,7 @@ def markdown(report: dict[str, Any]) -> str:
         "## Largest square size under a fixed free memory (whole call: q, k, v, output, working memory)",
         "",
         "Traced on meta tensors, the fused kernel's allocations modelled from measurements (see "
-        "`memslice_tools/limits.py`); each contender is told the memory left after q, k, v.",
+        "`memslice_tools/largest.py`); each contender is told the memory left after q, k, v.",
         "",
         "| site | free memory | regime | " + " | ".join(_limit_names(report)) + " | inputs + output alone |",
         "| --- | --- | --- | " + " | ".join("---:" for _ in _limit_names(report)) + " | ---: |",

@@ -34,7 +34,7 @@ from . import report as report_mod
 from . import speed as speed_mod
 from .contenders import MEMSLICE_AUTO, SDPA, Contender, all_contenders, heads_view, make_case, make_inputs
 from .harness import Regime, budget_label, run_case
-from .limits import largest_square, physical_limit
+from .largest import largest_square, physical_limit
 
 #: (model, site, pixels) per mode for the memory and fused-regime section: SD1.5 level-0 self-attention and the
 #: VAE's mid block (larger sizes are timed by the speed section; their memory is traced by the largest-size search)

@@ -43,7 +43,7 @@ from lib_memslice.costs import GiB, MiB, takes_unnormalised
 from lib_memslice.kernels import EXP2_DTYPES, LOG2_E
 
 from .contenders import MEMSLICE_AUTO, SDPA, Case, Contender, make_case, make_inputs
-from .limits import sdpa_math_only, traced_peak
+from .largest import sdpa_math_only, traced_peak
 
 Tensor = torch.Tensor
 FREES = (256 * MiB, 1 * GiB)

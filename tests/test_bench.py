@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lib_memslice.costs import MiB
-from memslice_tools import limits
+from memslice_tools import largest
 from memslice_tools import parity as parity_mod
 from memslice_tools import report as report_mod
 from memslice_tools.contenders import all_contenders, make_case
@@ -84,7 +84,7 @@ def test_traced_peaks_match_real_runs(site, fused):
         if (case.site.vae and not contender.vae) or contender.name in ("sdp-no-mem", "sdpa"):
             continue
         for free in (64 * MiB, 8 * MiB):
-            traced, real = limits.traced_vs_real(contender, case, free, fused)
+            traced, real = largest.traced_vs_real(contender, case, free, fused)
             if traced is None:  # refused when traced: the real call must refuse too, or need more than free
                 continue
             assert abs(traced - real) <= 64 * 1024 + 0.02 * real, (contender.name, free, traced, real)
@@ -93,12 +93,12 @@ def test_traced_peaks_match_real_runs(site, fused):
 def test_the_largest_square_size_is_a_boundary():
     case = make_case("sd15", "unet.level0.self", 512)
     contender = next(c for c in all_contenders() if c.name == "memslice-auto")
-    found = limits.largest_square(contender, case, 64 * MiB, fused=False, hi=2048)
+    found = largest.largest_square(contender, case, 64 * MiB, fused=False, hi=2048)
     side = found["largest_side"]
     assert side > 0 and found["peak_bytes"] <= 64 * MiB
-    over = limits.whole_call_peak(contender, case, side + 64, 64 * MiB, False)
+    over = largest.whole_call_peak(contender, case, side + 64, 64 * MiB, False)
     assert over is None or over > 64 * MiB
-    assert side <= limits.physical_limit(case, 64 * MiB)
+    assert side <= largest.physical_limit(case, 64 * MiB)
 
 
 def _report(rows_by_regime, limits_rows=(), overhead=3.0, speed=None):

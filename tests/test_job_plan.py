@@ -13,7 +13,7 @@ from lib_memslice import activations, kernels
 from lib_memslice.costs import GiB, MiB
 from lib_memslice.job_plan import (
     ALLOCATOR_OVERHEAD,
-    builtin_job,
+    Job,
     hires_size,
     hires_sizes,
     max_square,
@@ -23,6 +23,11 @@ from lib_memslice.job_plan import (
     weight_bytes,
 )
 from lib_memslice.models import BUILTIN, WEIGHTS, clip_text_parameters
+
+
+def builtin_job(model, width, height, **kwargs):
+    """A Job for a built-in model (its activation model is the model's own name)."""
+    return Job(BUILTIN[model], model, width, height, **kwargs)
 
 
 def cuda_kernels(site, element_size):

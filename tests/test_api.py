@@ -487,6 +487,10 @@ def test_previews_count_torchs_cached_blocks_as_the_calls_do(client, monkeypatch
     body = client.get("/memslice/v1/plan", params=dict(width=512, height=512, model="sd15")).json()
     assert body["free_bytes"] >= 6 << 30 and asked and all(asked)
     assert client.get("/memslice/v1/status").json()["free_bytes"] == 13 << 29
+    from lib_memslice.api import job_fits
+
+    assert job_fits(512, 512, model="sd15").details["free_bytes"] == 13 << 29  # inside the webui: the planner's own
+    assert all(asked)
 
 
 def counting_plans(monkeypatch, gate=None):

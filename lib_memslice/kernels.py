@@ -627,7 +627,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, dt
     """One SDPA call as the webui's ``sdp`` forward makes it: q, k and v viewed as heads of their projections, cast
     to the compute dtype only when upcasting, SDPA's own default scale where the module's is the default (it always
     is in ldm and sgm), so an unsliced call gives sdp's bits exactly (tests/test_same_bits.py)."""
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # no-ops unless upcasting
+    if q.dtype != dtype:  # upcasting (sdp's q.float(), k.float(), v.float())
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     default = scale == q.shape[-1] ** -0.5
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=None if default else scale)
 

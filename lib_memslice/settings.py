@@ -252,23 +252,36 @@ def _cache_token(value: Any) -> Any:
     return (type(value), value)
 
 
+_KEYS: tuple[str, ...] = tuple(s.key for s in SPECS)
+
+
 def read_settings(get: Callable[[str, Any], Any]) -> Settings:
     """Read every option through ``get(key, default)`` (e.g. a bound ``getattr`` on ``shared.opts``).
 
-    Called inside each attention forward, so the result for a given set of raw values is cached.
-    """
-    raw = {}
-    for spec in SPECS:
-        try:
-            raw[spec.key] = get(spec.key, MISSING)
-        except Exception:  # a broken options object must not cost a generation
-            raw[spec.key] = MISSING
-    token = tuple(_cache_token(raw[s.key]) for s in SPECS)
-    hit = _cache.get(token)
+    Called inside each attention forward, so the result for a given set of raw values is cached: the values and
+    their types are the key (True == 1 hash alike but validate differently), a value that cannot be hashed is
+    keyed by its repr."""
+    try:
+        raw = tuple([get(key, MISSING) for key in _KEYS])
+    except Exception:  # a broken options object must not cost a generation
+        raw = tuple(_read_one(get, key) for key in _KEYS)
+    token: Any = (raw, tuple(map(type, raw)))
+    try:
+        hit = _cache.get(token)
+    except TypeError:  # an unhashable value (a list from a hand-edited config.json)
+        token = tuple(_cache_token(value) for value in raw)
+        hit = _cache.get(token)
     if hit is not None:
         return hit
-    result = coerce_all(raw)
+    result = coerce_all(dict(zip(_KEYS, raw, strict=True)))
     if len(_cache) >= _CACHE_SIZE:
         _cache.clear()
     _cache[token] = result
     return result
+
+
+def _read_one(get: Callable[[str, Any], Any], key: str) -> Any:
+    try:
+        return get(key, MISSING)
+    except Exception:
+        return MISSING

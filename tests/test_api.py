@@ -253,6 +253,23 @@ def test_plan_previews_unsaved_slider_values(client):
     assert client.webui.shared.opts.memslice_budget_gb == 0.0  # preview only: nothing saved
 
 
+def test_plan_previews_the_unsaved_kernel_and_vae_choices(client):
+    """The panel sends every Memory slicing setting that changes a plan, before Apply: the kernel and the VAE too."""
+    for route in ("/memslice/v1/plan", "/internal/memslice/v1/plan"):
+        base = client.get(route, params=dict(width=1024, height=1024)).json()
+        einsum = client.get(route, params=dict(width=1024, height=1024, kernel="einsum")).json()
+        stock = client.get(route, params=dict(width=1024, height=1024, vae="off")).json()
+        assert base["settings"]["memslice_kernel"] == "auto" and einsum["settings"]["memslice_kernel"] == "einsum"
+        assert {r["kernel_used"] for r in einsum["layers"]} == {"einsum"} != {r["kernel_used"] for r in base["layers"]}
+        assert base["settings"]["memslice_vae"] == "auto" and stock["settings"]["memslice_vae"] == "off"
+        assert [r["kernel_used"] for r in stock["layers"] if r["site"] == "vae.mid"] == ["stock"]  # the webui's own
+        assert [r["kernel_used"] for r in base["layers"] if r["site"] == "vae.mid"] != ["stock"]
+        for key, value in (("kernel", "fastest"), ("vae", "sometimes")):
+            refused = client.get(route, params={"width": 512, key: value})
+            assert refused.status_code == 400 and key in refused.json()["detail"]
+    assert client.webui.shared.opts.memslice_kernel == "auto"  # preview only: nothing saved
+
+
 def test_plan_uses_the_loaded_model_when_model_is_omitted(client, ldm):
     _, _, openaimodel = ldm
     unet = openaimodel.UNetModel(

@@ -394,3 +394,109 @@ def test_the_fake_pages_outputs_are_the_webuis():
     tree = ast.parse(ui)
     outputs = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.keyword) and node.arg == "outputs"]
     assert any("output_panel.generation_info, output_panel.infotext, output_panel.html_log" in o for o in outputs)
+
+
+#: The browser test's element ids that the real page makes from a template (the rest are literals of modules/ui.py):
+#: where, the fragments of the real source that make it, and the gradio component it is.
+TEMPLATED_IDS = {
+    "quicksettings": ("modules/ui_settings.py", ['with gr.Row(elem_id="quicksettings"'], "Row"),
+    "setting_sd_model_checkpoint": ("modules/ui_settings.py", ['elem_id = f"setting_{key}"'], "Dropdown"),
+    "tab_txt2img": ("modules/ui.py", ['elem_id=f"tab_{ifid}"', '(txt2img_interface, "txt2img", "txt2img")'], "TabItem"),
+    "tab_img2img": ("modules/ui.py", ['elem_id=f"tab_{ifid}"', '(img2img_interface, "img2img", "img2img")'], "TabItem"),
+    "tab_settings": ("modules/ui.py", ['elem_id=f"tab_{ifid}"', '(settings.interface, "Settings", "settings")'],
+                     "TabItem"),
+    "txt2img_prompt": ("modules/ui_toprow.py", ['gr.Textbox(label="Prompt", elem_id=f"{self.id_part}_prompt"'],
+                       "Textbox"),
+    "img2img_prompt": ("modules/ui_toprow.py", ['gr.Textbox(label="Prompt", elem_id=f"{self.id_part}_prompt"'],
+                       "Textbox"),
+    "txt2img_generate": ("modules/ui_toprow.py", ["gr.Button('Generate', elem_id=f\"{self.id_part}_generate\""],
+                         "Button"),
+    "txt2img_hr-checkbox": ("modules/ui_components.py", ['"elem_id": f"{self.accordion_id}-checkbox"',
+                                                          '"visible": False'], "Checkbox"),
+    "html_info_txt2img": ("modules/ui_common.py", ["gr.HTML(elem_id=f'html_info_{tabname}', "
+                                                   "elem_classes=\"infotext\")"], "HTML"),
+    "html_log_txt2img": ("modules/ui_common.py", ["gr.HTML(elem_id=f'html_log_{tabname}', elem_classes=\"html-log\")"],
+                         "HTML"),
+    "generation_info_txt2img": ("modules/ui_common.py", ["gr.Textbox(visible=False, elem_id=f'generation_info_{"],
+                                "Textbox"),
+    "settings": ("modules/ui_settings.py", ['with gr.Tabs(elem_id="settings")'], "Tabs"),
+    "settings_memslice": ("modules/ui_settings.py", ['gr.TabItem(elem_id=f"settings_{elem_id}", label=text)'],
+                          "TabItem"),
+    "column_settings_memslice": ("modules/ui_settings.py", ['gr.Column(elem_id=f"column_settings_{elem_id}"'],
+                                 "Column"),
+    "settings_submit": ("modules/ui_settings.py", ['gr.Button(value="Apply settings", variant=\'primary\', '
+                                                   'elem_id="settings_submit")'], "Button"),
+    "settings_json": ("modules/ui_settings.py", ['gr.Textbox(elem_id="settings_json", value=lambda: opts.dumpjson(), '
+                                                 "visible=False)"], "Textbox"),
+}  # fmt: skip
+
+#: What the page's stand-ins (tests/fakes/script.js) follow in the real scripts: file -> fragments it holds.
+REAL_SCRIPTS = {
+    "script.js": ["function onUiUpdate(callback)", "function onAfterUiUpdate(callback)",
+                  "function onOptionsChanged(callback)", "executeCallbacks(uiUpdateCallbacks, m);",
+                  "mutationObserver.observe(gradioApp(), {childList: true, subtree: true});"],
+    "javascript/ui.js": ["var json_elem = gradioApp().getElementById('settings_json');",
+                         "Object.defineProperty(textarea, 'value', {", "executeCallbacks(optionsChangedCallbacks);",
+                         "function updateInput(target) {", "let e = new Event(\"input\", {bubbles: true});",
+                         """gradioApp().querySelector('#mode_img2img > div[style="display: block;"] img');"""],
+    "javascript/inputAccordion.js": ['visibleCheckbox.id = accordion.id + "-visible-checkbox";',
+                                     "accordion.classList.toggle('input-accordion-open', isOpen());",
+                                     "updateInput(gradioCheckbox);", "labelWrap.click();"],
+    "javascript/hints.js": ['record.target.classList.contains("options")'],
+    "modules/ui_settings.py": ["methods = [component.change]", "outputs=[component, self.text_settings],"],
+    "modules/ui_components.py": ["\"elem_classes\": ['input-accordion'],",
+                                 "self.change(fn=None, _js='function(checked){ inputAccordionChecked(\"'"],
+    "modules/ui.py": ['InputAccordion(False, label="Hires. fix", elem_id="txt2img_hr")'],
+}  # fmt: skip
+
+
+def test_the_fake_pages_controls_are_the_webuis(webui):
+    """With WEBUI_DIR: every element id of the browser test's page (``test_browser.build_page``) but its own test
+    buttons is one the real 1.10.1 page makes, with the same kind of gradio component (the literals of
+    ``modules/ui.py`` read off its syntax tree, the rest from their templates); the hires upscalers the page offers
+    as latent are the webui's latent modes; the real scripts do what ``fakes/script.js`` stands in for."""
+    from .test_browser import FAKE_ONLY_IDS, UPSCALERS, build_page
+
+    def read(rel: str) -> str:
+        with open(real_path(rel), encoding="utf8") as f:
+            return f.read()
+
+    literal = {}
+    for node in ast.walk(ast.parse(read("modules/ui.py"))):
+        if isinstance(node, ast.Call):
+            for kw in node.keywords:
+                if kw.arg == "elem_id" and isinstance(kw.value, ast.Constant):
+                    literal[kw.value.value] = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+    same = {"TabItem": "Tab", "InputAccordion": "Accordion"}  # gr.TabItem is gr.Tab; InputAccordion's id: its accordion
+    blocks = [b for b in build_page(webui).blocks.values() if getattr(b, "elem_id", None)]
+    problems = []
+    for block in blocks:
+        elem_id, kind = block.elem_id, type(block).__name__
+        if elem_id in FAKE_ONLY_IDS:
+            continue
+        if elem_id in literal:
+            real = literal[elem_id]
+        elif elem_id in TEMPLATED_IDS or elem_id.startswith("setting_memslice_"):
+            rel, fragments, real = TEMPLATED_IDS.get(elem_id, ("modules/ui_settings.py", ['elem_id = f"setting_{key}"'],
+                                                                kind))  # fmt: skip
+            text = read(rel)
+            problems += [f"{elem_id}: {rel} has no {f!r}" for f in fragments if f not in text]
+        else:
+            problems.append(f"{elem_id}: the real page has no such element")
+            continue
+        if same.get(real, real) != same.get(kind, kind):
+            problems.append(f"{elem_id}: a {kind} here, a {real} in the webui")
+    ids = {b.elem_id: b for b in blocks}
+    assert ids["txt2img_hr-checkbox"].visible is False and "input-accordion" in ids["txt2img_hr"].elem_classes
+    checkpoint = '"sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint", gr.Dropdown'
+    assert checkpoint in read("modules/shared_options.py")
+    shared = ast.parse(read("modules/shared.py"))
+    modes = next(n.value for n in shared.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "")
+                 == "latent_upscale_modes")  # fmt: skip
+    latent = {k.value for k in modes.keys}
+    assert latent and all(name.startswith("Latent") for name in latent)  # what memslice.js tells latents by
+    assert {u for u in UPSCALERS if u.startswith("Latent")} <= latent
+    for rel, fragments in REAL_SCRIPTS.items():
+        text = read(rel)
+        problems += [f"{rel} has no {f!r}" for f in fragments if f not in text]
+    assert not problems, "\n".join(problems)

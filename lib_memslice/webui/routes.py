@@ -48,6 +48,7 @@ from .. import __version__, probe, strategies
 from ..costs import AttentionShape
 from ..job_plan import NOT_PLANNED, UPSCALERS, hires_size
 from ..models import MODEL_NAMES
+from ..settings import SPEC_BY_KEY, coerce
 from ..slicing import budget_room, room_for
 from . import planner
 from .host import HOST, STATS, active_entry, device
@@ -235,6 +236,8 @@ def _plan_route(page: bool) -> Any:
         hr_height: int | None = Query(None, ge=8, le=MAX_SIDE),
         hr_upscaler: str = Query("latent", max_length=16),
         img2img: bool = Query(False),
+        kernel: str | None = Query(None, max_length=16),
+        vae: str | None = Query(None, max_length=16),
     ) -> dict[str, Any]:
         if page and (model is not None or strategy is not None):
             raise HTTPException(400, f"the page's planner plans the loaded model with the active entry; {API}/plan "
@@ -252,8 +255,11 @@ def _plan_route(page: bool) -> Any:
         if hires is not None and max(hires) > MAX_PASS_SIDE:
             raise HTTPException(400, f"the hires pass would be {hires[0]}x{hires[1]}: at most {MAX_PASS_SIDE} px a "
                                      "side")  # fmt: skip
+        for key, value in (("memslice_kernel", kernel), ("memslice_vae", vae)):  # the page's radios, unsaved
+            if value is not None and coerce(SPEC_BY_KEY[key], value)[1] is not None:
+                raise HTTPException(400, f"{key[9:]} must be one of {', '.join(SPEC_BY_KEY[key].choices)}")
         overrides = {"memslice_safety_factor": safety_factor, "memslice_slice_cap": slice_cap,
-                     "memslice_budget_gb": budget_gb}  # fmt: skip
+                     "memslice_budget_gb": budget_gb, "memslice_kernel": kernel, "memslice_vae": vae}  # fmt: skip
         free = coarse(probe.free_memory(device(), precise=True))
         return cached_plan(planner.inputs_for(width, height, batch, model, strategy, overrides, hr_scale, hr_width,
                                               hr_height, hr_upscaler, img2img, free))  # fmt: skip

@@ -204,3 +204,12 @@ def test_one_version_string():
     assert newest == __version__
     with pytest.raises(SystemExit):
         cli.main(["--version"])
+
+
+def test_bench_without_its_tools_says_what_to_install(monkeypatch, capsys):
+    """``python -m lib_memslice bench`` where memslice_tools (or one of its dependencies) cannot be imported: one
+    clear line, exit 2, no traceback."""
+    monkeypatch.setitem(sys.modules, "memslice_tools.run", None)
+    assert cli.main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "memslice_tools" in err and "make bench" in err and "Traceback" not in err

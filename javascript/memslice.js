@@ -244,6 +244,12 @@
         return [p.weight_bytes, p.input_bytes, peak - attention, attention, p.allocator_bytes];
     }
 
+    // a VAE pass the planner runs in bands of rows (its `bands`; 0: in one piece), streamed through host memory
+    // when even the bands do not fit on the device
+    function bandsText(p) {
+        return plural(p.bands, "band") + (p.streamed ? ", streamed" : "");
+    }
+
     function passSummary(p, memory) {
         var parts = segments(p);
         var words = PARTS.map(function (part, i) {
@@ -256,7 +262,7 @@
         var spare = p.headroom_bytes >= 0 ? formatBytes(p.headroom_bytes) + " to spare" :
             formatBytes(-p.headroom_bytes) + " too much";
         return p.name + ", " + sizeText(p.width, p.height) + ", batch " + p.batch +
-            (p.bands > 1 ? ", in " + p.bands + " bands" : "") + ": " + p.verdict + ". " + words.join(", ") +
+            (p.bands > 0 ? ", in " + bandsText(p) : "") + ": " + p.verdict + ". " + words.join(", ") +
             "; total " + formatBytes(p.total_bytes) + " of " + formatBytes(memory) + ", " + spare + ".";
     }
 
@@ -283,7 +289,7 @@
             var label = element("div", {"class": "memslice-pass-label"});
             label.appendChild(element("span", {"class": "memslice-pass-name"}, p.name));
             label.appendChild(element("span", {"class": "memslice-pass-size"}, sizeText(p.width, p.height)));
-            if (p.bands > 1) label.appendChild(element("span", {"class": "memslice-pass-bands"}, p.bands + " bands"));
+            if (p.bands > 0) label.appendChild(element("span", {"class": "memslice-pass-bands"}, bandsText(p)));
             if (binding) label.appendChild(element("span", {"class": "memslice-pass-binding"}, "binding"));
             label.appendChild(element("span", {"class": "memslice-pass-total"}, formatBytes(p.total_bytes)));
             label.appendChild(element("span", {"class": "memslice-pass-verdict"}, p.verdict));
@@ -313,6 +319,7 @@
     function renderTable(box, current) {
         var wrap = box.querySelector(".memslice-table-wrap");
         wrap.textContent = "";
+        if (!(current.passes || []).length) return;
         var table = element("table", {"class": "memslice-passes"});
         table.appendChild(element("caption", {}, "Each pass against " + formatBytes(current.memory_bytes) +
             " (" + current.memory_source + ")"));
@@ -329,7 +336,7 @@
         (current.passes || []).forEach(function (p) {
             var row = element("tr", {"data-verdict": p.verdict});
             row.appendChild(element("th", {scope: "row"}, p.name));
-            row.appendChild(element("td", {}, sizeText(p.width, p.height) + (p.bands > 1 ? ", " + p.bands + " bands" : "")));
+            row.appendChild(element("td", {}, sizeText(p.width, p.height) + (p.bands > 0 ? ", " + bandsText(p) : "")));
             row.appendChild(element("td", {}, String(p.batch)));
             segments(p).concat([p.total_bytes, p.headroom_bytes]).forEach(function (bytes) {
                 row.appendChild(element("td", {"class": "memslice-num"}, formatBytes(bytes)));

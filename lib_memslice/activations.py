@@ -217,6 +217,29 @@ MODELS: dict[str, dict[int, PassModel]] = {
 
 PASSES: tuple[str, ...] = (*ARCHS, "vae_decode", "vae_encode")
 
+#: A VAE pass run in bands (:mod:`lib_memslice.bands`): the part it runs whole, in the same terms. The decoder's
+#: conv_in and mid block run as in the stock pass (its live at the mid attention is the stock one; the mid part's own
+#: peak, ResnetBlocks at 512 channels on the latent grid, stays under it). The encoder's down path no longer leaves
+#: every block's output in a list: 20 x ch x N is live at its mid attention (stock: 344), 32 x ch x N is its mid
+#: part's peak (the stock peak less the list). The banded part itself is :func:`lib_memslice.band_costs.banded_peak`'s.
+#: Measured with the tracker on the real ldm modules, memslice's forwards installed and the band count forced
+#: (ch 32, fp32 and bf16, 256x256 and 320x192, 1-8 bands; tests/test_job_bands.py checks it at other sizes).
+BANDED_MID: dict[str, PassModel] = {
+    "vae_decode": PassModel(Linear(20.125, 0.0), {"vae.mid": Linear(20.125, 0.0)}),
+    "vae_encode": PassModel(Linear(32.0, 0.0), {"vae.mid": Linear(20.0, 0.0)}),
+}
+
+
+def banded_mid_bytes(
+    kind: str, width: int, height: int, batch: int, element_size: int, *, channels: int = VAE_CHANNELS
+) -> tuple[int, dict[str, int]]:
+    """``(peak, live)`` of the part of a banded VAE pass that runs whole (see :data:`BANDED_MID`)."""
+    _check(width, height, batch, element_size)
+    model = BANDED_MID[kind]
+    tokens = latent_tokens(width, height)
+    peak = model.peak.bytes(tokens, batch, channels, element_size)
+    return peak, {site: m.bytes(tokens, batch, channels, element_size) for site, m in model.live.items()}
+
 
 def pass_model(kind: str, element_size: int) -> PassModel:
     """The fitted model of one pass (an arch's UNet, ``vae_decode`` or ``vae_encode``) at an element size.

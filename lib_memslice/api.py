@@ -21,7 +21,8 @@ from typing import Any
 @dataclass(frozen=True)
 class PassPlan:
     """One pass of the job: its size, its parts in bytes (``allocator_bytes``: the most the device's allocator was
-    measured to add), its verdict (``fits``, ``tight`` or ``does not fit``)."""
+    measured to add), its verdict (``fits``, ``tight`` or ``does not fit``), and for a VAE pass memslice runs in
+    exact bands their count (``bands``; 0: the pass runs whole) and whether they stream through host memory."""
 
     name: str
     width: int
@@ -35,6 +36,8 @@ class PassPlan:
     total_bytes: int
     verdict: str
     fits: bool
+    bands: int = 0
+    streamed: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def _from(result: dict[str, Any]) -> JobPlan:
         advice=result["advice"],
         max_square_resolution=int(result["max_square_resolution"]),
         memory_bytes=int(result["memory_bytes"]),
-        passes=tuple(PassPlan(**{k: p[k] for k in fields}) for p in result["passes"]),
+        passes=tuple(PassPlan(**{k: p[k] for k in fields if k in p}) for p in result["passes"]),
         details=result,
     )
 

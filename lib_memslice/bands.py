@@ -751,10 +751,13 @@ def _refused(kind: str, net: VaeNet, shape: tuple[int, ...], element_size: int, 
     batch, _, lat_h, lat_w = shape
     need = smallest_band_need(net, lat_h, lat_w, batch, element_size, band_cap=band_cap(settings))
     top = max_bands(lat_h, band_cap(settings))
+    budgeted = float(getattr(settings, "budget_gb", 0) or 0) > 0
+    have = f"the attention budget is {format_bytes(free)}" if budgeted else f"{format_bytes(free)} is free"
+    advice = "raise the attention budget, " if budgeted else ""
     text = (f"memslice: not enough memory for the VAE {kind}: its smallest plan ({top} "
-            f"bands streamed through the device) needs {format_bytes(need)}, {format_bytes(free)} is free. To fit: "
+            f"bands streamed through the device) needs {format_bytes(need)}, {have}. To fit: {advice}"
             "lower the resolution or batch size or free memory on the device.")  # fmt: skip
-    return NotEnoughMemory(text, need=need, have=free, site=f"vae.{kind}")
+    return NotEnoughMemory(text, need=need, have=free, site=f"vae.{kind}", fixed_budget=budgeted)
 
 
 def next_after_oom(plan: BandPlan, latent_rows: int, cap: int) -> tuple[int, bool] | None:
@@ -822,18 +825,26 @@ def _record_failure(host: Any, error: NotEnoughMemory) -> None:
         sink(error)
 
 
+def _active(host: Any) -> bool:
+    """Whether the host still wants bands (the webui's: while a memslice entry is applied; a forward kept by another
+    extension after memslice's was removed then runs the stock one). Hosts without the question always do."""
+    active = getattr(host, "bands_active", None)
+    return bool(active()) if callable(active) else True
+
+
 def make_decoder_forward(
     strategy: str, host: Any, fallback: Callable[..., Tensor] | None = None
 ) -> Callable[..., Tensor]:
     """A ``Decoder.forward`` (ldm and sgm) that runs the pass in exact bands when it would not fit its room.
     ``fallback``: the forward it replaces (the stock one when None), run when the pass fits untiled, when the VAE
-    mode is not ``auto``, when the call passes keywords, or when the module is not one memslice can band."""
+    mode is not ``auto`` (or the host no longer wants bands), when the call passes keywords, or when the module is
+    not one memslice can band."""
 
     def forward(self: Any, z: Tensor, **kwargs: Any) -> Tensor:
         def stock() -> Tensor:
             return fallback(self, z, **kwargs) if fallback is not None else stock_decode(self, z)
 
-        if kwargs or not enabled(host.settings()):
+        if kwargs or not enabled(host.settings()) or not _active(host):
             return stock()
         net = decoder_net(self)
         if net is None:
@@ -854,7 +865,7 @@ def make_encoder_forward(
         def stock() -> Tensor:
             return fallback(self, x, **kwargs) if fallback is not None else stock_encode(self, x)
 
-        if kwargs or not enabled(host.settings()):
+        if kwargs or not enabled(host.settings()) or not _active(host):
             return stock()
         net = encoder_net(self)
         if net is None or x.shape[2] % net.scale or x.shape[3] % net.scale:

@@ -164,14 +164,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      str(row["slices"]) if row["fits"] else "no fit", format_bytes(row["peak_bytes"])))  # fmt: skip
     print("\n".join(_table(rows)))
     print(f"\npasses (allocator: {result['allocator_overhead']['source']})")
-    rows = [("pass", "size", "batch", "attention peak", "other activations", "inputs", "weights", "allocator",
-             "total", "verdict")]  # fmt: skip
+    rows = [("pass", "size", "batch", "bands", "attention peak", "other activations", "inputs", "weights",
+             "allocator", "total", "verdict")]  # fmt: skip
     for p in result["passes"]:
-        rows.append((p["name"], f"{p['width']}x{p['height']}", str(p["batch"]), format_bytes(p["attention_bytes"]),
-                     format_bytes(p["activation_bytes"]), format_bytes(p["input_bytes"]),
-                     format_bytes(p["weight_bytes"]), format_bytes(p["allocator_bytes"]),
-                     format_bytes(p["total_bytes"]), p["verdict"]))  # fmt: skip
+        rows.append((p["name"], f"{p['width']}x{p['height']}", str(p["batch"]), _bands_cell(p),
+                     format_bytes(p["attention_bytes"]), format_bytes(p["activation_bytes"]),
+                     format_bytes(p["input_bytes"]), format_bytes(p["weight_bytes"]),
+                     format_bytes(p["allocator_bytes"]), format_bytes(p["total_bytes"]), p["verdict"]))  # fmt: skip
     print("\n".join(_table(rows)))
+    for p in result["passes"]:
+        if p["bands_reason"] and (p["bands"] or p["verdict"] != "fits"):
+            print(f"  {p['name']}: {p['bands_reason']}")
     side = result["max_square_resolution"]
     verdict = {"fits": "fits in", "tight": "is TIGHT in", "does not fit": "does NOT fit in"}[result["verdict"]]
     print(f"\nthe whole job {verdict} {format_bytes(memory)}: {result['advice']}")
@@ -179,6 +182,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"largest square first-pass size at which the whole job fits{scaled}: {side}x{side}" if side
           else "no square size fits")  # fmt: skip
     return 0 if result["fits"] else 1
+
+
+def _bands_cell(p: dict[str, Any]) -> str:
+    """The passes table's bands column: ``-`` for a pass run whole (the UNet, an untiled VAE pass), else the count
+    (``streamed``: through host memory)."""
+    if not p["bands"]:
+        return "-"
+    return f"{p['bands']} streamed" if p["streamed"] else str(p["bands"])
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -329,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--slice-cap", dest="slice_cap", help="most slices per attention call (default 4096)")
     plan.add_argument("--kernel", choices=KERNELS, default=None, help="the 'Kernel per slice' setting (default auto)")
     plan.add_argument("--vae", choices=VAE_MODES, default=None,
-                      help="the 'VAE' setting (default auto; off: the webui's own VAE attention)")  # fmt: skip
+                      help="the 'VAE' setting (default auto: sliced attention, decode and encode in exact bands "
+                           "when a pass would not fit; attention: sliced attention only; off: the webui's own "
+                           "VAE)")  # fmt: skip
     plan.add_argument(
         "--device",
         choices=("cuda", "mps", "xpu", "cpu", "unknown"),

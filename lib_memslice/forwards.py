@@ -75,6 +75,9 @@ class BasicHost:
     def record_failure(self, error: NotEnoughMemory) -> None:
         self.stats.record_failure()
 
+    def record_bands(self, record: Any) -> None:
+        self.stats.record_bands(record)
+
 
 # --- 1. describe ----------------------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ log = logging.getLogger("memslice")
 MAX_SLICE_CAP = 65536
 KERNELS: tuple[str, ...] = ("auto", "sdpa", "einsum")
 LOG_LEVELS: tuple[str, ...] = ("off", "summary", "every call")
-#: what memslice does to the VAE: ``attention`` slices its attention; ``auto`` too (and, where bands are available,
-#: runs its decode and encode in exact bands when a pass would not fit); ``off`` leaves the webui's stock VAE
+#: what memslice does to the VAE: ``attention`` slices its attention; ``auto`` too, and runs its decode and encode in
+#: exact bands (:mod:`lib_memslice.bands`) when a pass would not fit; ``off`` leaves the webui's stock VAE
 VAE_MODES: tuple[str, ...] = ("auto", "attention", "off")
 
 #: The settings-page section (id, title) and the webui category the section appears under.
@@ -102,8 +102,9 @@ SPECS: tuple[OptionSpec, ...] = (
         "choice",
         "auto",
         "VAE",
-        "auto and attention = memslice plans and slices the VAE's attention (its score matrix is the largest of all "
-        "at high resolution); off = the webui's stock VAE attention, in one piece",
+        "auto = memslice slices the VAE's attention and, when a decode or encode would not fit, runs it in the "
+        "fewest exact bands of rows that fit (the same image, no seams); attention = the attention sliced only; "
+        "off = the webui's stock VAE, its attention in one piece",
         choices=VAE_MODES,
         was_bool=("auto", "off"),
     ),

@@ -40,7 +40,9 @@ class CallRecord:
 
 @dataclass
 class JobSummary:
-    """What one generation (job) did, for its infotext and status line."""
+    """What one generation (job) did, for its infotext and status line. ``decode_bands`` / ``encode_bands``: the
+    most bands a VAE decode / encode of the job ran in (0: none ran in bands), ``streamed`` when one of them
+    streamed its bands through host memory."""
 
     strategy: str = ""
     calls: int = 0
@@ -49,6 +51,10 @@ class JobSummary:
     max_peak_bytes: int = 0
     retries: int = 0
     failures: int = 0
+    decode_bands: int = 0
+    encode_bands: int = 0
+    decode_streamed: bool = False
+    encode_streamed: bool = False
 
     def add(self, record: CallRecord) -> None:
         self.strategy = record.strategy
@@ -58,9 +64,35 @@ class JobSummary:
         self.max_peak_bytes = max(self.max_peak_bytes, record.peak_bytes)
         self.retries += record.retries
 
+    def add_bands(self, record: Any) -> None:
+        """A VAE pass's band record (``site`` ``vae.decode`` or ``vae.encode``, ``bands``: 0 for the module's own
+        forward, ``streamed``, ``tried``: the plans that ran out of memory before it)."""
+        self.retries += len(getattr(record, "tried", ()))
+        kind = "decode" if record.site == "vae.decode" else "encode"
+        if record.bands > getattr(self, f"{kind}_bands"):
+            setattr(self, f"{kind}_bands", int(record.bands))
+            setattr(self, f"{kind}_streamed", bool(record.streamed))
+
+    def banded(self) -> list[str]:
+        """``VAE decode in 4 bands`` (``streamed`` when through host memory) per VAE pass kind that ran in bands."""
+        found = []
+        for kind in ("decode", "encode"):
+            bands = getattr(self, f"{kind}_bands")
+            if bands:
+                streamed = " streamed" if getattr(self, f"{kind}_streamed") else ""
+                found.append(f"VAE {kind} in {plural(bands, 'band')}{streamed}")
+        return found
+
+    @property
+    def ran(self) -> bool:
+        """Whether memslice planned anything in this job (an attention call or a VAE pass in bands)."""
+        return bool(self.calls or self.decode_bands or self.encode_bands)
+
     def infotext(self) -> str:
-        """The value of the ``Memslice`` infotext field, e.g. ``doggettx, max 8 slices``."""
+        """The value of the ``Memslice`` infotext field, e.g. ``doggettx, max 8 slices, VAE decode in 4 bands``."""
         text = f"{self.strategy}, max {plural(self.max_slices, 'slice')}"
+        for part in self.banded():
+            text += f", {part}"
         if self.retries:
             text += f", {plural(self.retries, 'OOM retry')}"
         return text
@@ -74,6 +106,8 @@ class JobSummary:
         )
         if self.failures:
             text += f", {plural(self.failures, 'call')} did not fit"
+        if self.banded():
+            text += "; " + ", ".join(self.banded())
         return text
 
     def as_dict(self) -> dict[str, Any]:
@@ -98,6 +132,12 @@ class Stats:
             self._job.add(record)
             self.total_calls += 1
             self.total_retries += record.retries
+
+    def record_bands(self, record: Any) -> None:
+        """A VAE pass's band record (see :meth:`JobSummary.add_bands`)."""
+        with self._lock:
+            self._job.add_bands(record)
+            self.total_retries += len(getattr(record, "tried", ()))
 
     def record_failure(self) -> None:
         with self._lock:

@@ -153,13 +153,18 @@ def test_attention_is_planned_for_what_its_call_finds_free():
     assert level0["room_bytes"] < 256 * MiB  # what is left at that moment, over the safety factor
 
 
-def test_when_the_vae_decode_binds_the_advice_says_tiles_not_slices():
-    job = builtin_job("sd15", 1024, 1024, batch=1, memory_bytes=8 * GiB, element_size=2, hires=(2048, 2048))
+def test_when_the_vae_decode_binds_the_advice_says_bands_not_slices():
+    """With the VAE setting attention the hires decode's convolutions bind: the advice is the bands, not slicing;
+    with auto the same decode runs in exact bands and the job fits."""
+    job = builtin_job("sd15", 1024, 1024, batch=1, memory_bytes=8 * GiB, element_size=2, hires=(2048, 2048),
+                      vae="attention")  # fmt: skip
     result = plan_job(job, cuda_kernels)
     assert not result["fits"] and result["limit"] == "VAE decode (hires)"
-    assert "tiles" in result["advice"] and "slice" not in result["advice"]
+    assert "exact bands" in result["advice"] and "slice" not in result["advice"]
     unet = next(p for p in result["passes"] if p["name"] == "UNet (hires)")
     assert unet["fits"]
+    banded = plan_job(replace(job, vae="auto"), cuda_kernels)
+    assert banded["fits"] and banded["passes"][-1]["bands"] > 1
 
 
 def test_when_attention_refuses_the_advice_is_its_own():
@@ -202,9 +207,10 @@ def test_the_job_json_names_every_pass_and_the_one_that_binds():
 def test_the_api_for_other_extensions_outside_the_webui():
     from lib_memslice.api import JobPlan, job_fits
 
-    plan = job_fits(1024, 1024, hr_scale=2, model="sd15", memory_bytes=8 * GiB, device="cuda")
-    assert isinstance(plan, JobPlan) and not plan.fits and plan.limit == "VAE decode (hires)"
+    plan = job_fits(1024, 1024, hr_scale=2, model="sd15", memory_bytes=4 * GiB, device="cuda")
+    assert isinstance(plan, JobPlan) and not plan.fits and plan.limit == "UNet (hires)"
     assert [p.name for p in plan.passes] == ["UNet", "UNet (hires)", "VAE decode (hires)"]
+    assert plan.passes[-1].bands > 1  # the hires decode in exact bands
     assert plan.max_square_resolution == plan.details["max_square_resolution"] > 0
     assert job_fits(512, 512, model="sd15", memory_bytes=8 * GiB, device="cuda").fits
 
@@ -246,8 +252,13 @@ def test_the_vae_attention_is_planned_as_the_webui_runs_it():
     assert row["peak_bytes"] == 2 * tokens * tokens * 2  # the scaled scores and their softmax, fp16
     assert _decode_row(sliced)["peak_bytes"] < row["peak_bytes"] // 40
     assert sliced["fits"] and stock["verdict"] != "fits" and stock["limit"] == "VAE decode (hires)"
-    assert replace(job, vae="attention") == replace(job, vae="attention") and plan_job(
-        replace(job, vae="attention"), cuda_kernels)["passes"] == sliced["passes"]  # fmt: skip
+
+    def unbanded(result):
+        return [{k: v for k, v in p.items() if k != "bands_reason"} for p in result["passes"]]
+
+    assert sliced["passes"][-1]["bands_reason"].startswith("fits untiled")  # auto: the same pass, run whole
+    assert [p["bands"] for p in sliced["passes"]] == [0, 0, 0]
+    assert unbanded(plan_job(replace(job, vae="attention"), cuda_kernels)) == unbanded(sliced)
     budget = plan_job(replace(job, vae="off", attention_budget=64 * MiB), cuda_kernels)
     assert (
         _decode_row(budget)["room_bytes"] == row["room_bytes"] > 64 * MiB

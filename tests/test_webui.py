@@ -494,8 +494,15 @@ def test_a_generation_that_fails_names_the_pass_and_what_would_fit(webui):
             decoder(torch.randn(1, 4, 128, 128))
 
     text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", decode_after_hires, **hires)
+    # the VAE setting auto plans the pass in bands first: in a 256 KiB budget not even its smallest plan fits
+    assert text.startswith("memslice: not enough memory for the VAE decode: its smallest plan (64 bands streamed")
+    assert "the attention budget is 256.0 KiB" in text and "raise the attention budget" in text
+    assert "In this job: the VAE decode (hires) pass at 1024x1024 failed" in text and basis in text
+    webui.shared.opts.set("memslice_vae", "attention")  # attention only: the mid block's call refuses
+    text = _failing_job(webui, "StableDiffusionProcessingTxt2Img", decode_after_hires, **hires)
     assert text.startswith("memslice: not enough memory for attention at vae.mid")
     assert "In this job: the VAE decode (hires) pass at 1024x1024 failed" in text
+    webui.shared.opts.set("memslice_vae", "auto")
 
     def encode_for_an_image_upscaler(p):  # the reported case: the hires encode was called a decode
         with torch.no_grad():
@@ -577,6 +584,7 @@ def test_the_fits_up_to_reading_comes_from_the_jobs_start_and_says_when_it_was_o
         with torch.no_grad():
             decoder(torch.randn(1, 4, 16, 16))
 
+    webui.shared.opts.set("memslice_vae", "attention")  # the stock decode: torch's own error reaches the wrapper
     text = _failing_oom(webui, "StableDiffusionProcessingTxt2Img", decode, width=128, height=128)
     assert readings[0] is True  # read precisely at the job's start
     assert "In this job: the VAE decode pass at 128x128 failed; with the 64.0 GiB free when this job started" in text
@@ -616,7 +624,6 @@ def test_an_out_of_memory_error_outside_attention_names_its_pass(webui):
     the error's text, so it names the pass (from the innermost model forward and its input's size) and what fits."""
     select(webui, TITLES["auto"])
     hires = dict(width=512, height=512, enable_hr=True, hr_upscale_to_x=1024, hr_upscale_to_y=1024)
-    expected = webui.memslice.plan_for(512, 512, 1, hr_width=1024, hr_height=1024)["max_square_resolution"]
     encoder, decoder = _small_vae(webui)
     decoder.up[0].block[0].conv1.forward = _oom  # inside the decoder's up blocks, where a 2k decode fails
 
@@ -624,9 +631,12 @@ def test_an_out_of_memory_error_outside_attention_names_its_pass(webui):
         with torch.no_grad():
             decoder(torch.randn(1, 4, 128, 128))  # 1024 px of latent
 
+    webui.shared.opts.set("memslice_vae", "attention")  # the stock decode: torch's error is annotated as it is
+    expected = webui.memslice.plan_for(512, 512, 1, hr_width=1024, hr_height=1024)["max_square_resolution"]
     text = _failing_oom(webui, "StableDiffusionProcessingTxt2Img", decode, **hires)
     assert text.startswith("CUDA out of memory. Tried to allocate 2.00 GiB. In this job: the VAE decode (hires) pass")
     assert "at 1024x1024 failed" in text and f"fits up to {expected}x{expected} (first pass" in text
+    webui.shared.opts.set("memslice_vae", "auto")
 
     encoder.down[0].block[0].conv1.forward = _oom
 
@@ -634,8 +644,10 @@ def test_an_out_of_memory_error_outside_attention_names_its_pass(webui):
         with torch.no_grad():
             encoder(torch.randn(1, 3, 64, 96))
 
+    webui.shared.opts.set("memslice_vae", "attention")
     text = _failing_oom(webui, "StableDiffusionProcessingImg2Img", encode, width=96, height=64)
     assert "In this job: the VAE encode pass at 96x64 failed" in text
+    webui.shared.opts.set("memslice_vae", "auto")
 
     unet = _small_unet(webui)
     unet.output_blocks[0][0].in_layers[2].forward = _oom  # a ResBlock convolution on the way up

@@ -45,6 +45,7 @@ def start_webui() -> SimpleNamespace:
     attention, model, _ = import_ldm()
     env = SimpleNamespace(ldm_attention=attention, ldm_model=model)
     env.originals = (attention.CrossAttention.forward, model.AttnBlock.forward)
+    env.vae_originals = (model.Decoder.forward, model.Encoder.forward)  # ldm's own: memslice's apply() patches them
     for name in ("script_callbacks", "shared", "devices", "sd_hijack", "sd_hijack_optimizations", "processing"):
         setattr(env, name, importlib.import_module(f"modules.{name}"))
     env.hypernetwork = importlib.import_module("modules.hypernetworks.hypernetwork")
@@ -72,6 +73,7 @@ def reload_ui(env: SimpleNamespace) -> None:
 
 def stop_webui(env: SimpleNamespace) -> None:
     env.ldm_attention.CrossAttention.forward, env.ldm_model.AttnBlock.forward = env.originals
+    env.ldm_model.Decoder.forward, env.ldm_model.Encoder.forward = env.vae_originals
     purge()
     if FAKES in sys.path:
         sys.path.remove(FAKES)

@@ -5,6 +5,13 @@ Contract (webui 1.10.x, see shared/design.md section 2): entries are listed thro
 previous entry's ``undo()`` and our ``apply()``. ``apply()`` also installs the failure context on the webui's
 ``process_images_inner`` and ``undo()`` removes it, so under a built-in optimization no memslice frame is in any
 traceback. Everything that runs at startup is wrapped so a failure here is a logged message, never a dead webui.
+The VAE's ``Decoder.forward`` and ``Encoder.forward`` (ldm's, and sgm's where it imports) are memslice's while an
+entry is applied: they run the module's own forward when the pass fits (and with the VAE setting ``attention`` or
+``off``), else the exact bands of :mod:`lib_memslice.bands`. The webui's ``undo_optimizations`` never touches them,
+so ``undo()`` puts back the forward each class had before, only where the class's forward is still memslice's (an
+extension that replaced it since keeps its own). A forward set on a module *instance* (the Tiled VAE extension's
+hook) is what torch calls: memslice's class forward is never reached for that module. TAESD and the approximate
+previews are other classes, and nothing here moves a module between devices (--medvram/--lowvram place them).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 from modules import sd_hijack_optimizations, shared  # type: ignore[import-not-found]
 
 from .. import strategies
+from ..bands import make_decoder_forward, make_encoder_forward
 from ..forwards import make_attnblock_forward, make_cross_attention_forward
 from ..settings import CATEGORY_ID, SECTION, SPECS, coerce, warn_once
 from . import jobs
@@ -60,6 +68,48 @@ def _ldm_sgm() -> list[Any]:
     return pairs
 
 
+def _vae_classes() -> list[tuple[Any, Any]]:
+    """(Decoder class, Encoder class) of ldm, then of sgm when it imports and has them."""
+    import ldm.modules.diffusionmodules.model
+
+    found = [(ldm.modules.diffusionmodules.model.Decoder, ldm.modules.diffusionmodules.model.Encoder)]
+    try:
+        import sgm.modules.diffusionmodules.model as sgm_model
+    except ImportError:  # webui without the SDXL repository: ldm alone
+        return found
+    decoder, encoder = getattr(sgm_model, "Decoder", None), getattr(sgm_model, "Encoder", None)
+    if decoder is not None and encoder is not None:
+        found.append((decoder, encoder))
+    return found
+
+
+#: where a memslice VAE forward keeps the forward its class had before it (put back by ``undo()``)
+ORIGINAL = "__memslice_original__"
+
+
+def install_vae_forwards(strategy: str) -> None:
+    """memslice's banded forwards on the Decoder and Encoder classes, each falling back on the class's own forward
+    (the one before memslice's: a memslice forward already there hands on the one it keeps)."""
+    for decoder, encoder in _vae_classes():
+        for cls, make in ((decoder, make_decoder_forward), (encoder, make_encoder_forward)):
+            current = cls.__dict__.get("forward")
+            original = getattr(current, ORIGINAL, None) if getattr(current, "__memslice__", None) else current
+            if original is None:
+                continue
+            forward = make(strategy, HOST, original)
+            setattr(forward, ORIGINAL, original)
+            cls.forward = forward
+
+
+def remove_vae_forwards() -> None:
+    """Put back each class's own forward where memslice's is still the class's."""
+    for decoder, encoder in _vae_classes():
+        for cls in (decoder, encoder):
+            current = cls.__dict__.get("forward")
+            if getattr(current, "__memslice__", None) and getattr(current, ORIGINAL, None) is not None:
+                cls.forward = getattr(current, ORIGINAL)
+
+
 class MemsliceOptimization(sd_hijack_optimizations.SdOptimization):
     """One dropdown entry per strategy. Titles (``name - label``) are what config.json stores: keep them stable."""
 
@@ -96,12 +146,17 @@ class MemsliceOptimization(sd_hijack_optimizations.SdOptimization):
                 fallback = None
             attn_block.forward = make_attnblock_forward(self.strategy, HOST, fallback)
         try:
+            install_vae_forwards(self.strategy)
+        except Exception as exc:  # the VAE then runs as the webui runs it: attention sliced, no bands
+            log.warning("memslice: could not install the banded VAE forwards: %s", exc)
+        try:
             jobs.install_failure_context()
         except Exception as exc:  # a webui without it loses only the pass name on out-of-memory errors
             log.warning("memslice: out-of-memory errors will not name the failing pass: %s", exc)
 
     def undo(self) -> None:
         super().undo()
+        remove_vae_forwards()
         jobs.remove_failure_context()
 
 

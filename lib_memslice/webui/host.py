@@ -53,6 +53,17 @@ class WebuiHost:
     def record_failure(self, error: NotEnoughMemory) -> None:
         STATS.record_failure()
 
+    def record_bands(self, record: Any) -> None:
+        """A VAE pass's :class:`lib_memslice.bands.BandRecord` (its band count for the infotext and the line)."""
+        STATS.record_bands(record)
+
+    def bands_active(self) -> bool:
+        """The banded VAE forwards act only while a memslice entry is applied."""
+        try:
+            return active_entry() is not None
+        except Exception:
+            return False
+
 
 HOST = WebuiHost()
 

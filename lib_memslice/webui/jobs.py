@@ -32,7 +32,7 @@ _running: dict[str, Any] = {"p": None, "free": None}  # a weak reference to the 
 
 def _infotext(**_: Any) -> str | None:
     job = STATS.current_job()
-    return job.infotext() if job.calls else None
+    return job.infotext() if job.ran else None
 
 
 def on_job_start(p: Any) -> None:
@@ -60,7 +60,7 @@ def on_job_end(p: Any = None, processed: Any = None) -> None:
         return
     _running["p"] = None
     job = STATS.finish_job()
-    if job.calls and HOST.settings().log != "off":
+    if job.ran and HOST.settings().log != "off":
         log.info("%s", job.line())
 
 

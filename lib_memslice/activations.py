@@ -341,6 +341,77 @@ def vae_encode_live_bytes(
     return _evaluate("vae_encode", width, height, batch, element_size, channels)[1]
 
 
+# --- SD3's MMDiT ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JointLinear:
+    """``element_size x batch x hidden x (per_image_token x image tokens + per_text_token x text tokens + fixed)``
+    bytes: an MMDiT carries the image's patch tokens and the prompt's text tokens through the same blocks, but holds
+    them at different rates (the last block's prompt half is ``pre_only``, the image alone is unpatchified)."""
+
+    per_image_token: float
+    per_text_token: float
+    fixed: float = 0.0
+
+    def bytes(self, image_tokens: int, text_tokens: int, batch: int, channels: int, element_size: int) -> int:
+        units = self.per_image_token * image_tokens + self.per_text_token * text_tokens + self.fixed
+        return math.ceil(element_size * batch * channels * units)
+
+
+@dataclass(frozen=True)
+class MmditModel:
+    """An MMDiT forward: the peak of its other activations, and what is live at its joint attention calls."""
+
+    peak: JointLinear
+    live: JointLinear
+
+
+#: SD3's MMDiT in webui 1.10.1 (``modules/models/sd3/mmdit.py``), per (element x batch x hidden): its fused qkv
+#: projection and the q and k copies ``pre_attention`` makes stay alive until each joint block returns, beside the
+#: concatenated q, k and v of the call; the peak is the image stream's MLP with all of them live. Measured on the
+#: webui's own classes (executed from a 1.10.1 checkout) by ``python -m memslice_tools.sd3_standin`` (2026-12-06,
+#: torch 2.13.0+cpu, 2 threads): 2, 3 and 4 heads of 64, 256x256 and 512x384 with 154 and 308 text tokens; validated
+#: by the same run at 384x640, 640x512 (462 text tokens) and 1024x1024 with 5 heads, memslice-auto and unsliced
+#: einsum, every case exact; tests/test_sd3_plan.py checks it at other sizes on the webui's classes (WEBUI_DIR) or
+#: their fake. Half precision is measured as the webui runs it on CUDA, under autocast (LayerNorm returns float32).
+#: diffusers' ``SD3Transformer2DModel`` holds a third less (the webui's MMDiT peaks at 1.44-1.61x its peak: its q/k/v
+#: projections die at the concatenation), so it is not the model of the webui's memory.
+MMDIT: dict[int, MmditModel] = {
+    4: MmditModel(JointLinear(19.0, 10.0, 14.0), JointLinear(8.0, 8.0, 14.0)),
+    2: MmditModel(JointLinear(20.0, 10.0, 14.0), JointLinear(8.0, 8.0, 14.0)),
+}
+#: the archs whose denoiser is an MMDiT: their UNet pass is :func:`mmdit_activation_bytes`
+MMDITS: tuple[str, ...] = ("sd3",)
+MMDIT_HIDDEN = 1536  # SD3 Medium: 24 heads of 64
+MMDIT_PATCH_PX = 16  # image pixels per patch token a side (latent 8 x patch 2)
+
+
+def _mmdit(width: int, height: int, batch: int, element_size: int, text_tokens: int, hidden: int
+           ) -> tuple[MmditModel, tuple[int, int, int, int, int]]:  # fmt: skip
+    _check(width, height, batch, element_size)
+    image = (width // MMDIT_PATCH_PX) * (height // MMDIT_PATCH_PX)
+    return MMDIT[4 if element_size >= 4 else 2], (image, text_tokens, batch, hidden, element_size)
+
+
+def mmdit_activation_bytes(
+    width: int, height: int, batch: int, element_size: int, *, text_tokens: int = 154, hidden: int = MMDIT_HIDDEN
+) -> int:
+    """Peak bytes of one MMDiT forward's activations besides attention transients and weights: ``batch`` as it runs
+    (the webui's cond + uncond: 2 x the image batch), ``text_tokens`` the prompt's (154 per 75-token chunk), image
+    sides cut to 16 px as the webui cuts them."""
+    model, args = _mmdit(width, height, batch, element_size, text_tokens, hidden)
+    return model.peak.bytes(*args)
+
+
+def mmdit_live_bytes(
+    width: int, height: int, batch: int, element_size: int, *, text_tokens: int = 154, hidden: int = MMDIT_HIDDEN
+) -> dict[str, int]:
+    """``{"mmdit.joint": bytes}``: what is live while a joint attention call runs."""
+    model, args = _mmdit(width, height, batch, element_size, text_tokens, hidden)
+    return {"mmdit.joint": model.live.bytes(*args)}
+
+
 def attention_peaks(records: Iterable[Any]) -> dict[str, int]:
     """The largest predicted attention transient per site from records with ``.site`` and ``.peak_bytes``
     (``Stats.recent()``'s CallRecords, or the planner's per-site plans)."""

@@ -134,7 +134,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                    hr_scale=args.hires_scale, hr_width=args.hires_width, hr_height=args.hires_height,
                    hr_upscaler=args.hires_upscaler, img2img=args.img2img, strategy=args.strategy, element_size=io,
                    vae_element_size=4 if args.no_half_vae else io, upcast_attention=args.upcast, medvram=args.medvram,
-                   prompt_chunks=args.prompt_chunks, device_kind=device_kind, ceiling_bytes=ceiling)  # fmt: skip
+                   prompt_chunks=args.prompt_chunks, device_kind=device_kind, ceiling_bytes=ceiling,
+                   t5=args.t5)  # fmt: skip
     hires = job.hires
     unet_dtype = compute[io]
     kernels_for = kernels.kernels_for_job(device_kind, unet_dtype, torch.float32 if args.no_half_vae else unet_dtype,
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp16", help="model precision (default fp16)")
     plan.add_argument("--upcast", action="store_true", help="plan for 'Upcast cross attention layer to float32'")
     plan.add_argument("--no-half-vae", dest="no_half_vae", action="store_true", help="the VAE runs in fp32")
+    plan.add_argument("--t5", action="store_true", help="SD3: the webui's 'Enable T5' is on (its T5-XXL is loaded)")
     plan.add_argument(
         "--budget",
         type=parse_size,
@@ -354,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="prompt_chunks",
         type=_bounded_int(1, 64),
         default=1,
-        help="75-token prompt chunks (77 keys each)",
+        help="75-token prompt chunks (77 keys each; SD3: 154 text tokens each)",
     )
     plan.add_argument(
         "--memory", type=parse_size, help="memory the whole job may use, weights included (default: free here)"

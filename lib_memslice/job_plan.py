@@ -30,7 +30,6 @@ KernelsFor = Callable[[Site, int], tuple[KernelChoice, ...]]
 
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 UPSCALERS = ("latent", "image")
-LATENT_CHANNELS = 4
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class Job:
     """One generation as the webui runs it, and how memslice plans its attention."""
 
     spec: ModelSpec
-    arch: str  # which activation model: sd15 | sd2 | sdxl
+    arch: str  # which activation model: sd15 | sd2 | sdxl | sd3
     width: int
     height: int
     batch: int
@@ -91,6 +90,7 @@ class Job:
     device_kind: str = "cuda"
     vae: str = "auto"  # the VAE setting: "off" leaves the webui's stock VAE attention, planned as it runs
     ceiling_bytes: int | None = None  # past memory_bytes, what the device still grants (Apple): plans there are tight
+    t5: bool = False  # SD3's 'Enable T5': its T5-XXL encoder is loaded (counted where the weights are not read)
 
     @property
     def beyond(self) -> int:
@@ -149,19 +149,21 @@ def hires_size(
 
 
 def passes(job: Job) -> list[Pass]:
-    """The passes in the order the webui 1.10.1 runs them (decode and encode go one image at a time)."""
+    """The passes in the order the webui 1.10.1 runs them (decode and encode go one image at a time). The denoising
+    passes are of kind ``unet`` and named after the model's denoiser (SD3: ``MMDiT``)."""
     w, h = job.width, job.height
+    denoiser = job.spec.denoiser
     found = []
     if job.img2img:
         found.append(Pass("VAE encode", "vae_encode", w, h, 1))
-    found.append(Pass("UNet", "unet", w, h, 2 * job.batch))
+    found.append(Pass(denoiser, "unet", w, h, 2 * job.batch))
     if job.hires:
         hw, hh = job.hires
         if job.hires_upscaler == "image":
             cw, ch = job.hires_cover or job.hires
             found.append(Pass("VAE decode", "vae_decode", w, h, 1))
             found.append(Pass("VAE encode (hires)", "vae_encode", cw, ch, 1))
-        found.append(Pass("UNet (hires)", "unet", hw, hh, 2 * job.batch))
+        found.append(Pass(f"{denoiser} (hires)", "unet", hw, hh, 2 * job.batch))
         found.append(Pass("VAE decode (hires)", "vae_decode", hw, hh, 1))
     else:
         found.append(Pass("VAE decode", "vae_decode", w, h, 1))
@@ -169,11 +171,13 @@ def passes(job: Job) -> list[Pass]:
 
 
 def part_bytes(job: Job) -> Weights:
-    """Bytes of the UNet, the VAE and the text encoders: as loaded, or from the published parameter counts."""
+    """Bytes of the UNet (SD3: the MMDiT), the VAE and the text encoders: as loaded, or from the published
+    parameter counts (SD3's T5-XXL encoder with the text encoders when the job says it is loaded)."""
     if job.weights is not None:
         return job.weights
     counts = WEIGHTS[job.arch]
-    return Weights(counts.unet * job.unet_element, counts.vae * job.vae_element, counts.text * job.unet_element)
+    text = counts.text + (counts.t5 if job.t5 else 0)
+    return Weights(counts.unet * job.unet_element, counts.vae * job.vae_element, text * job.unet_element)
 
 
 def weight_bytes(job: Job, kind: str) -> int:
@@ -187,15 +191,21 @@ def weight_bytes(job: Job, kind: str) -> int:
 
 def _input_bytes(job: Job, p: Pass) -> int:
     tokens = activations.latent_tokens(p.width, p.height)
+    latent = job.spec.latent_channels
     if p.kind == "unet":
-        context = max(1, job.prompt_chunks) * 77 * job.spec.context_dim
-        return p.batch * (LATENT_CHANNELS * tokens + context) * job.unet_element
+        context = max(1, job.prompt_chunks) * job.spec.prompt_tokens * job.spec.context_dim
+        return p.batch * (latent * tokens + context) * job.unet_element
     if p.kind == "vae_decode":
-        return LATENT_CHANNELS * tokens * job.vae_element
+        return latent * tokens * job.vae_element
     return 3 * p.width * p.height * job.vae_element  # the image to encode
 
 
 def _activations(job: Job, p: Pass) -> tuple[int, dict[str, int]]:
+    if p.kind == "unet" and job.arch in activations.MMDITS:
+        args = (p.width, p.height, p.batch, job.unet_element)
+        text = max(1, job.prompt_chunks) * job.spec.prompt_tokens
+        return (activations.mmdit_activation_bytes(*args, text_tokens=text),
+                activations.mmdit_live_bytes(*args, text_tokens=text))  # fmt: skip
     if p.kind == "unet":
         args = (job.arch, p.width, p.height, p.batch, job.unet_element)
         return activations.unet_activation_bytes(*args), activations.unet_live_bytes(*args)
@@ -217,8 +227,9 @@ def _room(job: Job, free_at_call: int, shape: AttentionShape) -> Room:
 
 def stock_vae_kernel(job: Job, chain: tuple[KernelChoice, ...]) -> KernelChoice:
     """The VAE attention the webui runs with the VAE setting ``off``: ldm's ``AttnBlock`` (SD1.x, SD2.x: bmm and
-    softmax, the scores twice), sgm's (SDXL: one SDPA call, fused where torch runs it, else its math path)."""
-    if job.arch != "sdxl":
+    softmax, the scores twice), sgm's (SDXL) and SD3's own (one SDPA call, fused where torch runs it, else its math
+    path)."""
+    if job.arch not in ("sdxl", "sd3"):
         return KernelChoice("stock")
     return replace(chain[0], workers=1) if chain[0].kind == "fused" else KernelChoice("sdpa-math")
 
@@ -266,13 +277,14 @@ def plan_site(
         row.update(kernel_used=choices[0].kind, heads_per_slice=0, queries_per_slice=0, slices=0, peak_bytes=need,
                    reason=reason, fits=False, over_margin=False)  # fmt: skip
     else:
-        error = not_enough_memory(shape, room, choices, geometry=site.geometry, site=site.name,
+        error = not_enough_memory(shape, room, choices, geometry=site.geometry_at(job.prompt_chunks), site=site.name,
                                   **options)  # type: ignore[arg-type]  # fmt: skip
         row.update(kernel_used=error.kernel or choices[0].kind, heads_per_slice=0, queries_per_slice=0, slices=0,
                    peak_bytes=error.need, reason=str(error), fits=False, over_margin=False)  # fmt: skip
     row["tight"] = bool(row["fits"] and row["peak_bytes"] > max(0, free_at_call))  # only past free memory (Apple)
     if site_limit:
-        row["max_square_resolution"] = max_square_resolution(shape, site.geometry, room.limit(), choices, **options)
+        row["max_square_resolution"] = max_square_resolution(shape, site.geometry_at(job.prompt_chunks), room.limit(),
+                                                             choices, **options)  # fmt: skip
     return row
 
 
@@ -295,7 +307,7 @@ class PassBands:
 def banded(job: Job, p: Pass) -> bool:
     """Whether the pass may run in bands: a VAE pass with the VAE setting ``auto`` (an encode only of an image whose
     sides are whole latent pixels, as the runtime's forward requires)."""
-    if p.kind == "unet" or job.vae != "auto":
+    if p.kind == "unet" or job.vae != "auto" or not job.spec.vae_bands:
         return False
     return p.kind == "vae_decode" or (p.width % 8 == 0 and p.height % 8 == 0)
 
@@ -309,7 +321,7 @@ def plan_bands(job: Job, p: Pass, free: int) -> PassBands:
     the decoder's input already exists: its room is at most a fifth of that latent larger than this one."""
     net = VAE_NETS[p.kind]
     lat_h, lat_w = -(-p.height // 8), -(-p.width // 8)
-    extra = LATENT_CHANNELS * lat_h * lat_w * job.vae_element * p.batch if p.kind == "vae_decode" else 0
+    extra = job.spec.latent_channels * lat_h * lat_w * job.vae_element * p.batch if p.kind == "vae_decode" else 0
     over: int | None
     if job.attention_budget is not None:
         room, over = job.attention_budget, None
@@ -334,6 +346,9 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
     weights = weight_bytes(job, p.kind)
     inputs = _input_bytes(job, p)
     peak, live = _activations(job, p)
+    side = job.spec.max_side
+    too_large = (f"the {p.name.split(' ')[0]} takes at most {side} px a side"
+                 if p.kind == "unet" and side and max(p.width, p.height) > side else "")  # fmt: skip
     base = job.memory_bytes - weights - inputs
     found = plan_bands(job, p, base) if banded(job, p) else None
     band_plan = found.plan if found is not None else None
@@ -350,7 +365,7 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
     total = tensors + most
     over = any(row["tight"] for row in rows)
     refused = found is not None and band_plan is None
-    if refused or not all(row["fits"] for row in rows) or tensors + least > job.memory_bytes + job.beyond:
+    if too_large or refused or not all(row["fits"] for row in rows) or tensors + least > job.memory_bytes + job.beyond:
         verdict = "does not fit"
     else:
         verdict = "fits" if total <= job.memory_bytes and not over else "tight"
@@ -377,6 +392,7 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
         "streamed": bool(band_plan is not None and band_plan.streamed),
         "host_bytes": band_plan.host_bytes if band_plan is not None else 0,
         "bands_reason": _bands_reason(found),
+        "too_large": too_large,
         "layers": rows,
     }
 
@@ -417,6 +433,8 @@ def advice(job: Job, limit: dict[str, Any]) -> str:
         return (f"tight: the {limit['name']} at {size} needs {need} with the most the allocator was measured to add "
                 f"({overhead.source}), {format_bytes(limit['tensor_bytes'])} of tensors without it: it may run out "
                 "of memory; a smaller size or batch leaves a margin")  # fmt: skip
+    if limit["too_large"]:
+        return f"the {limit['name']} at {size}: {limit['too_large']}; lower the size"
     if limit["weight_bytes"] + limit["input_bytes"] >= job.memory_bytes:
         return (f"the weights alone ({format_bytes(limit['weight_bytes'])}) take the {memory}"
                 + (": --medvram keeps only the running module on the device" if not job.medvram else ""))  # fmt: skip
@@ -454,8 +472,10 @@ def job_fits(job: Job, kernels_for: KernelsFor, kind: str | None = None) -> bool
 def max_square(job: Job, kernels_for: KernelsFor, step: int = 64, kind: str | None = None) -> int:
     """The largest square first-pass size (hires scaled alike) at which every pass fits (not tight); 0 if none.
     ``kind`` (``unet``, ``vae_decode``, ``vae_encode``): the largest at which that kind of pass fits, the others
-    ignored (a pass's own largest size)."""
-    lo, hi = 0, MAX_RESOLUTION // step // 4
+    ignored (a pass's own largest size). A model whose sizes the webui cuts (SD3: to 16 px) is searched in that
+    step, up to the largest side it takes (a hires pass past it does not fit)."""
+    step = job.spec.cut_to or step
+    lo, hi = 0, (job.spec.max_side or MAX_RESOLUTION // 4) // step
     if not job_fits(_at(job, step), kernels_for, kind):
         return 0
     lo = 1
@@ -520,6 +540,8 @@ def make_job(
     """The one builder of a Job from (model, sizes, hires, memory, settings), for the CLI, the Python API and the
     HTTP routes. ``model`` holds what the caller knows of how the model runs: ``element_size``,
     ``vae_element_size``, ``upcast_attention``, ``weights``, ``medvram``, ``prompt_chunks``, ``device_kind``."""
+    if spec.cut_to:  # the webui's fix_dimensions, before the hires sizes are worked out from the first pass's
+        width, height = width // spec.cut_to * spec.cut_to, height // spec.cut_to * spec.cut_to
     sizes = hires_sizes(width, height, hr_scale, hr_width, hr_height)
     return Job(
         spec,
@@ -541,15 +563,13 @@ def make_job(
     )
 
 
-#: What the webui 1.10 can load that memslice does not plan (its ``sd_models.set_model_type`` flags), and why.
-NOT_PLANNED = {
-    "sd3": "memslice does not plan SD3: its MMDiT and VAE run their own attention (modules.models.sd3), which "
-    "memslice leaves as the webui runs it"
-}
+#: What the webui 1.10 can load that memslice does not plan (its ``sd_models.set_model_type`` flags), and why: nothing
+#: now (SD3 Medium is planned; SD3.5 does not load in 1.10.1). The answer, the routes and the panel keep the case.
+NOT_PLANNED: dict[str, str] = {}
 
 
 def not_planned(model: str, width: int, height: int, batch: int, memory_bytes: int, why: str) -> dict[str, Any]:
-    """The answer for a model memslice does not plan (SD3 in webui 1.10): no numbers, only why."""
+    """The answer for a model memslice does not plan: no numbers, only why."""
     return {
         "planned": False,
         "model": model,

@@ -45,15 +45,21 @@ class NotEnoughMemory(RuntimeError):
 class Geometry:
     """Where a layer sits in the model, so a token count can be turned back into an image size.
 
-    ``downscale`` is image pixels per token along one side (8 * 2**level in a UNet, 8 in the VAE's mid block);
-    in self-attention the key tokens grow with the image too.
+    ``downscale`` is image pixels per token along one side (8 * 2**level in a UNet, 8 in the VAE's mid block, 16 in
+    SD3's MMDiT); in self-attention the key tokens grow with the image too. ``extra_tokens`` join the image's at
+    every size (SD3's joint attention: the prompt's text tokens); ``size_step`` is the step of the largest square
+    size, and past 8 px (SD3's 16) the multiple the webui cuts image sides down to before the layer sees them.
     """
 
     downscale: int
     self_attention: bool
+    extra_tokens: int = 0
+    size_step: int = 8
 
     def tokens(self, width: int, height: int) -> int:
-        return math.ceil(width / self.downscale) * math.ceil(height / self.downscale)
+        if self.size_step > 8:
+            width, height = width // self.size_step * self.size_step, height // self.size_step * self.size_step
+        return math.ceil(width / self.downscale) * math.ceil(height / self.downscale) + self.extra_tokens
 
 
 def shape_at_resolution(shape: AttentionShape, geometry: Geometry, width: int, height: int) -> AttentionShape:
@@ -83,13 +89,14 @@ def _fits_in(other: AttentionShape, room: Room, kernels: Sequence[KernelChoice],
 def max_square_resolution(
     shape: AttentionShape, geometry: Geometry, room: Room, kernels: Sequence[KernelChoice], **options: object
 ) -> int:
-    """Largest square image side (a multiple of 8) at which this layer gets a plan on any of ``kernels`` in the
-    room it would have there (its own inputs counted); 0 if none."""
+    """Largest square image side (a multiple of the geometry's size step, 8 px or SD3's 16) at which this layer
+    gets a plan on any of ``kernels`` in the room it would have there (its own inputs counted); 0 if none."""
+    step = geometry.size_step
 
-    def ok(side8: int) -> bool:
-        return _fits_in(shape_at_resolution(shape, geometry, side8 * 8, side8 * 8), room, kernels, **options)
+    def ok(sides: int) -> bool:
+        return _fits_in(shape_at_resolution(shape, geometry, sides * step, sides * step), room, kernels, **options)
 
-    return max(0, _largest(1, MAX_RESOLUTION // 8, ok)) * 8
+    return max(0, _largest(1, MAX_RESOLUTION // step, ok)) * step
 
 
 def max_query_tokens(shape: AttentionShape, room: Room, kernels: Sequence[KernelChoice], **options: object) -> int:

@@ -1,16 +1,16 @@
 """The attention sites of Stable Diffusion models: what each layer's attention call looks like at a given size.
 
 Built-in specs carry the numbers of the published configs (SD1.x ``v1-inference.yaml``, SD2.x
-``v2-inference-v.yaml``, SDXL ``sd_xl_base.yaml``); :func:`sites_from_modules` reads the same facts off a live
-UNet and VAE, so the webui plans for whatever model is loaded. No torch imports at module level: the CLI and
-the planner API use this without touching tensors.
+``v2-inference-v.yaml``, SDXL ``sd_xl_base.yaml``, SD3 Medium as webui 1.10.1 builds it from the checkpoint);
+:func:`sites_from_modules` reads the same facts off a live UNet or MMDiT and VAE, so the webui plans for whatever
+model is loaded. No torch imports at module level: the CLI and the planner API use this without touching tensors.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .costs import AttentionShape
@@ -32,6 +32,13 @@ class Site:
     count: int = 1
     vae: bool = False
 
+    def geometry_at(self, prompt_chunks: int = 1) -> Geometry:
+        """The site's geometry for a prompt of ``prompt_chunks`` chunks (SD3's joint attention holds every chunk's
+        text tokens beside the image's)."""
+        if not self.geometry.extra_tokens or prompt_chunks <= 1:
+            return self.geometry
+        return replace(self.geometry, extra_tokens=self.geometry.extra_tokens * prompt_chunks)
+
     def shape(
         self,
         width: int,
@@ -43,7 +50,7 @@ class Site:
         prompt_chunks: int = 1,
     ) -> AttentionShape:
         """The attention call at this image size. UNet batches hold cond + uncond; the VAE decodes one image."""
-        tokens = self.geometry.tokens(width, height)
+        tokens = self.geometry_at(prompt_chunks).tokens(width, height)
         items = 1 if self.vae else batch * (2 if cond_uncond else 1)
         keys = tokens if self.geometry.self_attention else self.context_tokens * max(1, prompt_chunks)
         return AttentionShape(
@@ -63,6 +70,12 @@ class ModelSpec:
     title: str
     sites: tuple[Site, ...] = field(default_factory=tuple)
     context_dim: int = 768  # width of the prompt's token embeddings (the cross-attention keys' input)
+    prompt_tokens: int = PROMPT_TOKENS  # the prompt's tokens per 75-token chunk (SD3: CLIP's and T5's, 154)
+    latent_channels: int = 4  # the VAE's latent (SD3: 16)
+    cut_to: int = 0  # the webui cuts the first pass's sides down to a multiple of this (SD3: 16); 0: as given
+    max_side: int = 0  # the most pixels a side the model takes (SD3's MMDiT: 3072); 0: no limit but memory
+    vae_bands: bool = True  # memslice may run the VAE in exact bands (ldm's and sgm's; not SD3's own VAE classes)
+    denoiser: str = "UNet"  # what its denoising pass is called (SD3: its MMDiT)
 
 
 def unet_sites(
@@ -120,6 +133,27 @@ def vae_sites(channels: int = 512, downscale: int = LATENT_DOWNSCALE) -> list[Si
     return [Site("vae.mid", 1, channels, Geometry(downscale, True), count=2, vae=True)]
 
 
+#: SD3's MMDiT in webui 1.10.1 (``modules/models/sd3``): 16 image pixels per token a side (latent 8 x patch 2; the
+#: webui cuts sizes down to multiples of 16), 154 text tokens per prompt chunk (77 CLIP-L/G + 77 T5, zeros with T5
+#: off) joined before the image's in one attention call per joint block, ``depth`` heads of 64 (hidden 64 x depth),
+#: at most 192 patches a side (its ``pos_embed``).
+JOINT = "mmdit.joint"
+SD3_PATCH_PX = 16
+SD3_TEXT_TOKENS = 2 * PROMPT_TOKENS
+SD3_HEAD_DIM = 64
+SD3_MAX_SIDE = 3072
+
+
+def joint_geometry(text_tokens: int = SD3_TEXT_TOKENS) -> Geometry:
+    """The joint attention's geometry with ``text_tokens`` of the prompt's beside the image's patches."""
+    return Geometry(SD3_PATCH_PX, True, extra_tokens=text_tokens, size_step=SD3_PATCH_PX)
+
+
+def mmdit_sites(depth: int = 24) -> list[Site]:
+    """SD3's joint attention: one call per joint block, all of one shape (``depth`` heads of 64)."""
+    return [Site(JOINT, depth, SD3_HEAD_DIM, joint_geometry(), count=depth)]
+
+
 BUILTIN: dict[str, ModelSpec] = {
     "sd15": ModelSpec(
         "sd15",
@@ -159,6 +193,18 @@ BUILTIN: dict[str, ModelSpec] = {
         ),
         context_dim=2048,
     ),
+    "sd3": ModelSpec(
+        "sd3",
+        "Stable Diffusion 3 Medium (sd3-inference.yaml, webui 1.10.1)",
+        tuple(mmdit_sites(24) + vae_sites()),
+        context_dim=4096,
+        prompt_tokens=SD3_TEXT_TOKENS,
+        latent_channels=16,
+        cut_to=SD3_PATCH_PX,
+        max_side=SD3_MAX_SIDE,
+        vae_bands=False,
+        denoiser="MMDiT",
+    ),
 }
 MODEL_NAMES = tuple(BUILTIN)
 
@@ -173,11 +219,13 @@ def clip_text_parameters(vocab: int, width: int, layers: int, mlp: int, context:
 
 @dataclass(frozen=True)
 class Weights:
-    """Parameter counts of a model's parts (bytes = count x element size)."""
+    """Parameter counts of a model's parts (bytes = count x element size). ``unet`` is the denoiser (SD3: the
+    MMDiT); ``t5`` is SD3's optional T5-XXL encoder, resident only with the webui's 'Enable T5' option."""
 
     unet: int
     vae: int
     text: int
+    t5: int = 0
 
 
 _CLIP_L = clip_text_parameters(49408, 768, 12, 3072)  # openai/clip-vit-large-patch14, 123,060,480
@@ -187,10 +235,16 @@ _VAE = 83_653_863  # AutoencoderKL of the ddconfig above: encoder, decoder and t
 
 #: From the published configs; the UNet and VAE counts are checked against ldm's own modules built on the meta
 #: device (tests/test_job_plan.py), SDXL's against the faithful SDXL-shaped UNet of memslice_tools/sdxl_unet.py.
+#: SD3 Medium as webui 1.10.1 builds it, counted on the meta device (tests/test_sd3_plan.py checks the MMDiT against
+#: diffusers' SD3Transformer2DModel and, with WEBUI_DIR, every part against the webui's own modules): the MMDiT's
+#: parameters and its ``pos_embed`` buffer (2,028,328,000 + 56,623,104), ``SDVAE`` (encoder and decoder, no quant
+#: convs), the CLIP-L (with its identity ``text_projection``) and CLIP-G text towers, the T5-XXL encoder.
+SD3_WEIGHTS = Weights(2_028_328_000 + 56_623_104, 83_819_683, 123_650_305 + 694_659_841, t5=4_762_310_657)
 WEIGHTS: dict[str, Weights] = {
     "sd15": Weights(859_520_964, _VAE, _CLIP_L),
     "sd2": Weights(865_910_724, _VAE, _OPENCLIP_H),
     "sdxl": Weights(2_567_463_684, _VAE, _CLIP_L + _OPENCLIP_BIGG),
+    "sd3": SD3_WEIGHTS,
 }
 
 
@@ -228,9 +282,11 @@ def _walk_unet(unet: Any) -> Iterable[tuple[str, int, Any, bool]]:
 
 
 def sites_from_modules(unet: Any = None, vae: Any = None, *, tag: bool = True) -> ModelSpec:
-    """Read the attention sites off a live UNet (ldm or sgm) and VAE; optionally tag each module with its site.
+    """Read the attention sites off a live UNet (ldm or sgm) or MMDiT (SD3) and VAE; optionally tag each module
+    with its site.
 
-    Tags let a forward name its site and turn a failing token count back into an image size.
+    Tags let a forward name its site and turn a failing token count back into an image size (SD3's joint attention
+    is a function, not a module: it names its own site).
     """
     found: dict[str, Site] = {}
     context_dim = 768
@@ -251,6 +307,11 @@ def sites_from_modules(unet: Any = None, vae: Any = None, *, tag: bool = True) -
             found[site.name] = site if old is None else Site(**{**old.__dict__, "count": old.count + 1})
             if tag:
                 setattr(module, SITE_ATTR, (site.name, site.geometry))
+    joint_blocks = getattr(unet, "joint_blocks", None)
+    if joint_blocks is not None and len(joint_blocks):  # SD3's MMDiT: one joint call per block, one shape
+        attn = joint_blocks[0].x_block.attn
+        found[JOINT] = Site(JOINT, attn.num_heads, attn.head_dim, joint_geometry(), count=len(joint_blocks))
+        context_dim = int(getattr(getattr(unet, "context_embedder", None), "in_features", context_dim))
     if vae is not None:
         blocks = [m for m in vae.modules() if _is_attn_block(m)]
         for module in blocks:

@@ -256,7 +256,7 @@ def cuda_autocast_on_cpu(module: nn.Module, dtype: torch.dtype) -> Iterator[None
     x token (see activations.py).
     """
     norms = [m for m in module.modules() if type(m) in (nn.LayerNorm, nn.GroupNorm)]
-    layers = [m for m in module.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # SD3's QkvLinear too
 
     def casting(forward: Callable[..., Any], source: torch.dtype, target: torch.dtype) -> Callable[..., Any]:
         # the cast copy is a local of this call: it dies when the op returns, before any forward hook, as in autocast

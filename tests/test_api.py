@@ -459,16 +459,22 @@ def test_a_named_model_counts_the_loaded_weights_once(client, monkeypatch):
     assert loaded["verdict"] == named["verdict"] == job_fits(512, 512, model="sd15").verdict
 
 
-def test_sd3_is_detected_and_not_planned(client):
-    """webui 1.10 loads SD3 Medium (``is_sd3``): memslice says it does not plan it, never SD1.5 numbers."""
+def test_sd3_is_detected_and_planned(client, monkeypatch):
+    """webui 1.10 loads SD3 Medium (``is_sd3``): the routes plan SD3 (its MMDiT and its VAE, in multiples of 16 px),
+    never SD1.5 numbers; a model whose modules cannot be read is planned with the published SD3 Medium's sites."""
+    from lib_memslice import probe
+
+    monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: probe.FreeMemory(16 << 30, "test"))
     model = type("SD3", (), {"is_sd3": True, "is_sdxl": False, "is_sd2": False})()
     client.webui.script_callbacks.model_loaded_callback(model)
-    body = client.get("/memslice/v1/plan").json()
-    assert body["verdict"] == "not planned" and "SD3" in body["advice"] and body["passes"] == []
-    assert body["max_square_resolution"] == 0 and not body["fits"]
+    body = client.get("/memslice/v1/plan", params=dict(width=1024, height=1024)).json()
+    assert body["planned"] and body["model"] == "sd3" and body["verdict"] != "not planned"
+    assert [p["name"] for p in body["passes"]] == ["MMDiT", "VAE decode"]
+    assert {row["site"] for row in body["layers"]} == {"mmdit.joint", "vae.mid"}
+    assert body["max_square_resolution"] % 16 == 0 and 1024 <= body["max_square_resolution"] <= 3072
     assert client.get("/memslice/v1/status").json()["model"] == "sd3"
-    named = client.get("/memslice/v1/plan", params=dict(model="sd3")).json()
-    assert named["verdict"] == "not planned"
+    named = client.get("/memslice/v1/plan", params=dict(width=1024, height=1024, model="sd3")).json()
+    assert named["model"] == "sd3" and named["max_square_resolution"] % 16 == 0
 
 
 def test_with_sd3_loaded_a_named_model_credits_sd3s_weights(client, monkeypatch):

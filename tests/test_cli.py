@@ -183,10 +183,11 @@ def test_a_job_at_the_edge_of_the_card_is_not_called_fits(capsys):
     assert code == 0 and smaller["verdict"] == "fits" and all(p["headroom_bytes"] >= 0 for p in smaller["passes"])
 
 
-def test_sd3_is_not_planned_by_the_cli(capsys):
-    assert cli.main(["plan", "--model", "sd3", "--json"]) == 1
+def test_sd3_is_planned_by_the_cli(capsys):
+    """SD3 Medium (webui 1.10) is planned like SD1 and SDXL (tests/test_sd3_plan.py has the numbers)."""
+    assert cli.main(["plan", "--model", "sd3", "--memory", "16GiB", "--device", "cuda", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["verdict"] == "not planned" and "SD3" in out["advice"]
+    assert out["planned"] and out["model"] == "sd3" and out["verdict"] == "fits" and out["passes"][0]["name"] == "MMDiT"
 
 
 def test_one_version_string():

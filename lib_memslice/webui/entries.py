@@ -5,6 +5,7 @@ Contract (webui 1.10.x, see shared/design.md section 2): entries are listed thro
 previous entry's ``undo()`` and our ``apply()``. ``apply()`` also installs the failure context on the webui's
 ``process_images_inner`` and ``undo()`` removes it, so under a built-in optimization no memslice frame is in any
 traceback. Everything that runs at startup is wrapped so a failure here is a logged message, never a dead webui.
+
 The VAE's ``Decoder.forward`` and ``Encoder.forward`` (ldm's, and sgm's where it imports) are memslice's while an
 entry is applied: they run the module's own forward when the pass fits (and with the VAE setting ``attention`` or
 ``off``), else the exact bands of :mod:`lib_memslice.bands`. The webui's ``undo_optimizations`` never touches them,
@@ -25,7 +26,7 @@ from .. import strategies
 from ..bands import make_decoder_forward, make_encoder_forward
 from ..forwards import make_attnblock_forward, make_cross_attention_forward
 from ..settings import CATEGORY_ID, SECTION, SPECS, coerce, warn_once
-from . import jobs
+from . import jobs, sd3
 from .host import HOST, device_kind
 
 log = logging.getLogger("memslice")
@@ -139,6 +140,19 @@ class MemsliceOptimization(sd_hijack_optimizations.SdOptimization):
         return True
 
     def apply(self) -> None:
+        """memslice's forwards in place of the webui's, SD3's last. If anything raises, everything memslice set is
+        put back before the error goes on: the webui's own cleanup after a failed ``apply()``
+        (``undo_optimizations``) restores only the four ldm/sgm attributes, and never calls this entry's ``undo()``."""
+        try:
+            self._apply()
+        except BaseException:
+            try:
+                self.undo()
+            except Exception as exc:  # the error that stopped apply() is the one to see
+                log.warning("memslice: could not put back what a failed apply() set: %s", exc)
+            raise
+
+    def _apply(self) -> None:
         for cross_attention, attn_block, original in _ldm_sgm():
             cross_attention.forward = make_cross_attention_forward(self.strategy, HOST)
             fallback = original if original is not None else attn_block.forward
@@ -153,11 +167,13 @@ class MemsliceOptimization(sd_hijack_optimizations.SdOptimization):
             jobs.install_failure_context()
         except Exception as exc:  # a webui without it loses only the pass name on out-of-memory errors
             log.warning("memslice: out-of-memory errors will not name the failing pass: %s", exc)
+        sd3.install(self.strategy, HOST)
 
     def undo(self) -> None:
         super().undo()
         remove_vae_forwards()
         jobs.remove_failure_context()
+        sd3.remove()
 
 
 ENTRIES = tuple(MemsliceOptimization(s) for s in strategies.NAMES)

@@ -66,19 +66,23 @@ def on_job_end(p: Any = None, processed: Any = None) -> None:
 
 # --- the failing pass -------------------------------------------------------------------------------------
 
-#: the modules whose forward marks a pass, and the factor from their first tensor's last two dims to pixels
-_PASS_MODULES = {"UNetModel": ("UNet", 8), "Decoder": ("VAE decode", 8), "Encoder": ("VAE encode", 1)}
+#: the modules whose forward marks a pass, and the factor from their first tensor's last two dims to pixels: ldm's
+#: and sgm's UNet and VAE, SD3's MMDiT and its own VAE classes (``modules.models.sd3``)
+_PASS_MODULES = {"UNetModel": ("UNet", 8), "Decoder": ("VAE decode", 8), "Encoder": ("VAE encode", 1),
+                 "MMDiT": ("MMDiT", 8), "VAEDecoder": ("VAE decode", 8), "VAEEncoder": ("VAE encode", 1)}  # fmt: skip
+_PASS_PACKAGES = ("ldm.", "sgm.", "modules.models.sd3.")
 
 
 def failing_module(tb: Any) -> tuple[str, tuple[int, int]] | None:
-    """The innermost ldm/sgm UNet, VAE decoder or encoder ``forward`` in a traceback, and the image size its input
-    tensor stands for: which pass an out-of-memory error (in attention or anywhere else) happened in."""
+    """The innermost UNet (ldm/sgm) or MMDiT (SD3), VAE decoder or encoder ``forward`` in a traceback, and the image
+    size its input tensor stands for: which pass an out-of-memory error (in attention or anywhere else) happened
+    in."""
     found = None
     while tb is not None:
         frame = tb.tb_frame
         module = frame.f_locals.get("self")
         kind = _PASS_MODULES.get(type(module).__name__)
-        if kind and frame.f_code.co_name == "forward" and type(module).__module__.split(".")[0] in ("ldm", "sgm"):
+        if kind and frame.f_code.co_name == "forward" and f"{type(module).__module__}.".startswith(_PASS_PACKAGES):
             names = frame.f_code.co_varnames[1 : frame.f_code.co_argcount]
             x = frame.f_locals.get(names[0]) if names else None
             if isinstance(x, torch.Tensor) and x.dim() == 4:
@@ -92,8 +96,8 @@ def pass_name(module_pass: str, size: tuple[int, int], p: Any, first: tuple[int,
     """The job planner's name of a pass: the webui flags the hires UNet pass (``p.is_hr_pass``); a VAE pass at the
     hires size (the final decode) or at the size the picture was upscaled to (an image upscaler's encode) is the
     hires one."""
-    if module_pass == "UNet":
-        return "UNet (hires)" if hires is not None and getattr(p, "is_hr_pass", False) else "UNet"
+    if module_pass in ("UNet", "MMDiT"):
+        return f"{module_pass} (hires)" if hires is not None and getattr(p, "is_hr_pass", False) else module_pass
     at_hires = hires is not None and size in (hires, cover or hires) and size != first
     return f"{module_pass} (hires)" if at_hires else module_pass
 
@@ -152,9 +156,10 @@ def failure_context(exc: BaseException) -> str:
     job = job_sizes(p)
     first, hires = job.first, job.hires
     where = failing_module(exc.__traceback__)
-    if where is None and isinstance(exc, NotEnoughMemory) and exc.site.startswith("unet."):
-        # a UNet layer called outside a UNetModel forward: the webui's hires flag still tells the pass
-        where = ("UNet", hires if hires is not None and getattr(p, "is_hr_pass", False) else first)
+    if where is None and isinstance(exc, NotEnoughMemory) and exc.site.startswith(("unet.", "mmdit.")):
+        # a denoiser's layer called outside its model's forward: the webui's hires flag still tells the pass
+        where = ("MMDiT" if exc.site.startswith("mmdit.") else "UNet",
+                 hires if hires is not None and getattr(p, "is_hr_pass", False) else first)  # fmt: skip
     if where is None:  # a VAE encode and decode share one site: without their module, say nothing
         return ""
     module_pass, size = where

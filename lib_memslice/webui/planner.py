@@ -9,7 +9,7 @@ planned model's own weights count against it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from ..costs import format_bytes
 from ..job_plan import NOT_PLANNED, Job, make_job, not_planned, plan_job
 from ..models import BUILTIN, ModelSpec, Weights, sites_from_modules
 from ..settings import Settings, read_settings
+from . import sd3
 from .host import HOST, active_entry, device, device_kind
 
 log = logging.getLogger("memslice")
@@ -51,11 +52,15 @@ def on_model_loaded(sd_model: Any) -> None:
     text = getattr(sd_model, "cond_stage_model", None) or getattr(sd_model, "conditioner", None)
     # every model's weights, SD3's too: a plan for another model counts them as freed when it loads
     _loaded["weights"] = Weights(_parameter_bytes(unet), _parameter_bytes(vae), _parameter_bytes(text))
+    sd3.on_model_loaded(sd_model)
     if kind in NOT_PLANNED:
         return
     try:
         spec = sites_from_modules(unet, vae)
-        _loaded["spec"] = ModelSpec(kind, f"loaded {kind} model", spec.sites, spec.context_dim)
+        published = BUILTIN[kind]  # its sizes, latent and prompt; the sites and widths as loaded, where found
+        if spec.sites:
+            published = replace(published, sites=spec.sites, context_dim=spec.context_dim)
+        _loaded["spec"] = replace(published, name=kind, title=f"loaded {kind} model")
     except Exception as exc:  # a model we cannot read still generates, just without site names
         log.warning("memslice: could not read the model's attention layout: %s", exc)
         _loaded["spec"] = None
@@ -143,7 +148,7 @@ def inputs_for(
                    strategy=strategy or (entry.strategy if entry else "auto"),
                    element_size=torch.finfo(dtype).bits // 8, vae_element_size=torch.finfo(vae_dtype).bits // 8,
                    upcast_attention=HOST.upcast(), weights=None if named else weights, medvram=medvram,
-                   device_kind=found["device_kind"],
+                   t5=bool(getattr(shared.opts, "sd3_enable_t5", False)), device_kind=found["device_kind"],
                    ceiling_bytes=None if free.ceiling is None else free.ceiling + resident)  # fmt: skip
     source = "named" if named else ("loaded" if loaded_spec() else "default (no model loaded yet)")
     return PlanInputs(job=job, model_source=source, **found)  # type: ignore[arg-type]

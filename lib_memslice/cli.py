@@ -393,8 +393,9 @@ def _bench(rest: list[str]) -> int:
         from memslice_tools.run import main as bench_main  # the tools live apart: imported only for this command
     except ModuleNotFoundError as exc:
         missing = exc.name or str(exc)
-        where = ("memslice_tools (this repository's folder beside lib_memslice: run from a clone's root)"
-                 if missing.split(".")[0] == "memslice_tools" else f"the benchmark's dependency {missing!r}")  # fmt: skip
+        tools = missing.split(".")[0] == "memslice_tools"
+        where = ("memslice_tools (this repository's folder beside lib_memslice: run from a clone's root)" if tools
+                 else f"the benchmark's dependency {missing!r}")  # fmt: skip
         print(f"error: the benchmark needs {where}. In a clone of this repository `make bench` builds .venv with "
               "everything it needs (torch, the real ldm package, matplotlib) and runs it.", file=sys.stderr)  # fmt: skip
         return 2

@@ -396,8 +396,9 @@ def _bench(rest: list[str]) -> int:
         tools = missing.split(".")[0] == "memslice_tools"
         where = ("memslice_tools (this repository's folder beside lib_memslice: run from a clone's root)" if tools
                  else f"the benchmark's dependency {missing!r}")  # fmt: skip
-        print(f"error: the benchmark needs {where}. In a clone of this repository `make bench` builds .venv with "
-              "everything it needs (torch, the real ldm package, matplotlib) and runs it.", file=sys.stderr)  # fmt: skip
+        print(f"error: the benchmark needs {where}. In a clone of this repository `make bench` builds .venv "
+              "with everything it needs (torch, the real ldm package, matplotlib) and runs it.",
+              file=sys.stderr)  # fmt: skip
         return 2
     return bench_main(rest)
 

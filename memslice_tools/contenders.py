@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from lib_memslice.costs import GiB
 from lib_memslice.forwards import BasicHost, attend
-from lib_memslice.models import BUILTIN, Site
+from lib_memslice.joint import make_joint_attention
+from lib_memslice.models import BUILTIN, JOINT, Site
 from lib_memslice.settings import Settings
 from lib_memslice.strategies import NAMES as STRATEGY_NAMES
 
@@ -133,6 +134,14 @@ def _memslice(strategy: str) -> Contender:
             def call() -> Tensor:
                 return attend(*views, scale=c**-0.5, strategy=strategy, host=host, site=site.name,
                               geometry=site.geometry)  # fmt: skip
+
+            call.host = host  # type: ignore[attr-defined]
+            return call
+        if site.name == JOINT:  # SD3: the MMDiT's own call, v a [B, N, H, d] view as the webui hands it over
+            joint, v4 = make_joint_attention(strategy, host), v.view(*v.shape[:2], site.heads, -1)
+
+            def call() -> Tensor:
+                return joint(q, k, v4, site.heads)
 
             call.host = host  # type: ignore[attr-defined]
             return call

@@ -122,6 +122,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _where(case: dict[str, Any]) -> str:
+    if case.get("model") == "sd3":
+        return f"SD3 {case['pixels']} px joint attention"
     site = "UNet level 0" if case["site"].startswith("unet") else "VAE mid block"
     return f"SD1.5 {case['pixels']} px {site}"
 

@@ -20,6 +20,11 @@ other processes used meanwhile (``/proc/stat``); times are per call. A ratio is 
 The **contended** cases run the same with a background process keeping one core busy, started and stopped here.
 The **slice-size sweep** times memslice-auto's einsum kernel with other score-buffer targets than its rule's, so the
 report shows how far the rule is from the best size measured.
+
+Cases are SD1.5's, and SD3 Medium's joint attention (``mmdit.joint``: 24 heads of 64 over the prompt's 154 tokens and
+the image's patches, one image's cond + uncond: 48 rows of 4250 tokens at 1024 px), which no webui built-in touches
+in the webui (its SD3 runs plain SDPA): the built-ins' rules are applied to its q, k and v as they would be to a
+UNet layer's, the best of them what memslice-auto is compared with.
 """
 
 from __future__ import annotations
@@ -281,12 +286,13 @@ def _webui_slices(name: str, case: Case, free: int) -> int:
 def measure(
     contenders: dict[str, Contender], site: str, pixels: int, threads: int, dtype: torch.dtype, rounds: int,
     log: Callable[[str], None], only: set[str] | None = None, warm_up: bool = True, floor: bool = False,
+    model: str = "sd15",
 ) -> dict[str, Any]:  # fmt: skip
     """One case at one thread count and dtype: every entry timed in interleaved rounds; the ratios per number
     (``floor``: memslice's :func:`ops_floor` timed in the same rounds, and memslice and the fused kernel against it)."""
     torch.set_num_threads(threads)
     forwards._memo.clear()
-    case = make_case("sd15", site, pixels, dtype)
+    case = make_case(model, site, pixels, dtype)
     qkv = make_inputs(case, "cpu")
     entries = _entries(case, contenders, qkv, only, floor)
     with torch.no_grad():
@@ -299,8 +305,9 @@ def measure(
             for entry in entries[r % len(entries) :] + entries[: r % len(entries)]:  # rotated: no fixed position
                 entry.run_once()
     fused = entries[0]
-    result: dict[str, Any] = {"site": site, "pixels": pixels, "threads": threads, "dtype": str(dtype)[6:],
-                              "entries": [e.summary() for e in entries], "by_free": {}}  # fmt: skip
+    result: dict[str, Any] = {"model": model, "site": site, "pixels": pixels, "threads": threads,
+                              "dtype": str(dtype)[6:], "entries": [e.summary() for e in entries],
+                              "by_free": {}}  # fmt: skip
     for free in FREES:
         mine = next(e for e in entries if e.name == MEMSLICE_AUTO and free in e.frees)
         builtins = [e for e in entries[1:] if e.name not in (MEMSLICE_AUTO, FLOOR) and free in e.frees]
@@ -443,10 +450,11 @@ def _single_worker(dtype: torch.dtype, strided: bool) -> Any:
 
 @dataclass(frozen=True)
 class Plan:
-    """What the speed section runs: (site, pixels, rounds, warm up) cases, thread counts, dtypes, contended cases
-    (2 threads, fp32, one core busy) and slice-size sweeps (2 threads, in each dtype)."""
+    """What the speed section runs: (site, pixels, rounds, warm up) cases of SD1.5 and (site, pixels, rounds, warm up,
+    model) cases of another model, thread counts, dtypes, contended cases (2 threads, fp32, one core busy) and
+    slice-size sweeps (2 threads, in each dtype)."""
 
-    cases: tuple[tuple[str, int, int, bool], ...]
+    cases: tuple[tuple[str, int, int, bool] | tuple[str, int, int, bool, str], ...]
     threads: tuple[int, ...]
     dtypes: tuple[torch.dtype, ...]
     contended: tuple[tuple[str, int, int], ...]
@@ -454,9 +462,11 @@ class Plan:
     profiles: tuple[tuple[str, int], ...] = (("unet.level0.self", 512),)
 
 
+#: SD3 Medium's joint attention at 1024 px (issue 24): 48 rows of 4250 tokens, d 64
+SD3_JOINT = ("mmdit.joint", 1024, 2, True, "sd3")
 FULL = Plan(
     cases=(("unet.level0.self", 512, 3, True), ("vae.mid", 512, 3, True), ("unet.level0.self", 768, 2, True),
-           ("vae.mid", 1024, 2, True), ("unet.level0.self", 1024, 2, False)),
+           ("vae.mid", 1024, 2, True), ("unet.level0.self", 1024, 2, False), SD3_JOINT),
     threads=(2, 1), dtypes=(torch.float32, torch.bfloat16),
     contended=(("unet.level0.self", 512, 3), ("unet.level0.self", 768, 2)),
     sweeps=(("unet.level0.self", 512, 2), ("vae.mid", 512, 2), ("unet.level0.self", 768, 2)),
@@ -464,7 +474,8 @@ FULL = Plan(
 QUICK = Plan(cases=(("unet.level0.self", 512, 3, True), ("vae.mid", 512, 3, True)), threads=(2,),
              dtypes=(torch.float32,), contended=(("unet.level0.self", 512, 2),),
              sweeps=(("unet.level0.self", 512, 2),))  # fmt: skip
-SMOKE = Plan(cases=(("unet.level0.self", 128, 2, True),), threads=(2,), dtypes=(torch.float32,),
+SMOKE = Plan(cases=(("unet.level0.self", 128, 2, True), ("mmdit.joint", 128, 2, True, "sd3")), threads=(2,),
+             dtypes=(torch.float32,),
              contended=(("unet.level0.self", 128, 2),), sweeps=(("unet.level0.self", 128, 1),))  # fmt: skip
 
 
@@ -489,11 +500,12 @@ def section(plan: Plan, contenders: dict[str, Contender], log: Callable[[str], N
     try:
         for threads in plan.threads:
             for dtype in dtypes:
-                for site, pixels, rounds, warm_up in plan.cases:
+                for site, pixels, rounds, warm_up, *rest in plan.cases:
+                    model = rest[0] if rest else "sd15"
                     key = (site, threads, str(dtype))
-                    log(f"  no fused kernel: {site} {pixels} px, {threads} thread(s), {str(dtype)[6:]}")
+                    log(f"  no fused kernel: {model} {site} {pixels} px, {threads} thread(s), {str(dtype)[6:]}")
                     found = measure(contenders, site, pixels, threads, dtype, rounds, log, fastest.get(key), warm_up,
-                                    floor=True)  # fmt: skip
+                                    floor=True, model=model)  # fmt: skip
                     result["cases"].append(found)
                     ranked = sorted((e for e in found["entries"]
                                      if e["name"] not in (MEMSLICE_AUTO, "fused SDPA", FLOOR)),

@@ -8,6 +8,7 @@ every call, q and k ``[B, N, H*64]``, v ``[B, N, H, 64]``; the VAE's own ``AttnB
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -119,13 +120,22 @@ def test_undo_switching_none_and_a_checkpoint_change_restore_only_what_is_memsli
     select(webui, "sdp - scaled dot product")  # a built-in: memslice's undo runs, SD3 is the webui's own again
     assert originals() == stock
 
-    def other(*args, **kwargs):  # another extension rebinds the name after memslice
-        raise AssertionError("not called here")
+    select(webui, TITLES["auto"])
+    webui.sd_hijack.current_optimizer.apply()  # applied again without its undo (as another extension might)
+    assert [f.__memslice_original__ for f in originals()] == list(stock)
+    select(webui, "None")
+    assert originals() == stock
 
     select(webui, TITLES["auto"])
+    memslices = mmdit.attention
+
+    @functools.wraps(memslices)  # another extension wraps memslice's function: it carries memslice's attributes
+    def other(*args, **kwargs):
+        return memslices(*args, **kwargs)
+
     mmdit.attention = other
     select(webui, "None")
-    assert mmdit.attention is other  # not memslice's any more: left as it is
+    assert mmdit.attention is other  # not the function memslice set: left as it is
     assert sd3_impls.AttnBlock.__dict__["forward"] is stock[1]
 
 
@@ -196,19 +206,30 @@ def test_the_loaded_model_is_planned_as_sd3_and_its_prompt_length_is_watched(web
     assert sd3.text_tokens() == 308
 
 
-def test_the_webuis_sd3_attention_ignores_upcast_memslices_honours_it(webui):
-    """'Upcast cross attention layer to float32': memslice's joint call computes in float32 (planned with 4-byte
-    scores) and hands back the input's dtype; the webui's own SD3 attention ignores the option."""
+def test_the_webuis_sd3_attention_ignores_upcast_memslices_honours_it(webui, monkeypatch):
+    """'Upcast cross attention layer to float32': memslice's joint call is planned and computed in float32 and hands
+    back the input's dtype (the webui's own SD3 attention ignores the option)."""
+    from lib_memslice import joint
+
     mmdit, _, _ = sd3_modules()
     select(webui, TITLES["auto"])
-    webui.shared.opts.set("upcast_attn", True)
-    webui.memslice.STATS.start_job()
+    asked = []
+
+    def attend(*args, **kwargs):
+        asked.append(kwargs["upcast"])
+        return joint_attend(*args, **kwargs)
+
+    joint_attend = joint.attend
+    monkeypatch.setattr(joint, "attend", attend)
     q, k = (torch.randn(2, 218, 128).bfloat16() for _ in range(2))
     v = torch.randn(2, 218, 2, 64).bfloat16()
-    out = mmdit.attention(q, k, v, 2)
-    record = webui.memslice.STATS.recent()[-1]
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 218, 128)
-    assert record.site == "mmdit.joint" and record.peak_bytes >= 2 * 2 * 218 * 218 * 4 / 8  # float32 scores
+    for upcast in (False, True):
+        webui.shared.opts.set("upcast_attn", upcast)
+        webui.memslice.STATS.start_job()
+        out = mmdit.attention(q, k, v, 2)
+        assert out.dtype == torch.bfloat16 and out.shape == (2, 218, 128)
+        assert webui.memslice.STATS.recent()[-1].site == "mmdit.joint"
+    assert asked == [False, True]
 
 
 def test_no_sd3_modules_means_nothing_to_patch(webui, monkeypatch):

@@ -91,7 +91,7 @@ def job_fits(
 ) -> JobPlan:
     """Plan a txt2img (optionally with hires fix) or img2img job; see the module docstring for what it plans for.
 
-    ``model`` is ``sd15``, ``sd2`` or ``sdxl`` (inside the webui: None = the loaded model); ``hr_upscaler`` is
+    ``model`` is ``sd15``, ``sd2``, ``sdxl`` or ``sd3`` (inside the webui: None = the loaded model); ``hr_upscaler`` is
     ``latent`` or ``image``; ``memory_bytes``, ``dtype`` and ``device`` apply outside the webui only.
     """
     if _inside_webui() and memory_bytes is None:

@@ -308,10 +308,13 @@ def sites_from_modules(unet: Any = None, vae: Any = None, *, tag: bool = True) -
             if tag:
                 setattr(module, SITE_ATTR, (site.name, site.geometry))
     joint_blocks = getattr(unet, "joint_blocks", None)
+    max_side = 0
     if joint_blocks is not None and len(joint_blocks):  # SD3's MMDiT: one joint call per block, one shape
         attn = joint_blocks[0].x_block.attn
         found[JOINT] = Site(JOINT, attn.num_heads, attn.head_dim, joint_geometry(), count=len(joint_blocks))
         context_dim = int(getattr(getattr(unet, "context_embedder", None), "in_features", context_dim))
+        patches = getattr(unet, "pos_embed_max_size", None)  # its position table: the most patches a side
+        max_side = int(patches) * SD3_PATCH_PX if isinstance(patches, int) else 0
     if vae is not None:
         blocks = [m for m in vae.modules() if _is_attn_block(m)]
         for module in blocks:
@@ -320,7 +323,7 @@ def sites_from_modules(unet: Any = None, vae: Any = None, *, tag: bool = True) -
             found[site.name] = site if old is None else Site(**{**old.__dict__, "count": old.count + 1})
             if tag:
                 setattr(module, SITE_ATTR, (site.name, site.geometry))
-    return ModelSpec("loaded", "the loaded model", tuple(found.values()), context_dim)
+    return ModelSpec("loaded", "the loaded model", tuple(found.values()), context_dim, max_side=max_side)
 
 
 def site_of(module: Any, default_name: str, default_geometry: Geometry | None = None) -> tuple[str, Geometry | None]:

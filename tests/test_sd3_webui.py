@@ -198,6 +198,10 @@ def test_the_loaded_model_is_planned_as_sd3_and_its_prompt_length_is_watched(web
     joint = next(s for s in spec.sites if s.name == "mmdit.joint")
     assert (joint.heads, joint.head_dim, joint.count) == (DEPTH, 64, DEPTH) and spec.context_dim == 4096
     assert next(s for s in spec.sites if s.name == "vae.mid").count == 2  # SD3's own AttnBlock, in both halves
+    plan = webui.memslice.plan_for(1000, 1000, 1)  # the webui cuts the sizes to 16 px: the plan says the real ones
+    assert [(p["name"], p["width"]) for p in plan["passes"]] == [("MMDiT", 992), ("VAE decode", 992)]
+    assert plan["max_square_resolution"] % 16 == 0 and spec.max_side == 256  # its pos_embed: 16 patches a side
+    assert plan["max_square_resolution"] <= 256 and webui.memslice.plan_for(272, 256, 1)["verdict"] == "does not fit"
     select(webui, TITLES["auto"])
     run_mmdit(model, text=308)
     assert sd3.text_tokens() == 308

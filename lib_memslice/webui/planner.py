@@ -59,7 +59,8 @@ def on_model_loaded(sd_model: Any) -> None:
         spec = sites_from_modules(unet, vae)
         published = BUILTIN[kind]  # its sizes, latent and prompt; the sites and widths as loaded, where found
         if spec.sites:
-            published = replace(published, sites=spec.sites, context_dim=spec.context_dim)
+            published = replace(published, sites=spec.sites, context_dim=spec.context_dim,
+                                max_side=spec.max_side or published.max_side)  # fmt: skip
         _loaded["spec"] = replace(published, name=kind, title=f"loaded {kind} model")
     except Exception as exc:  # a model we cannot read still generates, just without site names
         log.warning("memslice: could not read the model's attention layout: %s", exc)

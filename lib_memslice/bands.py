@@ -240,11 +240,14 @@ class Moments:
         return scale[:, :, None, None], shift[:, :, None, None]
 
 
-def _norm_silu(gathered: Tensor, affine: tuple[Tensor, Tensor]) -> Tensor:
+def _norm_silu(box: list[Tensor], affine: tuple[Tensor, Tensor]) -> Tensor:
     """GroupNorm (from the whole tensor's statistics) and SiLU of one band. float32: ``x * scale + shift`` and an
     in-place SiLU. Half precision rounds as the stock modules do: the normalisation computed in float32 and cast
     once (torch's GroupNorm), then ``x * sigmoid(x)`` in the dtype (ldm's swish). Takes the only reference to a
-    freshly gathered band (callers pass the gather's result straight in), so it dies as soon as it is read."""
+    freshly gathered band out of ``box`` (a one-element list the caller builds around the gather), so it dies as
+    soon as it is read: an argument passed straight in stays referenced by the caller's frame during the call on
+    Python 3.10 (the webui's), which kept every gathered band alive through its normalisation."""
+    gathered = box.pop()
     scale, shift = affine
     if gathered.dtype == torch.float32:
         y = torch.addcmul(shift, gathered, scale)
@@ -352,7 +355,7 @@ def _res(block: Any, st: _State, lists: _Lists, next_norm: int) -> _State:
     skips: list[Tensor | None] = []
     moments = Moments(block.norm2.num_groups)
     for j in range(n):
-        y = _norm_silu(lists.gather(xs, cuts, j, 1, 1), affine)
+        y = _norm_silu([lists.gather(xs, cuts, j, 1, 1)], affine)
         top = _top(cuts, j, 1)
         h = block.conv1(y)
         del y
@@ -380,7 +383,7 @@ def _res(block: Any, st: _State, lists: _Lists, next_norm: int) -> _State:
     outs: list[Tensor | None] = []
     moments_out = Moments(next_norm) if next_norm else None
     for j in range(n):
-        y = _norm_silu(lists.gather(hs, cuts, j, 1, 1), affine)
+        y = _norm_silu([lists.gather(hs, cuts, j, 1, 1)], affine)
         top = _top(cuts, j, 1)
         o = block.conv2(y)
         del y
@@ -459,7 +462,7 @@ def _out(decoder: Any, st: _State, lists: _Lists, out_channels: int) -> Tensor:
     affine = st.moments.affine(decoder.norm_out)
     st.moments = None
     for j in range(n):
-        y = _norm_silu(lists.gather(st.bands, cuts, j, 1, 1), affine)
+        y = _norm_silu([lists.gather(st.bands, cuts, j, 1, 1)], affine)
         top = _top(cuts, j, 1)
         o = decoder.conv_out(y)
         del y
@@ -584,8 +587,10 @@ def decoder_mid(decoder: Any, z: Tensor) -> Tensor:
     return decoder.mid.block_2(h, None)
 
 
-def encoder_mid(encoder: Any, h: Tensor) -> Tensor:
-    """The encoder's mid block and end, whole (as the stock forward runs them)."""
+def encoder_mid(encoder: Any, box: list[Tensor]) -> Tensor:
+    """The encoder's mid block and end, whole (as the stock forward runs them), on the tensor in ``box`` (taken out:
+    a banded pass's mid input dies after the first ResnetBlock, on Python 3.10 too; see :func:`_norm_silu`)."""
+    h = box.pop()
     h = encoder.mid.block_1(h, None)
     h = encoder.mid.attn_1(h)
     h = encoder.mid.block_2(h, None)
@@ -625,8 +630,7 @@ def stock_encode(encoder: Any, x: Tensor) -> Tensor:
             hs.append(h)
         if level != encoder.num_resolutions - 1:
             hs.append(down.downsample(hs[-1]))
-    h = hs[-1]
-    return encoder_mid(encoder, h)
+    return encoder_mid(encoder, [hs[-1]])
 
 
 def decode_in_bands(decoder: Any, z: Tensor, bands: int, streamed: bool = False) -> Tensor:
@@ -637,7 +641,7 @@ def decode_in_bands(decoder: Any, z: Tensor, bands: int, streamed: bool = False)
 
 def encode_in_bands(encoder: Any, x: Tensor, bands: int, streamed: bool = False) -> Tensor:
     """The whole encode with conv_in and the down path in ``bands`` bands."""
-    return encoder_mid(encoder, encode_down(encoder, x, bands, streamed))
+    return encoder_mid(encoder, [encode_down(encoder, x, bands, streamed)])
 
 
 # --- planning and running a pass ------------------------------------------------------------------------------------

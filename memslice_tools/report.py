@@ -9,6 +9,7 @@ from typing import Any
 from lib_memslice.costs import format_bytes
 
 from . import parity as parity_mod
+from . import vae_bench
 
 STATUS_PASS, STATUS_FAIL, STATUS_NA = "PASS", "FAIL", "N/A"
 
@@ -111,6 +112,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         *parity_mod.markdown_lines(report.get("parity")),
+        *vae_bench.markdown_lines(report.get("vae")),
         "## Contenders",
         "",
         "| name | what it is | what it does with the free-memory number |",

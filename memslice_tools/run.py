@@ -32,6 +32,7 @@ from lib_memslice.settings import Settings
 from . import parity as parity_mod
 from . import report as report_mod
 from . import speed as speed_mod
+from . import vae_bench
 from .contenders import MEMSLICE_AUTO, SDPA, Contender, all_contenders, heads_view, make_case, make_inputs
 from .harness import Regime, budget_label, run_case
 from .largest import largest_square, physical_limit
@@ -44,6 +45,7 @@ SMOKE_CASES = (("sd15", "unet.level0.self", 128), ("sd15", "vae.mid", 128))
 BUDGETS = (256 * MiB, 1 * GiB)
 LIMIT_FREE = (256 * MiB, 1 * GiB)
 LIMIT_CONTENDERS = (MEMSLICE_AUTO, "Doggettx", "InvokeAI-cuda", "sub-quadratic", "sdp")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (docs/ for the VAE heat map)
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,14 @@ class Mode:
     speed: speed_mod.Plan = speed_mod.FULL
     limit_regimes: tuple[bool, ...] = (False, True)  # fused kernels allowed?
     parity: parity_mod.Plan = parity_mod.FULL
+    vae: vae_bench.Plan = vae_bench.FULL
 
 
 def make_mode(name: str, rounds: int | None) -> Mode:
     if name == "smoke":
         mode = Mode("smoke", SMOKE_CASES, (2 * MiB, 8 * MiB), 2, 5.0, True, (8 * MiB,), 500,
                     "test-only: 128 px cases, budgets of 2 and 8 MiB", speed=speed_mod.SMOKE,
-                    parity=parity_mod.SMOKE)  # fmt: skip
+                    parity=parity_mod.SMOKE, vae=vae_bench.SMOKE)  # fmt: skip
     elif name == "quick":
         mode = Mode(
             "quick", QUICK_CASES[:1], BUDGETS, 2, 20.0, False, (256 * MiB,), 20000,
@@ -79,14 +82,14 @@ def make_mode(name: str, rounds: int | None) -> Mode:
             "webui's sdp forward at 256 and 1024 tokens, 2 threads, fp32",
             timed_budgets=(256 * MiB,), fused_timed=(MEMSLICE_AUTO, SDPA), limit_sites=("unet.level0.self",),
             limit_contenders=(MEMSLICE_AUTO, "Doggettx"), speed=speed_mod.QUICK, limit_regimes=(False,),
-            parity=parity_mod.QUICK,
+            parity=parity_mod.QUICK, vae=vae_bench.QUICK,
         )  # fmt: skip
     else:
         mode = Mode("full", FULL_CASES, BUDGETS, 3, 40.0, True, LIMIT_FREE, 50000,
                     "no fused kernel: SD1.5 UNet level 0 at 512, 768, 1024 px and the VAE at 512, 1024 px, 1 and 2 "
                     "threads, fp32 and bf16, 256 MiB and 1 GiB; memory and the fused regime at 512 px; parity "
                     "with the webui's sdp forward at 256, 1024, 4096 tokens and 77 keys, 1 and 2 threads, fp32 "
-                    "and bf16",
+                    "and bf16; the VAE decode in bands at 1024 px",
                     timed_budgets=(256 * MiB,), fused_timed=(MEMSLICE_AUTO, SDPA))  # fmt: skip
     if rounds is not None:
         mode = Mode(**{**mode.__dict__, "rounds": max(2, rounds)})
@@ -405,6 +408,8 @@ def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     # 6: the fused kernel on the real modules: memslice's forward against the webui's sdp forward
     if "parity" in report:
         targets.append(parity_mod.judge(report["parity"]))
+    if "vae" in report:
+        targets.extend(vae_bench.judge(report["vae"]))
 
     # 7: per-call overhead on the fast path
     o = report["overhead"]
@@ -436,6 +441,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu-check", action="store_true", help="the CUDA checks (see make gpu-check)")
     parser.add_argument("--parity", action="store_true", help="only the parity section: memslice's forward against "
                         "the webui's sdp forward on the real ldm modules (with --quick: fewer cases)")  # fmt: skip
+    parser.add_argument("--vae", action="store_true", help="only the VAE section: the decode in exact bands against "
+                        "the untiled decode and an overlap-blend tiler (with --quick: 512 px, half width)")  # fmt: skip
+    parser.add_argument("--heatmap", default=None, help="where the VAE section draws its error map (default: "
+                        f"{vae_bench.HEATMAP} in a full run, else under --out)")  # fmt: skip
     parser.add_argument(
         "--glibc-defaults",
         dest="glibc_defaults",
@@ -500,6 +509,13 @@ def main(argv: list[str] | None = None) -> int:
         report["parity"] = parity_mod.section(mode.parity, args.webui, log)
         report["targets"] = [parity_mod.judge(report["parity"])]
         return _finish(report, args.out, began, busy, log)
+    heatmap = args.heatmap or (os.path.join(ROOT, vae_bench.HEATMAP) if mode.name == "full"
+                               else os.path.join(args.out, os.path.basename(vae_bench.HEATMAP)))  # fmt: skip
+    if args.vae:  # the VAE section alone
+        log(f"the VAE decode in exact bands: {mode.vae.note}")
+        report["vae"] = vae_bench.section(mode.vae, log, heatmap)
+        report["targets"] = vae_bench.judge(report["vae"])
+        return _finish(report, args.out, began, busy, log)
     with torch.no_grad():
         for index, (model, site, pixels) in enumerate(mode.cases, 1):
             case = make_case(model, site, pixels)
@@ -520,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"fused kernel, the real modules: memslice's forward vs the webui's sdp forward "
         f"[{time.perf_counter() - began:.0f} s]")  # fmt: skip
     report["parity"] = parity_mod.section(mode.parity, args.webui, log)
+    log(f"the VAE decode in exact bands: {mode.vae.note} [{time.perf_counter() - began:.0f} s]")
+    report["vae"] = vae_bench.section(mode.vae, log, heatmap)
     report["targets"] = judge_targets(report)
     return _finish(report, args.out, began, busy, log)
 

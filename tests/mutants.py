@@ -33,6 +33,8 @@ _BANDS = "tests/test_bands.py::"
 _SD3_WEBUI = "tests/test_sd3_webui.py::"
 _SD3_PLAN = "tests/test_sd3_plan.py::"
 _BAND_PEAK = _BANDS + "test_the_predicted_peak_covers_the_measured_one_at_every_band_count"
+_JOB_BANDS = "tests/test_job_bands.py::"
+_WEBUI_BANDS = "tests/test_webui_bands.py::"
 
 MUTANTS = (
     # --- the cost model -----------------------------------------------------------------------------------------
@@ -230,8 +232,8 @@ MUTANTS = (
            "        moments.add(h)\n        h = _core(h, top, cuts[j + 1] - cuts[j])\n",
            (_BANDS + "test_a_banded_decode_equals_the_untiled_module_at_every_band_count",)),
     Mutant("bands: conv1 reads no rows of the neighbouring bands", "lib_memslice/bands.py",
-           "        y = _norm_silu(lists.gather(xs, cuts, j, 1, 1), affine)",
-           "        y = _norm_silu(lists.gather(xs, cuts, j, 0, 0), affine)",
+           "        y = _norm_silu([lists.gather(xs, cuts, j, 1, 1)], affine)",
+           "        y = _norm_silu([lists.gather(xs, cuts, j, 0, 0)], affine)",
            (_BANDS + "test_a_banded_decode_equals_the_untiled_module_at_every_band_count",)),
     Mutant("bands: an out-of-memory retry jumps to the most bands", "lib_memslice/bands.py",
            "        return min(top, 2 * plan.bands), plan.streamed", "        return top, plan.streamed",
@@ -240,6 +242,45 @@ MUTANTS = (
            "        tried.append((0 if plan.stock else plan.bands, plan.streamed))",
            "        tried.append((plan.bands, plan.streamed))",
            (_BANDS + "test_the_last_error_names_the_pass_the_counts_tried_and_free_memory",)),
+    # --- the VAE's bands in the job planner and the webui -------------------------------------------------------
+    Mutant("job plan: a VAE pass's bands planned in free memory without the allocator's share",
+           "lib_memslice/job_plan.py",
+           "        margin = 1.0 + allocator_overhead(job.device_kind).high\n", "        margin = 1.0\n",
+           (_JOB_BANDS + "test_the_decode_runs_in_the_fewest_bands_that_fit_its_room",
+            _JOB_BANDS + "test_the_job_planner_plans_the_bands_the_runtime_runs")),
+    Mutant("job plan: the decoder's input latent left out of the bands' room", "lib_memslice/job_plan.py",
+           "        room, over = int(max(0, free) / margin) - extra, max(0, free) - extra\n",
+           "        room, over = int(max(0, free) / margin), max(0, free)\n",
+           (_JOB_BANDS + "test_a_pass_planned_in_bands_is_one_the_verdict_calls_fits_at_the_edge",)),
+    Mutant("job plan: a banded pass counted as the untiled one", "lib_memslice/job_plan.py",
+           "        peak = max(mid, found.extra + part)\n", "",
+           (_JOB_BANDS + "test_the_largest_square_size_counts_the_bands",)),
+    Mutant("job plan: the banded encoder's mid block counted with the stock encoder's list",
+           "lib_memslice/activations.py",
+           '    "vae_encode": PassModel(Linear(32.0, 0.0), {"vae.mid": Linear(20.0, 0.0)}),',
+           '    "vae_encode": PassModel(Linear(32.0, 0.0), {"vae.mid": Linear(344.0, 0.0)}),',
+           (_JOB_BANDS + "test_a_banded_pass_holds_what_the_job_planner_counts",)),
+    Mutant("job plan: a pass no band plan fits called fits", "lib_memslice/job_plan.py",
+           "    refused = found is not None and band_plan is None\n", "    refused = False\n",
+           (_JOB_BANDS + "test_a_pass_no_plan_fits_does_not_fit_and_says_why",)),
+    Mutant("webui: undo leaves memslice's VAE forwards on the classes", "lib_memslice/webui/entries.py",
+           "        remove_vae_forwards()\n", "",
+           (_WEBUI_BANDS + "test_a_memslice_entry_installs_the_banded_vae_forwards_and_undo_restores_the_originals",)),
+    Mutant("webui: a memslice VAE forward falls back on another memslice forward", "lib_memslice/webui/entries.py",
+           'if getattr(current, "__memslice__", None) else current', "if False else current",
+           (_WEBUI_BANDS + "test_an_entry_applied_twice_still_puts_back_the_classes_own_forwards",)),
+    Mutant("webui: a memslice VAE forward kept by another extension still bands with no memslice entry",
+           "lib_memslice/bands.py",
+           "    return bool(active()) if callable(active) else True\n", "    return True\n",
+           (_WEBUI_BANDS + "test_undo_leaves_a_forward_another_extension_installed_since",)),
+    Mutant("webui: the infotext and the console line do not say the bands", "lib_memslice/stats.py",
+           "                found.append(f\"VAE {kind} in {plural(bands, 'band')}{streamed}\")\n", "",
+           (_WEBUI_BANDS + "test_a_decode_that_would_not_fit_runs_in_the_fewest_bands_and_says_so",
+            _WEBUI_BANDS + "test_an_encode_that_would_not_fit_runs_in_bands")),
+    Mutant("webui: a VAE pass refused under the attention budget reads as free memory", "lib_memslice/bands.py",
+           "    return NotEnoughMemory(text, need=need, have=free, site=f\"vae.{kind}\", fixed_budget=budgeted)",
+           "    return NotEnoughMemory(text, need=need, have=free, site=f\"vae.{kind}\")",
+           ("tests/test_webui.py::test_a_generation_that_fails_names_the_pass_and_what_would_fit",)),
     # --- the job planner ----------------------------------------------------------------------------------------
     Mutant("'fits' without what the allocator adds", "lib_memslice/job_plan.py",
            "    total = tensors + most\n", "    total = tensors\n",

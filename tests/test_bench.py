@@ -26,7 +26,7 @@ def smoke(tmp_path_factory):
 def test_a_smoke_run_writes_a_complete_report(smoke):
     out, report = smoke
     assert (out / "bench-report.md").read_text().startswith("# memslice benchmark")
-    for key in ("meta", "contenders", "cases", "speed", "limits", "overhead", "parity", "targets"):
+    for key in ("meta", "contenders", "cases", "speed", "limits", "overhead", "parity", "vae", "targets"):
         assert key in report
     meta = report["meta"]
     assert meta["allocator"] and meta["torch"] == torch.__version__ and meta["threads"] >= 1
@@ -35,7 +35,7 @@ def test_a_smoke_run_writes_a_complete_report(smoke):
     names = {t["name"] for t in report["targets"]}
     assert names == {"no_fused_vs_best", "no_fused_vs_fused", "steady", "contended", "slice_size_rule",
                      "fused_vs_sdpa", "peak_within_budget", "largest_square_vs_physical", "parity",
-                     "overhead"}  # fmt: skip
+                     "vae_speed", "vae_memory", "vae_error", "overhead"}  # fmt: skip
     assert all(t["status"] in ("PASS", "FAIL", "N/A") for t in report["targets"])
     speed = report["speed"]
     assert speed["cases"] and speed["contended"] and speed["sweeps"]

@@ -102,6 +102,22 @@ def test_the_job_planner_plans_the_bands_the_runtime_runs(monkeypatch, side, gib
     assert (0 if plan.stock else plan.bands, plan.streamed) == (planned["bands"], planned["streamed"])
 
 
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_a_pass_planned_in_bands_is_one_the_verdict_calls_fits_at_the_edge(n):
+    """Where ``n`` bands would fit only without the allocator's share of the whole pass (the decoder's input latent
+    counted too), the planner takes more bands and the pass fits, rather than ``n`` and a tight verdict."""
+    j = job("sd15", 1536, 64)
+    p = passes(j)[1]
+    planned = plan_pass(j, p, cuda_kernels)
+    net, lat = VAE_NETS["vae_decode"], 1536 // 8
+    latent = 4 * lat * lat * 2
+    share = 1 + allocator_overhead("cuda").high
+    edge = int(share * (band_costs.banded_peak_bytes(net, lat, lat, 1, 2, n) + latent)) - 1
+    at = replace(j, memory_bytes=planned["weight_bytes"] + planned["input_bytes"] + edge)
+    decode = plan_pass(at, p, cuda_kernels)
+    assert decode["bands"] == n + 1 and decode["verdict"] == "fits"
+
+
 def test_the_pass_margin_is_the_allocator_share_the_job_planner_adds():
     for kind, margin in bands.PASS_MARGIN.items():
         assert margin == pytest.approx(1 + ALLOCATOR_OVERHEAD[kind].high)

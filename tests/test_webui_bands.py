@@ -85,6 +85,17 @@ def test_a_memslice_entry_installs_the_banded_vae_forwards_and_undo_restores_the
     assert forwards(env) == originals
 
 
+def test_an_entry_applied_twice_still_puts_back_the_classes_own_forwards(env):
+    """apply() over memslice's own forwards (an entry applied again without its undo) never falls back onto them."""
+    originals = forwards(env)
+    entry = next(e for e in env.memslice.ENTRIES if e.strategy == "auto")
+    entry.apply()
+    entry.apply()
+    assert [f.__memslice_original__ for f in forwards(env)] == list(originals)
+    entry.undo()
+    assert forwards(env) == originals
+
+
 def test_undo_leaves_a_forward_another_extension_installed_since(env):
     select(env, TITLES["auto"])
     ours = env.ldm_model.Decoder.forward

@@ -412,6 +412,38 @@ def mmdit_live_bytes(
     return {"mmdit.joint": model.live.bytes(*args)}
 
 
+#: SD3's own VAE classes (``sd3_impls.VAEDecoder``/``VAEEncoder``: the SD VAE's geometry, ch 128, 16 latent
+#: channels), in the same terms as ``MODELS["vae_decode"]``/``["vae_encode"]``. Their ResnetBlocks run SiLU in place,
+#: so in float32 the decoder holds 320 x ch x N at its peak (ldm's: 512); ``SDVAE.decode``/``encode`` turn CUDA
+#: autocast on in float16, where every GroupNorm returns float32 and the in-place SiLU works on that copy, so in half
+#: precision the decoder holds 640 elements' worth (1280 bytes) per channel and latent token: more than ldm's.
+#: Measured with the tracker on the webui's own classes (``memslice_tools.sd3_standin.load_webui_sd3``; ch 32 and 64,
+#: 256x256, 320x192, 192x320, fp32 plain and bf16 under emulated CUDA autocast, memslice's AttnBlock forward in
+#: place; tests/test_sd3_plan.py checks them at other sizes). Off CUDA (MPS) half precision runs without autocast and
+#: holds the float32 model's elements: the model is 2x high there.
+SD3_VAE: dict[str, dict[int, PassModel]] = {
+    "vae_decode": {
+        4: PassModel(Linear(320.0, 0.0), {"vae.mid": Linear(20.0, 0.0)}),
+        2: PassModel(Linear(640.0, 4.0), {"vae.mid": Linear(24.0, 0.0)}),
+    },
+    "vae_encode": {
+        4: PassModel(Linear(352.0, 0.0), {"vae.mid": Linear(344.0, 0.0)}),
+        2: PassModel(Linear(448.0, 4.0), {"vae.mid": Linear(348.0, 0.0)}),
+    },
+}
+
+
+def sd3_vae_bytes(
+    kind: str, width: int, height: int, batch: int, element_size: int, *, channels: int = VAE_CHANNELS
+) -> tuple[int, dict[str, int]]:
+    """``(peak, live)`` of a VAE pass of SD3's own classes (``kind``: ``vae_decode`` or ``vae_encode``)."""
+    _check(width, height, batch, element_size)
+    model = SD3_VAE[kind][4 if element_size >= 4 else 2]
+    tokens = latent_tokens(width, height)
+    peak = model.peak.bytes(tokens, batch, channels, element_size)
+    return peak, {site: m.bytes(tokens, batch, channels, element_size) for site, m in model.live.items()}
+
+
 def attention_peaks(records: Iterable[Any]) -> dict[str, int]:
     """The largest predicted attention transient per site from records with ``.site`` and ``.peak_bytes``
     (``Stats.recent()``'s CallRecords, or the planner's per-site plans)."""

@@ -209,6 +209,8 @@ def _activations(job: Job, p: Pass) -> tuple[int, dict[str, int]]:
     if p.kind == "unet":
         args = (job.arch, p.width, p.height, p.batch, job.unet_element)
         return activations.unet_activation_bytes(*args), activations.unet_live_bytes(*args)
+    if job.arch in activations.MMDITS:  # SD3's own VAE classes
+        return activations.sd3_vae_bytes(p.kind, p.width, p.height, p.batch, job.vae_element)
     if p.kind == "vae_decode":
         args = (p.width, p.height, p.batch, job.vae_element)
         return activations.vae_decode_activation_bytes(*args), activations.vae_decode_live_bytes(*args)

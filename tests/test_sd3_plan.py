@@ -123,6 +123,50 @@ def test_the_mmdit_activation_model_holds_where_it_was_not_fitted_on_the_webuis_
     check_activation_model(mmdit, dtype)
 
 
+def check_vae_model(sd3_impls, dtype):
+    """SD3's own VAE decode and encode at sizes and a width not in the fit (ch 32/64 at 256x256, 320x192, 192x320):
+    the pass's peak as the planner combines it (activations, or what is live at the mid block's attention plus its
+    transient) within 1.00-1.15x the tracker's, memslice's AttnBlock forward in place, half precision under CUDA
+    autocast as ``SDVAE.decode``/``encode`` run it (emulated on the CPU)."""
+    import contextlib
+
+    from lib_memslice.forwards import make_attnblock_forward
+    from memslice_tools.fit_activations import _without_gemm_scratch, cuda_autocast_on_cpu
+    from memslice_tools.memtrack import PeakTracker
+
+    host = BasicHost(sd3_standin.AMPLE)
+    saved = sd3_impls.AttnBlock.forward
+    sd3_impls.AttnBlock.forward = make_attnblock_forward("auto", host)
+    es, ch = torch.finfo(dtype).bits // 8, 96
+    try:
+        for kind, net in (("vae_decode", sd3_impls.VAEDecoder(ch=ch)), ("vae_encode", sd3_impls.VAEEncoder(ch=ch))):
+            net = net.eval().to(dtype)
+            for w, h in ((320, 256), (256, 384)):
+                x = (torch.randn(1, 16, h // 8, w // 8) if kind == "vae_decode" else torch.randn(1, 3, h, w)).to(dtype)
+                cast = cuda_autocast_on_cpu(net, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+                host.stats.start_job()
+                with torch.no_grad(), cast, _without_gemm_scratch(), PeakTracker() as tracker:  # the input exists
+                    out = net(x)
+                    del out
+                peak, live = activations.sd3_vae_bytes(kind, w, h, 1, es, channels=ch)
+                transient = activations.attention_peaks(host.stats.recent())
+                ratio = activations.pass_peak_bytes(peak, transient, live) / tracker.peak
+                assert 1.0 <= ratio <= 1.15, (kind, w, h, dtype, ratio)
+    finally:
+        sd3_impls.AttnBlock.forward = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sd3s_vae_model_holds_where_it_was_not_fitted_on_the_fake(webui, dtype):
+    check_vae_model(importlib.import_module("modules.models.sd3.sd3_impls"), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sd3s_vae_model_holds_where_it_was_not_fitted_on_the_webuis_classes(dtype):
+    _, sd3_impls = real_sd3()
+    check_vae_model(sd3_impls, dtype)
+
+
 def test_the_fake_mmdit_is_the_webuis_to_the_bit_and_calls_attention_as_it_does(webui):
     """With WEBUI_DIR: the same weights in the fake and the real MMDiT give the same output; the real one looks the
     module global ``attention`` up once per joint block, q/k 3-D, v 4-D, the prompt first; the fake the same."""
@@ -199,6 +243,7 @@ def test_the_passes_are_named_for_the_mmdit_and_count_sd3s_inputs_and_weights():
     with_t5 = plan_job(sd3_job(t5=True), cuda_fp16)["passes"][0]
     assert with_t5["weight_bytes"] == weights + SD3_WEIGHTS.t5 * 2
     assert mmdit["activation_bytes"] == activations.mmdit_activation_bytes(1024, 1024, 2, 2)
+    assert decode["activation_bytes"] == activations.sd3_vae_bytes("vae_decode", 1024, 1024, 1, 2)[0]  # SD3's own
     joint = next(r for r in result["layers"] if r["site"] == JOINT and r["pass"] == "MMDiT")
     assert (joint["batch_heads"], joint["q_tokens"], joint["k_tokens"], joint["layers"]) == (48, 4250, 4250, 24)
     assert decode["bands"] == 0 and not decode["bands_reason"]  # SD3's own VAE classes are not banded

@@ -71,7 +71,7 @@ def test_attnblock_vae_setting_off_runs_the_fallback(ldm):
         calls.append(x.shape)
         return x
 
-    forward = make_attnblock_forward("auto", BasicHost(Settings(vae=False)), fallback)
+    forward = make_attnblock_forward("auto", BasicHost(Settings(vae="off")), fallback)
     x = torch.randn(1, 32, 4, 4)
     assert forward(block, x) is x and calls == [x.shape]
 

@@ -9,6 +9,7 @@ lists them with the tests that catch them.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -539,13 +540,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="the interpreter with the test dependencies")
     parser.add_argument("--only", default="", help="a substring of the mutants to run")
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once, each in its own copy (CI: 2 cores)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if args.only.lower() in m.name.lower()]
     failures = 0
-    for i, mutant in enumerate(chosen, 1):
-        verdict, took = run(mutant, args.python, args.timeout)
-        failures += verdict != "caught" and not verdict.startswith("caught")
-        print(f"[{i}/{len(chosen)}] {verdict:<9} {mutant.name}  ({' '.join(mutant.tests)}, {took:.0f} s)", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        verdicts = pool.map(lambda m: run(m, args.python, args.timeout), chosen)
+        for i, (mutant, (verdict, took)) in enumerate(zip(chosen, verdicts, strict=True), 1):
+            failures += verdict != "caught" and not verdict.startswith("caught")
+            print(
+                f"[{i}/{len(chosen)}] {verdict:<9} {mutant.name}  ({' '.join(mutant.tests)}, {took:.0f} s)", flush=True
+            )
     print(f"{len(chosen) - failures} of {len(chosen)} mutants caught")
     return 1 if failures else 0
 

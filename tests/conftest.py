@@ -91,3 +91,14 @@ def webui():
         yield env
     finally:
         webui_env.stop_webui(env)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's thread count set to ``n`` for the block, then put back (the CPU einsum kernel: a worker a thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

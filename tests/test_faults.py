@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from lib_memslice.limits import NotEnoughMemory
 from lib_memslice.settings import Settings
 from lib_memslice.slicing import smallest_need
 
-from .conftest import ROOT, projected_qkv, reference
+from .conftest import ROOT, projected_qkv, reference, torch_threads
 from .test_webui import TITLES, select
 
 
@@ -120,16 +119,6 @@ def test_a_call_that_cannot_be_cut_further_says_so_after_trying_the_leaner_kerne
     assert [plan.slices for plan in attempts][-1] == 4 and {plan.kernel.workers for plan in attempts} == {1, 2}
     assert attempts[-1].peak_bytes < min(p.peak_bytes for p in attempts if p.kernel.workers == 2)
     assert "einsum (2 workers) kernel at" in text and "on the einsum kernel at 4 slices" in text
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def listed_attempts(text):

@@ -19,6 +19,7 @@ from lib_memslice.costs import AttentionShape as Shape
 from lib_memslice.models import BUILTIN
 from lib_memslice.slicing import chunkings, plan_attention, plan_in, room_for, smallest_need
 
+from .conftest import torch_threads
 from .test_slicing import KERNELS, shapes
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -282,13 +283,9 @@ def _cpu_chain(first, threads=2):
 
     from lib_memslice import kernels
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         einsum = kernels.einsum_kernel("cpu", torch.float32)
         return kernels.kernels_after(einsum if first == "einsum" else FUSED, "auto", "cpu", torch.float32, False)
-    finally:
-        torch.set_num_threads(before)
 
 
 CHAIN_SHAPES = [Shape(16, 4096, 4096, 40, heads=8), Shape(16, 16384, 16384, 40, heads=8), Shape(1, 16384, 16384, 512)]

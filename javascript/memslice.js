@@ -10,7 +10,7 @@
     var SETTINGS = [["memslice_safety_factor", "safety_factor"], ["memslice_slice_cap", "slice_cap"],
         ["memslice_budget_gb", "budget_gb"], ["memslice_kernel", "kernel"], ["memslice_vae", "vae"]];
     var BATCHES = [1, 2, 4];
-    var VERDICTS = {"fits": "fits", "tight": "tight", "does not fit": "fails", "not planned": "none"};
+    var VERDICTS = {"fits": "fits", "tight": "tight", "does not fit": "fails"};
     // a pass's bar: what its peak is made of, in this order (they add up to its total)
     var PARTS = [["weights", "weights"], ["inputs", "inputs"], ["activations", "other activations"],
         ["attention", "attention"], ["allocator", "allocator (measured share)"]];
@@ -245,8 +245,9 @@
     }
 
     // a VAE pass the planner runs in bands of rows (its `bands`; 0: in one piece), streamed through host memory
-    // when even the bands do not fit on the device
+    // when even the bands do not fit on the device (one band is only ever streamed: "streamed", never "1 band")
     function bandsText(p) {
+        if (p.bands < 2) return "streamed";
         return plural(p.bands, "band") + (p.streamed ? ", streamed" : "");
     }
 
@@ -262,7 +263,7 @@
         var spare = p.headroom_bytes >= 0 ? formatBytes(p.headroom_bytes) + " to spare" :
             formatBytes(-p.headroom_bytes) + " too much";
         return p.name + ", " + sizeText(p.width, p.height) + ", batch " + p.batch +
-            (p.bands > 0 ? ", in " + bandsText(p) : "") + ": " + p.verdict + ". " + words.join(", ") +
+            (p.bands > 0 ? (p.bands > 1 ? ", in " : ", ") + bandsText(p) : "") + ": " + p.verdict + ". " + words.join(", ") +
             "; total " + formatBytes(p.total_bytes) + " of " + formatBytes(memory) + ", " + spare + ".";
     }
 
@@ -406,23 +407,18 @@
         var answer = box.querySelector(".memslice-answer");
         answer.textContent = "";
         answer.appendChild(element("strong", {"class": "memslice-badge", "data-class": cls}, current.verdict));
-        var words;
-        if (!current.planned) {
-            words = current.advice;
-        } else {
-            words = "binding pass: " + current.limit + " \u00b7 largest square" +
-                (current.hires ? " first pass (hires scaled alike)" : "") + ": " + squares(sizes);
-        }
+        var words = "binding pass: " + current.limit + " \u00b7 largest square" +
+            (current.hires ? " first pass (hires scaled alike)" : "") + ": " + squares(sizes);
         answer.appendChild(document.createTextNode(" " + words));
-        box.querySelector(".memslice-advice").textContent = current.planned ? change(current, job, sizes) : "";
+        box.querySelector(".memslice-advice").textContent = change(current, job, sizes);
         box.querySelector(".memslice-job").textContent = jobText(job, current);
         renderBars(box, current);
         renderTable(box, current);
-        box.querySelector(".memslice-reason").textContent = current.planned ? "The planner: " + current.advice : "";
-        box.querySelector(".memslice-room").textContent = current.planned ?
+        box.querySelector(".memslice-reason").textContent = "The planner: " + current.advice;
+        box.querySelector(".memslice-room").textContent =
             "room: " + current.room + ", slice cap " + current.slice_cap + ", " +
             plural(current.max_slices, "slice") + " at most; memory for the job " + formatBytes(current.memory_bytes) +
-            " (" + current.memory_source + ")" : "";
+            " (" + current.memory_source + ")";
         box.setAttribute("data-verdict", current.verdict);
         box.setAttribute("data-class", cls);
         box.setAttribute("data-fits", String(current.fits));
@@ -472,7 +468,7 @@
                 return;
             }
             render(box, job, results[0], results.slice(1).map(function (r) {
-                return r.planned ? r.max_square_resolution : 0;
+                return r.max_square_resolution;
             }));
             box.setAttribute("data-job", job.key);
             box.setAttribute("data-state", "ready");

@@ -42,9 +42,9 @@ class PassPlan:
 
 @dataclass(frozen=True)
 class JobPlan:
-    """The whole job: its verdict (``fits``, ``tight``, ``does not fit``, or ``not planned`` for a model memslice
-    does not plan), the pass that binds, what to do, and the largest square first-pass size at which the job fits
-    (hires scaled alike). ``details`` is the planner's full answer (sites and slices)."""
+    """The whole job: its verdict (``fits``, ``tight`` or ``does not fit``), the pass that binds, what to do, and
+    the largest square first-pass size at which the job fits (hires scaled alike). ``details`` is the planner's full
+    answer (sites and slices)."""
 
     verdict: str
     fits: bool

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__, kernels, probe
 from .costs import GiB, format_bytes, plural
-from .job_plan import DTYPE_BYTES, NOT_PLANNED, UPSCALERS, make_job, plan_job
+from .job_plan import DTYPE_BYTES, UPSCALERS, make_job, plan_job
 from .models import BUILTIN, MODEL_NAMES
 from .settings import KERNELS, SPEC_BY_KEY, VAE_MODES, Settings, coerce
 from .strategies import NAMES as STRATEGY_NAMES
@@ -103,10 +103,6 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    if args.model in NOT_PLANNED:
-        print(json.dumps({"model": args.model, "verdict": "not planned", "advice": NOT_PLANNED[args.model]}, indent=2)
-              if args.json else f"{args.model}: {NOT_PLANNED[args.model]}")  # fmt: skip
-        return 1
     settings = _settings(args)
     device_kind = args.device
     io = DTYPE_BYTES[args.dtype]
@@ -319,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     plan = sub.add_parser("plan", help="plan every attention site of a model at a size: what fits, how sliced")
-    plan.add_argument("--model", choices=(*MODEL_NAMES, *NOT_PLANNED), default="sd15",
+    plan.add_argument("--model", choices=MODEL_NAMES, default="sd15",
                       help="which published config (default sd15)")  # fmt: skip
     plan.add_argument("--width", type=_bounded_int(8, 65536), default=512, help="image width in pixels (default 512)")
     plan.add_argument("--height", type=_bounded_int(8, 65536), default=512, help="image height in pixels (default 512)")

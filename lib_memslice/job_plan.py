@@ -498,7 +498,6 @@ def plan_job(job: Job, kernels_for: KernelsFor) -> dict[str, Any]:
     verdict = next((v for v in reversed(VERDICTS) if any(p["verdict"] == v for p in planned)), "fits")
     overhead = allocator_overhead(job.device_kind)
     return {
-        "planned": True,
         "model": job.spec.name,
         "width": job.width,
         "height": job.height,
@@ -563,28 +562,3 @@ def make_job(
         vae=settings.vae,
         **model,
     )
-
-
-#: What the webui 1.10 can load that memslice does not plan (its ``sd_models.set_model_type`` flags), and why: nothing
-#: now (SD3 Medium is planned; SD3.5 does not load in 1.10.1). The answer, the routes and the panel keep the case.
-NOT_PLANNED: dict[str, str] = {}
-
-
-def not_planned(model: str, width: int, height: int, batch: int, memory_bytes: int, why: str) -> dict[str, Any]:
-    """The answer for a model memslice does not plan: no numbers, only why."""
-    return {
-        "planned": False,
-        "model": model,
-        "width": width,
-        "height": height,
-        "batch": batch,
-        "memory_bytes": memory_bytes,
-        "verdict": "not planned",
-        "fits": False,
-        "limit": "",
-        "advice": why,
-        "max_square_resolution": 0,
-        "max_slices": 0,
-        "passes": [],
-        "layers": [],
-    }

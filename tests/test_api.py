@@ -468,7 +468,7 @@ def test_sd3_is_detected_and_planned(client, monkeypatch):
     model = type("SD3", (), {"is_sd3": True, "is_sdxl": False, "is_sd2": False})()
     client.webui.script_callbacks.model_loaded_callback(model)
     body = client.get("/memslice/v1/plan", params=dict(width=1024, height=1024)).json()
-    assert body["planned"] and body["model"] == "sd3" and body["verdict"] != "not planned"
+    assert body["model"] == "sd3" and body["verdict"] in ("fits", "tight", "does not fit")
     assert [p["name"] for p in body["passes"]] == ["MMDiT", "VAE decode"]
     assert {row["site"] for row in body["layers"]} == {"mmdit.joint", "vae.mid"}
     assert body["max_square_resolution"] % 16 == 0 and 1024 <= body["max_square_resolution"] <= 3072

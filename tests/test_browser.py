@@ -223,7 +223,6 @@ def server(webui):
     app.state.slow_widths = {}  # plan requests for these widths: planned at once, answered this many seconds late
     app.state.busy_widths = {}  # ... answered 503 (busy, as the routes answer when too many wait) this many times
     app.state.refused_widths = {}  # ... answered 400 with this detail
-    app.state.unplanned_widths = {}  # ... answered as for a model memslice does not plan, with this reason
 
     @app.middleware("http")
     async def misbehave(request, call_next):
@@ -235,11 +234,6 @@ def server(webui):
             return JSONResponse({"detail": "busy"}, status_code=503, headers={"Retry-After": "1"})
         if width in app.state.refused_widths:
             return JSONResponse({"detail": app.state.refused_widths[width]}, status_code=400)
-        if width in app.state.unplanned_widths:  # the fields of job_plan.not_planned(): no numbers, only why
-            return JSONResponse({"planned": False, "model": "other", "width": int(width), "verdict": "not planned",
-                                 "fits": False, "limit": "", "advice": app.state.unplanned_widths[width],
-                                 "max_square_resolution": 0, "max_slices": 0, "passes": [], "layers": [],
-                                 "model_source": "loaded", "memory_source": "test"})  # fmt: skip
         response = await call_next(request)  # planned now, answered late
         await asyncio.sleep(app.state.slow_widths.get(width, 0))
         return response
@@ -707,12 +701,6 @@ def test_the_panel_follows_every_txt2img_control(card, page):
     job = wait_for_job(page, state="error", width=896)
     assert planner_text(page, ".memslice-error") == "memslice: width: the page plans sides up to 2048 px"
     assert bars(page) == [] and page.get_attribute("#memslice_planner", "data-verdict") is None
-    page.env.app.state.unplanned_widths["960"] = "memslice does not plan this model"
-    set_number(page, "txt2img_width", 960)  # a model memslice does not plan: it says so, without numbers
-    wait_for_job(page, width=960)
-    assert page.get_attribute("#memslice_planner", "data-verdict") == "not planned"
-    assert planner_text(page, ".memslice-answer").lower() == "not planned memslice does not plan this model"
-    assert bars(page) == [] and planner_text(page, ".memslice-advice") == ""
     set_number(page, "txt2img_width", 832)
     assert_shows(page, wait_for_job(page, width=832))
     assert not page.js_errors

@@ -187,7 +187,7 @@ def test_sd3_is_planned_by_the_cli(capsys):
     """SD3 Medium (webui 1.10) is planned like SD1 and SDXL (tests/test_sd3_plan.py has the numbers)."""
     assert cli.main(["plan", "--model", "sd3", "--memory", "16GiB", "--device", "cuda", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["planned"] and out["model"] == "sd3" and out["verdict"] == "fits" and out["passes"][0]["name"] == "MMDiT"
+    assert out["model"] == "sd3" and out["verdict"] == "fits" and out["passes"][0]["name"] == "MMDiT"
 
 
 def test_one_version_string():

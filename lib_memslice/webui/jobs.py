@@ -20,7 +20,6 @@ import torch
 
 from .. import kernels, probe
 from ..costs import format_bytes
-from ..job_plan import NOT_PLANNED
 from ..limits import NotEnoughMemory
 from . import planner
 from .host import HOST, STATS, active_entry, device
@@ -148,10 +147,10 @@ VERDICT_WORDS = {"fits": "this job fits", "tight": "this job is tight", "does no
 
 def failure_context(exc: BaseException) -> str:
     """The sentence an out-of-memory error gets: the pass that failed, and what fits. Empty outside a memslice
-    job, for a model memslice does not plan, or when anything goes wrong (the original error must reach the user)."""
+    job, or when anything goes wrong (the original error must reach the user)."""
     ref = _running.get("p")
     p = ref() if ref is not None else None
-    if p is None or planner.loaded_kind() in NOT_PLANNED:
+    if p is None:
         return ""
     job = job_sizes(p)
     first, hires = job.first, job.hires

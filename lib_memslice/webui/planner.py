@@ -17,7 +17,7 @@ from modules import shared  # type: ignore[import-not-found]
 
 from .. import kernels, probe
 from ..costs import format_bytes
-from ..job_plan import NOT_PLANNED, Job, make_job, not_planned, plan_job
+from ..job_plan import Job, make_job, plan_job
 from ..models import BUILTIN, ModelSpec, Weights, sites_from_modules
 from ..settings import Settings, read_settings
 from . import sd3
@@ -53,8 +53,6 @@ def on_model_loaded(sd_model: Any) -> None:
     # every model's weights, SD3's too: a plan for another model counts them as freed when it loads
     _loaded["weights"] = Weights(_parameter_bytes(unet), _parameter_bytes(vae), _parameter_bytes(text))
     sd3.on_model_loaded(sd_model)
-    if kind in NOT_PLANNED:
-        return
     try:
         spec = sites_from_modules(unet, vae)
         published = BUILTIN[kind]  # its sizes, latent and prompt; the sites and widths as loaded, where found
@@ -97,7 +95,7 @@ class PlanInputs:
     is the routes' cache key (hashable; a new input of the planner goes here or the cache could serve a stale
     answer)."""
 
-    job: Job | None  # None: a model memslice does not plan (then kind, sizes and memory say what was asked)
+    job: Job
     kind: str
     width: int
     height: int
@@ -139,8 +137,6 @@ def inputs_for(
     vae_dtype = getattr(devices, "dtype_vae", dtype)  # float32 with --no-half-vae
     found = dict(kind=kind, width=width, height=height, batch=batch, memory=memory, free=free, resident=resident,
                  settings=settings, device_kind=device_kind(), dtype=dtype, vae_dtype=vae_dtype)  # fmt: skip
-    if kind in NOT_PLANNED:
-        return PlanInputs(job=None, model_source="loaded", **found)  # type: ignore[arg-type]
     named = model is not None
     spec = BUILTIN[kind] if named else (loaded_spec() or BUILTIN[kind])
     entry = active_entry()
@@ -158,11 +154,6 @@ def inputs_for(
 def plan_inputs(inputs: PlanInputs) -> dict[str, Any]:
     """The job planner's answer for ``inputs``: arithmetic only, and nothing read but ``inputs``."""
     free, settings, job = inputs.free, inputs.settings, inputs.job
-    if job is None:
-        result = not_planned(inputs.kind, inputs.width, inputs.height, inputs.batch, inputs.memory,
-                             NOT_PLANNED[inputs.kind])  # fmt: skip
-        result.update(model_source=inputs.model_source, memory_source=free.source)
-        return result
     kernels_for = kernels.kernels_for_job(inputs.device_kind, inputs.dtype, inputs.vae_dtype, settings.kernel)
     result = plan_job(job, kernels_for)
     budget = settings.budget_gb > 0

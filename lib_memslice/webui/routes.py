@@ -46,7 +46,7 @@ from modules import shared  # type: ignore[import-not-found]
 
 from .. import __version__, probe, strategies
 from ..costs import AttentionShape
-from ..job_plan import NOT_PLANNED, UPSCALERS, hires_size
+from ..job_plan import UPSCALERS, hires_size
 from ..models import MODEL_NAMES
 from ..settings import SPEC_BY_KEY, coerce
 from ..slicing import budget_room, room_for
@@ -242,7 +242,7 @@ def _plan_route(page: bool) -> Any:
         if page and (model is not None or strategy is not None):
             raise HTTPException(400, f"the page's planner plans the loaded model with the active entry; {API}/plan "
                                      "takes model and strategy")  # fmt: skip
-        if model is not None and model not in MODEL_NAMES and model not in NOT_PLANNED:
+        if model is not None and model not in MODEL_NAMES:
             raise HTTPException(400, f"model must be one of {', '.join(MODEL_NAMES)} (or omitted for the loaded one)")
         if strategy is not None and strategy not in strategies.NAMES:
             raise HTTPException(400, f"strategy must be one of {', '.join(strategies.NAMES)}")

@@ -449,9 +449,11 @@ def mid_input_bytes(net: VaeNet, latent_h: int, latent_w: int, batch: int, eleme
 @dataclass(frozen=True)
 class BandPlan:
     """How one VAE pass runs: ``stock`` (the module's own forward, untiled) or the barrier schedule in ``bands``
-    bands (one band: the same schedule without halos, which already holds about 5/8 of the stock decoder's peak),
-    ``streamed`` (its lists parked in host memory, the bands streamed through the device); the predicted device peak
-    of the part that would be banded, the untiled one, the room, and why."""
+    bands, ``streamed`` (its lists parked in host memory, the bands streamed through the device); the predicted
+    device peak of the part that would be banded, the untiled one, the room, and why. A plan on the device has at
+    least :data:`MIN_RESIDENT_BANDS` bands: one band kept on the device would be the whole pass run through the
+    banded schedule (merged statistics, SiLU in place), not the module's own forward, so it is never planned; one
+    band streamed (the lists in host memory) is."""
 
     bands: int
     streamed: bool
@@ -467,14 +469,30 @@ class BandPlan:
         return not self.stock
 
 
+#: the fewest bands a plan keeps on the device (see :class:`BandPlan`)
+MIN_RESIDENT_BANDS = 2
+
+
+def band_count(bands: int, streamed: bool) -> str:
+    """A pass's plan in words: ``untiled`` (0: the module's own forward), ``4 bands``, ``4 bands streamed``, and a
+    pass streamed through the device in one band just ``streamed``. No plan is one band kept on the device, and no
+    wording says "1 band"."""
+    if bands <= 0:
+        return "untiled"
+    if bands == 1:
+        return "streamed" if streamed else "whole, through the bands' schedule"
+    return f"{bands} bands" + (" streamed" if streamed else "")
+
+
 def plan_bands(net: VaeNet, latent_h: int, latent_w: int, batch: int, element_size: int, room: int, *,
                band_cap: int = BAND_CAP, min_bands: int = 0, stream: bool = True,
                over_margin: int | None = None) -> BandPlan | None:  # fmt: skip
-    """The stock forward when it fits ``room`` (bands cost time), else the fewest bands whose predicted peak fits,
-    at least ``min_bands`` (0: the stock forward may run; an out-of-memory retry asks for more), at most
-    ``band_cap`` and one latent row per band; else the same within ``over_margin`` (free memory itself, when the
-    room is free memory over a margin); else, with ``stream``, the fewest bands whose device working set fits when
-    the lists live in host memory; None when nothing fits."""
+    """The stock forward when it fits ``room`` (bands cost time), else the fewest bands (at least two: see
+    :class:`BandPlan`) whose predicted peak fits, at least ``min_bands`` (0: the stock forward may run; an
+    out-of-memory retry asks for more), at most ``band_cap`` and one latent row per band; else the same within
+    ``over_margin`` (free memory itself, when the room is free memory over a margin); else, with ``stream``, the
+    fewest bands (one too) whose device working set fits when the lists live in host memory; None when nothing
+    fits."""
     from .costs import format_bytes
 
     untiled = untiled_peak_bytes(net, latent_h, latent_w, batch, element_size)
@@ -486,11 +504,10 @@ def plan_bands(net: VaeNet, latent_h: int, latent_w: int, batch: int, element_si
         if min_bands <= 0 and untiled <= where:
             return BandPlan(1, False, untiled, untiled, where, f"fits untiled in {format_bytes(where)}{margin}",
                             stock=True)  # fmt: skip
-        for n in range(max(1, min_bands), top + 1):
+        for n in range(max(MIN_RESIDENT_BANDS, min_bands), top + 1):
             peak = banded_peak_bytes(net, latent_h, latent_w, batch, element_size, n)
             if peak <= where:
-                counted = f"{n} band{'s' if n > 1 else ''}"
-                why = f"{counted}: the fewest that fit {format_bytes(where)}{margin} (untiled {format_bytes(untiled)})"
+                why = f"{n} bands: the fewest that fit {format_bytes(where)}{margin} (untiled {format_bytes(untiled)})"
                 return BandPlan(n, False, peak, untiled, where, why)
     if stream:
         for where, margin in rooms:
@@ -498,7 +515,8 @@ def plan_bands(net: VaeNet, latent_h: int, latent_w: int, batch: int, element_si
                 found = banded_peak(net, latent_h, latent_w, batch, element_size, n, streamed=True)
                 if found.device <= where:
                     parked = format_bytes(found.host)
-                    why = (f"{n} bands streamed through the device, the lists in host memory ({parked}): "
+                    how = f"{n} bands streamed" if n > 1 else "streamed"
+                    why = (f"{how} through the device, the lists in host memory ({parked}): "
                            f"no resident plan fits {format_bytes(where)}{margin}")  # fmt: skip
                     return BandPlan(n, True, found.device, untiled, where, why, found.host)
     return None

@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from . import kernels, probe
 from .band_costs import (
     BAND_CAP,
+    MIN_RESIDENT_BANDS,
     BandPlan,
     Op,
     VaeNet,
+    band_count,
     band_cuts,
     banded_peak,
     max_bands,
@@ -173,6 +175,28 @@ def encoder_net(encoder: Any) -> VaeNet | None:
         return VaeNet("encode", tuple(ops), ops[-1].cout, groups.pop())
     except (AttributeError, TypeError, IndexError):
         return None
+
+
+#: the classes whose ``forward`` memslice's entries replace: ldm's and sgm's ``Decoder`` and ``Encoder``
+PATCHED = {"vae_decode": "Decoder", "vae_encode": "Encoder"}
+_PACKAGES = ("ldm.", "sgm.")
+
+
+def vae_layout(vae: Any) -> dict[str, Any]:
+    """What the job planner needs of a loaded VAE (``ModelSpec.vae_nets`` and ``vae_channels``): the banded part
+    of its ``decoder`` and ``encoder`` as the banded forwards will read it when the pass runs (None where memslice
+    cannot band the module, or where its class is not one whose forward memslice replaces: its own forward runs),
+    and the decoder's ``ch``. Nothing for a VAE without them."""
+    nets = []
+    for kind, attr in (("vae_decode", "decoder"), ("vae_encode", "encoder")):
+        module = getattr(vae, attr, None)
+        if module is None:
+            continue
+        cls = type(module)
+        ours = cls.__name__ == PATCHED[kind] and f"{cls.__module__}.".startswith(_PACKAGES)
+        nets.append((kind, (decoder_net if kind == "vae_decode" else encoder_net)(module) if ours else None))
+    ch = getattr(getattr(vae, "decoder", None), "ch", 0)
+    return {"vae_nets": tuple(nets), "vae_channels": ch if isinstance(ch, int) and ch > 0 else 0}
 
 
 def _blocks(module: Any, kind: str) -> list[tuple[str, Any]]:
@@ -668,7 +692,7 @@ FORCE: tuple[int, bool] | None = None
 @contextlib.contextmanager
 def forced(bands: int, streamed: bool = False) -> Iterator[None]:
     """Every pass through a forward made here runs ``bands`` bands (0: the stock forward), ``streamed`` or not,
-    while inside (at most one latent row per band)."""
+    while inside (at most one latent row per band; one band on the device is the whole pass: the stock forward)."""
     global FORCE
     before, FORCE = FORCE, (int(bands), bool(streamed))
     try:
@@ -722,7 +746,9 @@ def plan_pass(net: VaeNet, shape: tuple[int, int, int, int], element_size: int, 
         bands = min(FORCE[0], max_bands(shape[2], 1 << 30))
         if bands <= 0 and FORCE[1]:
             bands = 1
-        return _planned(net, shape, element_size, bands, FORCE[1], 0, f"forced: {bands} bands"), 0
+        if bands < MIN_RESIDENT_BANDS and not FORCE[1]:
+            bands = 0  # the whole pass on the device: the module's own forward
+        return _planned(net, shape, element_size, bands, FORCE[1], 0, f"forced: {band_count(bands, FORCE[1])}"), 0
     room, over, free = pass_room(device, settings, precise=device.type == "cuda")
     batch, _, lat_h, lat_w = shape
     plan = plan_bands(net, lat_h, lat_w, batch, element_size, room, band_cap=band_cap(settings), over_margin=over)
@@ -737,8 +763,7 @@ def _latent_shape(net: VaeNet, x: Tensor) -> tuple[int, int, int, int]:
 
 
 def _tried_text(tried: list[tuple[int, bool]]) -> str:
-    words = [("untiled" if n == 0 else f"{n} band{'s' if n != 1 else ''}") + (" streamed" if s else "")
-             for n, s in tried]  # fmt: skip
+    words = [band_count(n, s) for n, s in tried]
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
@@ -758,18 +783,19 @@ def _refused(kind: str, net: VaeNet, shape: tuple[int, ...], element_size: int, 
     budgeted = float(getattr(settings, "budget_gb", 0) or 0) > 0
     have = f"the attention budget is {format_bytes(free)}" if budgeted else f"{format_bytes(free)} is free"
     advice = "raise the attention budget, " if budgeted else ""
-    text = (f"memslice: not enough memory for the VAE {kind}: its smallest plan ({top} "
-            f"bands streamed through the device) needs {format_bytes(need)}, {have}. To fit: {advice}"
+    text = (f"memslice: not enough memory for the VAE {kind}: its smallest plan ({band_count(top, True)} "
+            f"through the device) needs {format_bytes(need)}, {have}. To fit: {advice}"
             "lower the resolution or batch size or free memory on the device.")  # fmt: skip
     return NotEnoughMemory(text, need=need, have=free, site=f"vae.{kind}", fixed_budget=budgeted)
 
 
 def next_after_oom(plan: BandPlan, latent_rows: int, cap: int) -> tuple[int, bool] | None:
-    """The plan after an out-of-memory error: the stock forward -> one band; then twice the bands up to the cap
-    (and one latent row per band); then the most bands streamed; then nothing."""
+    """The plan after an out-of-memory error: the stock forward -> two bands (one band on the device is the whole
+    pass; a latent of one row under the cap: streamed); then twice the bands up to the cap (and one latent row per
+    band); then the most bands streamed; then nothing."""
     top = max_bands(latent_rows, cap)
     if plan.stock:
-        return 1, False
+        return (MIN_RESIDENT_BANDS, False) if top >= MIN_RESIDENT_BANDS else (top, True)
     if plan.bands < top:
         return min(top, 2 * plan.bands), plan.streamed
     if not plan.streamed:
@@ -811,15 +837,15 @@ def run_pass(kind: str, x: Tensor, net: VaeNet, host: Any, run: Callable[[int, b
             _record_failure(host, error)
             raise error
         plan = _planned(net, shape, element_size, *following, plan.room_bytes, f"after out of memory ({failed})")
-        log.info("memslice: VAE %s ran out of memory (%s); retrying with %d band%s%s", kind, failed, plan.bands,
-                 "s" if plan.bands > 1 else "", " streamed" if plan.streamed else "")  # fmt: skip
+        log.info("memslice: VAE %s ran out of memory (%s); retrying: %s", kind, failed,
+                 band_count(plan.bands, plan.streamed))  # fmt: skip
     record = BandRecord(f"vae.{kind}", 0 if plan.stock else plan.bands, plan.streamed, plan.peak_bytes,
                         plan.untiled_bytes, plan.room_bytes, plan.reason, tuple(tried))  # fmt: skip
     sink = getattr(host, "record_bands", None)
     if callable(sink):
         sink(record)
     if plan.banded:
-        log.info("memslice: VAE %s in %s", kind, plan.reason)
+        log.info("memslice: VAE %s %s%s", kind, "in " if plan.bands > 1 else "", plan.reason)
     return out
 
 

@@ -186,7 +186,9 @@ def _bands_cell(p: dict[str, Any]) -> str:
     (``streamed``: through host memory)."""
     if not p["bands"]:
         return "-"
-    return f"{p['bands']} streamed" if p["streamed"] else str(p["bands"])
+    if p["streamed"]:
+        return f"{p['bands']} streamed" if p["bands"] > 1 else "streamed"
+    return str(p["bands"])
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import activations, band_costs
-from .band_costs import BandPlan
+from .band_costs import BandPlan, VaeNet
 from .costs import AttentionShape, GiB, KernelChoice, format_bytes, peak_bytes, plural
 from .limits import MAX_RESOLUTION, max_square_resolution, not_enough_memory
 from .models import WEIGHTS, ModelSpec, Site, Weights
@@ -211,11 +211,13 @@ def _activations(job: Job, p: Pass) -> tuple[int, dict[str, int]]:
         return activations.unet_activation_bytes(*args), activations.unet_live_bytes(*args)
     if job.arch in activations.MMDITS:  # SD3's own VAE classes
         return activations.sd3_vae_bytes(p.kind, p.width, p.height, p.batch, job.vae_element)
-    if p.kind == "vae_decode":
-        args = (p.width, p.height, p.batch, job.vae_element)
-        return activations.vae_decode_activation_bytes(*args), activations.vae_decode_live_bytes(*args)
     args = (p.width, p.height, p.batch, job.vae_element)
-    return activations.vae_encode_activation_bytes(*args), activations.vae_encode_live_bytes(*args)
+    ch = vae_channels(job)
+    if p.kind == "vae_decode":
+        return (activations.vae_decode_activation_bytes(*args, channels=ch),
+                activations.vae_decode_live_bytes(*args, channels=ch))  # fmt: skip
+    return (activations.vae_encode_activation_bytes(*args, channels=ch),
+            activations.vae_encode_live_bytes(*args, channels=ch))  # fmt: skip
 
 
 def _room(job: Job, free_at_call: int, shape: AttentionShape) -> Room:
@@ -294,6 +296,20 @@ def plan_site(
 VAE_NETS = {"vae_decode": band_costs.decoder_net(), "vae_encode": band_costs.encoder_net()}
 
 
+def vae_net(job: Job, kind: str) -> VaeNet | None:
+    """The banded part the runtime's forward finds for a VAE pass of this kind: the loaded VAE's as read off its
+    modules (``ModelSpec.vae_nets``; None where memslice cannot band the module and its own forward runs), else the
+    published SD VAE's. The loaded model's VAE need not be the published one (a fine-tune's is; a small test model's
+    is not), and the band counts depend on its widths."""
+    loaded = dict(job.spec.vae_nets)
+    return loaded[kind] if kind in loaded else VAE_NETS[kind]
+
+
+def vae_channels(job: Job) -> int:
+    """The VAE's ``ch``, which its activation model scales with: the loaded VAE's, else the published width."""
+    return job.spec.vae_channels or activations.VAE_CHANNELS
+
+
 @dataclass(frozen=True)
 class PassBands:
     """How a VAE pass runs with the VAE setting ``auto``: ``plan`` (None: no plan under the band cap fits, not even
@@ -307,11 +323,14 @@ class PassBands:
 
 
 def banded(job: Job, p: Pass) -> bool:
-    """Whether the pass may run in bands: a VAE pass with the VAE setting ``auto`` (an encode only of an image whose
-    sides are whole latent pixels, as the runtime's forward requires)."""
+    """Whether the pass may run in bands: a VAE pass with the VAE setting ``auto`` whose module memslice can band
+    (an encode only of an image whose sides are whole latent pixels, as the runtime's forward requires)."""
     if p.kind == "unet" or job.vae != "auto" or not job.spec.vae_bands:
         return False
-    return p.kind == "vae_decode" or (p.width % 8 == 0 and p.height % 8 == 0)
+    net = vae_net(job, p.kind)
+    if net is None:
+        return False
+    return p.kind == "vae_decode" or (p.width % net.scale == 0 and p.height % net.scale == 0)
 
 
 def plan_bands(job: Job, p: Pass, free: int) -> PassBands:
@@ -321,7 +340,8 @@ def plan_bands(job: Job, p: Pass, free: int) -> PassBands:
     the pass holds beside its banded part, so that a pass planned to fit is one the verdict calls ``fits``; past
     that margin, free memory itself (then ``tight``). The runtime reads the free memory at the module's forward, where
     the decoder's input already exists: its room is at most a fifth of that latent larger than this one."""
-    net = VAE_NETS[p.kind]
+    net = vae_net(job, p.kind)
+    assert net is not None, "planned in bands only where the module can be banded (see banded())"
     lat_h, lat_w = -(-p.height // 8), -(-p.width // 8)
     extra = job.spec.latent_channels * lat_h * lat_w * job.vae_element * p.batch if p.kind == "vae_decode" else 0
     over: int | None
@@ -336,7 +356,10 @@ def plan_bands(job: Job, p: Pass, free: int) -> PassBands:
 
 
 def band_words(bands: int, streamed: bool) -> str:
-    """``in 8 bands`` / ``in 64 bands, streamed through host memory`` (the CLI, the advice, the panel's words)."""
+    """``in 8 bands`` / ``in 64 bands, streamed through host memory`` / ``streamed through host memory`` (one band
+    streamed: never "in 1 band") for the CLI, the advice and the panel."""
+    if bands <= 1:
+        return "streamed through host memory" if streamed else "whole"
     return f"in {plural(bands, 'band')}" + (", streamed through host memory" if streamed else "")
 
 
@@ -355,7 +378,8 @@ def plan_pass(job: Job, p: Pass, kernels_for: KernelsFor, site_limits: bool = Tr
     found = plan_bands(job, p, base) if banded(job, p) else None
     band_plan = found.plan if found is not None else None
     if found is not None and (band_plan is None or band_plan.banded):
-        mid, live = activations.banded_mid_bytes(p.kind, p.width, p.height, p.batch, job.vae_element)
+        args = (p.kind, p.width, p.height, p.batch, job.vae_element)
+        mid, live = activations.banded_mid_bytes(*args, channels=vae_channels(job))
         part = band_plan.peak_bytes if band_plan is not None else found.need
         peak = max(mid, found.extra + part)
     sites = [s for s in job.spec.sites if s.vae == (p.kind != "unet")]

@@ -75,6 +75,10 @@ class ModelSpec:
     cut_to: int = 0  # the webui cuts the first pass's sides down to a multiple of this (SD3: 16); 0: as given
     max_side: int = 0  # the most pixels a side the model takes (SD3's MMDiT: 3072); 0: no limit but memory
     vae_bands: bool = True  # memslice may run the VAE in exact bands (ldm's and sgm's; not SD3's own VAE classes)
+    #: the loaded VAE's banded parts, ``(pass kind, band_costs.VaeNet or None)`` (None: memslice cannot band that
+    #: module, its own forward runs), as the banded forwards read them off the modules; empty: the published SD VAE's
+    vae_nets: tuple[tuple[str, Any], ...] = ()
+    vae_channels: int = 0  # the loaded VAE's ``ch`` (its activations scale with it); 0: the published 128
     denoiser: str = "UNet"  # what its denoising pass is called (SD3: its MMDiT)
 
 

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .band_costs import band_count
 from .costs import format_bytes, plural
 
 
@@ -42,7 +43,8 @@ class CallRecord:
 class JobSummary:
     """What one generation (job) did, for its infotext and status line. ``decode_bands`` / ``encode_bands``: the
     most bands a VAE decode / encode of the job ran in (0: none ran in bands), ``streamed`` when one of them
-    streamed its bands through host memory."""
+    streamed its bands through host memory; ``error``: what stopped a job that failed (memslice's refusal, an
+    out-of-memory error), empty for one that finished."""
 
     strategy: str = ""
     calls: int = 0
@@ -55,6 +57,7 @@ class JobSummary:
     encode_bands: int = 0
     decode_streamed: bool = False
     encode_streamed: bool = False
+    error: str = ""
 
     def add(self, record: CallRecord) -> None:
         self.strategy = record.strategy
@@ -74,13 +77,14 @@ class JobSummary:
             setattr(self, f"{kind}_streamed", bool(record.streamed))
 
     def banded(self) -> list[str]:
-        """``VAE decode in 4 bands`` (``streamed`` when through host memory) per VAE pass kind that ran in bands."""
+        """``VAE decode in 4 bands`` (``streamed`` when through host memory; ``VAE decode streamed`` when streamed
+        in one band) per VAE pass kind that ran in bands."""
         found = []
         for kind in ("decode", "encode"):
             bands = getattr(self, f"{kind}_bands")
             if bands:
-                streamed = " streamed" if getattr(self, f"{kind}_streamed") else ""
-                found.append(f"VAE {kind} in {plural(bands, 'band')}{streamed}")
+                words = band_count(bands, getattr(self, f"{kind}_streamed"))
+                found.append(f"VAE {kind} {'in ' if bands > 1 else ''}{words}")
         return found
 
     @property
@@ -108,6 +112,8 @@ class JobSummary:
             text += f", {plural(self.failures, 'call')} did not fit"
         if self.banded():
             text += "; " + ", ".join(self.banded())
+        if self.error:
+            text += f"; failed: {self.error}"
         return text
 
     def as_dict(self) -> dict[str, Any]:
@@ -153,12 +159,13 @@ class Stats:
         with self._lock:
             self._job = JobSummary()
 
-    def finish_job(self) -> JobSummary:
-        """Close the running job and return its summary (also kept as ``last_job``)."""
+    def finish_job(self, error: str = "") -> JobSummary:
+        """Close the running job and return its summary (also kept as ``last_job``); ``error``: what stopped it."""
         with self._lock:
             done, self._job = self._job, JobSummary()
+            done.error = error
             self._last_job = done
-            return done
+            return JobSummary(**asdict(done))
 
     def current_job(self) -> JobSummary:
         with self._lock:

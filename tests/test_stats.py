@@ -65,3 +65,23 @@ def test_concurrent_writers_and_readers_stay_consistent():
     assert job.calls == total and job.max_slices == 7 and not seen_inconsistent
     for t in range(n_threads):
         assert sum(r.site == f"t{t}" for r in stats.recent()) == per_thread
+
+
+def test_no_wording_says_one_band_and_a_failed_job_says_what_stopped_it():
+    """A pass streamed through the device in one band reads ``streamed`` (one band on the device is never planned:
+    it would be the whole pass); a job closed by an error says so after its numbers."""
+    from lib_memslice.band_costs import band_count
+    from lib_memslice.job_plan import band_words
+
+    job = JobSummary(strategy="auto", decode_bands=1, decode_streamed=True, encode_bands=3, encode_streamed=True)
+    assert job.banded() == ["VAE decode streamed", "VAE encode in 3 bands streamed"]
+    assert job.infotext() == "auto, max 0 slices, VAE decode streamed, VAE encode in 3 bands streamed"
+    assert [band_count(n, s) for n, s in ((0, False), (1, True), (2, False), (4, True))] == [
+        "untiled", "streamed", "2 bands", "4 bands streamed"]  # fmt: skip
+    assert band_words(1, True) == "streamed through host memory" and band_words(8, False) == "in 8 bands"
+    stats = Stats()
+    stats.start_job()
+    stats.record(record(slices=4))
+    failed = stats.finish_job("not enough memory for the VAE encode")
+    assert failed.line().endswith("; failed: not enough memory for the VAE encode")
+    assert stats.last_job == failed and failed.error and stats.finish_job().error == ""

@@ -11,24 +11,26 @@ import contextlib
 import io
 import logging
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lib_memslice import band_costs, bands
+from lib_memslice import activations, band_costs, bands
 from lib_memslice.limits import NotEnoughMemory
 
+from .test_api import client  # noqa: F401 (the routes' fixture)
 from .test_webui import TITLES, _failing_job, generate, select
 
 CONFIG = dict(ch=32, out_ch=3, ch_mult=(1, 2, 4, 4), num_res_blocks=1, attn_resolutions=[], in_channels=3,
               resolution=256, z_channels=4, dropout=0.0)  # fmt: skip
 
 
-def vae(module, seed=0):
+def vae(module, seed=0, config=CONFIG):
     """(Encoder, Decoder) of ``module`` (ldm's or the fake sgm's) at the SD geometry, a quarter of its width."""
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):
-        return module.Encoder(double_z=True, **CONFIG).eval(), module.Decoder(**CONFIG).eval()
+        return module.Encoder(double_z=True, **config).eval(), module.Decoder(**config).eval()
 
 
 def classes(env):
@@ -302,11 +304,12 @@ def test_a_decode_out_of_memory_is_retried_with_more_bands_and_the_last_error_re
 
     text = _failing_job(env, "StableDiffusionProcessingTxt2Img", decode, width=64, height=64)
     assert text.startswith(
-        "memslice: out of memory in the VAE decode at untiled, 1 band, 2 bands, 4 bands, "
+        "memslice: out of memory in the VAE decode at untiled, 2 bands, 4 bands, "
         "8 bands and 8 bands streamed (no more bands under the band cap); 6.0 GiB is free now."
     )
     assert "In this job: the VAE decode pass at 64x64 failed; with the 6.0 GiB free when this job started" in text
-    assert env.memslice.STATS.current_job().failures == 1
+    last = env.memslice.STATS.last_job  # the failed job, closed (no postprocess ran)
+    assert last.failures == 1 and last.error.startswith("out of memory in the VAE decode at untiled, 2 bands")
 
 
 def test_a_decode_no_plan_fits_is_refused_before_it_runs(env, monkeypatch):
@@ -359,3 +362,160 @@ def test_the_webui_decodes_and_encodes_one_image_at_a_time():
     with open(os.path.join(webui_dir, "modules/sd_samplers_common.py"), encoding="utf8") as f:
         common = f.read()
     assert "model.encode_first_stage(torch.unsqueeze(img, 0))" in common
+
+
+# --- the plan predicts the run ----------------------------------------------------------------------------------
+
+#: the VAE of docs/e2e-webui-1.10.1.md's tiny SD1 model: v1-inference.yaml's with ``ch`` 32 (the published 128)
+E2E_VAE = dict(CONFIG, num_res_blocks=2)
+
+
+def load_model(env, encoder, decoder):
+    """The webui's model_loaded callback for a model whose first stage model holds these modules (no UNet)."""
+    first_stage = torch.nn.Module()
+    first_stage.encoder, first_stage.decoder = encoder, decoder
+    sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=None), first_stage_model=first_stage,
+                               cond_stage_model=None)  # fmt: skip
+    env.script_callbacks.model_loaded_callback(sd_model)
+
+
+#: (attention budget GiB or None, free memory MiB when unbudgeted) -> (decode, encode) as (bands, streamed): the
+#: e2e run's budgets (0.15, 0.05 and 0.01 GiB: where the plan route said 3/1, 4/3 streamed and 32/11 streamed while
+#: the run ran untiled/untiled, 1 band/untiled and 6/3 streamed), and free memory read by the probe
+PREDICTED = {
+    (0.15, None): ((0, False), (0, False)),
+    (0.05, None): ((2, False), (0, False)),  # one band on the device is never planned: two
+    (0.01, None): ((6, True), (3, True)),
+    (0.0, 64): ((2, False), (0, False)),
+    (0.0, 32): ((4, False), (2, False)),
+}
+
+
+@pytest.mark.parametrize(("budget", "free_mib"), list(PREDICTED))
+def test_the_plan_route_predicts_the_bands_the_run_records(client, monkeypatch, budget, free_mib):  # noqa: F811
+    """img2img at 256x256 with the e2e run's tiny VAE loaded, float32 (``--no-half``): ``/memslice/v1/plan`` for the
+    job, then the job itself (its encode and its decode through memslice's forwards on the real ldm modules) under
+    the same settings: every VAE pass runs in the bands, streamed or not, that the plan said. Unbudgeted, the run's
+    probe reads what the plan left free at each pass's forward (its inputs and the decoder's input latent taken)."""
+    from lib_memslice import probe
+
+    env = client.webui
+    for name in ("dtype", "dtype_vae"):
+        monkeypatch.setattr(env.devices, name, torch.float32)
+    select(env, TITLES["auto"])
+    encoder, decoder = vae(env.ldm_model, config=E2E_VAE)
+    load_model(env, encoder, decoder)
+    free = {"bytes": (free_mib or 8192) << 20}
+    monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: probe.FreeMemory(free["bytes"], "test"))
+    params = {"width": 256, "height": 256, "img2img": "true", "budget_gb": budget}
+    answer = client.get("/memslice/v1/plan", params=params).json()
+    passes = {p["kind"]: p for p in answer["passes"] if p["kind"] != "unet"}
+    planned = tuple((passes[k]["bands"], passes[k]["streamed"]) for k in ("vae_decode", "vae_encode"))
+    assert planned == PREDICTED[(budget, free_mib)], planned
+    if budget == 0.15:  # untiled: the activation model at the loaded VAE's width
+        expected = activations.vae_decode_activation_bytes(256, 256, 1, 4, channels=E2E_VAE["ch"])
+        assert passes["vae_decode"]["activation_bytes"] == expected
+    records = []
+    monkeypatch.setattr(env.memslice.HOST, "record_bands", records.append, raising=False)
+    image, z = torch.rand(1, 3, 256, 256) * 2 - 1, torch.randn(1, 4, 32, 32)
+    latent = 4 * 32 * 32 * 4  # the decoder's input (post_quant_conv's output), beside the sample it came from
+
+    def sample(p):
+        with torch.no_grad():
+            free["bytes"] = ((free_mib or 0) << 20) - passes["vae_encode"]["input_bytes"]
+            encoder(image)
+            free["bytes"] = ((free_mib or 0) << 20) - passes["vae_decode"]["input_bytes"] - latent
+            decoder(z)
+
+    generate(env, sample, width=256, height=256, override_settings={"memslice_budget_gb": budget})
+    ran = {r.site: (r.bands, r.streamed) for r in records}
+    assert (ran["vae.decode"], ran["vae.encode"]) == planned
+
+
+def test_a_pass_that_would_fit_in_one_band_runs_in_two_and_one_band_on_the_device_is_the_modules_own(env, caplog):
+    """Between one band's peak and the untiled one (the e2e run's 0.05 GiB) the decode runs in two bands and says
+    so; one band forced on the device is the whole pass: the module's own forward, to the bit; no line says
+    "1 band"."""
+    select(env, TITLES["auto"])
+    _, decoder = vae(env.ldm_model, config=E2E_VAE)
+    net = bands.decoder_net(decoder)
+    one, untiled = band_costs.banded_peak_bytes(net, 32, 32, 1, 4, 1), band_costs.untiled_peak_bytes(net, 32, 32, 1, 4)
+    assert one < untiled
+    env.shared.opts.set("memslice_budget_gb", (one + untiled) / 2 / (1 << 30))
+    z = torch.randn(1, 4, 32, 32)
+    out = []
+    with _logged(caplog), torch.no_grad():
+        _, processed = generate(env, lambda p: out.append(decoder(z)))
+    assert "VAE decode in 2 bands" in processed.infotexts[0]
+    assert (out[0] - stock(decoder, z)).abs().max() < 1e-4
+    env.shared.opts.set("memslice_budget_gb", 0.0)
+    with bands.forced(1), torch.no_grad():
+        _, processed = generate(env, lambda p: out.append(decoder(z)))
+    assert torch.equal(out[1], stock(decoder, z)) and "band" not in processed.infotexts[0]
+    assert not any("1 band" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refused_job_is_the_last_job_the_status_shows(client, monkeypatch):  # noqa: F811
+    """After a job in bands, a job memslice refuses (its encode: no plan fits the budget), then one that fails
+    otherwise: ``/memslice/v1/status``'s ``last_job`` is each failed job, with what stopped it, never the one
+    before."""
+    env = client.webui
+    select(env, TITLES["auto"])
+    encoder, decoder = vae(env.ldm_model)
+    net = bands.decoder_net(decoder)
+
+    def decode(p):
+        with torch.no_grad():
+            decoder(torch.randn(1, 4, 16, 16))
+
+    generate(env, decode, override_settings={"memslice_budget_gb": budget_for(net, 16, 16, 3)})
+    before = client.get("/memslice/v1/status").json()["last_job"]
+    assert before["decode_bands"] == 3 and before["line"].endswith("; VAE decode in 3 bands")
+
+    def encode(p):
+        with torch.no_grad():
+            encoder(torch.randn(1, 3, 128, 128))
+
+    env.shared.opts.set("memslice_budget_gb", 1e-6)
+    _failing_job(env, "StableDiffusionProcessingImg2Img", encode, width=128, height=128)
+    last = client.get("/memslice/v1/status").json()["last_job"]
+    assert last["decode_bands"] == 0 and last["error"] == "not enough memory for the VAE encode"
+    assert "VAE decode in 3 bands" not in last["line"]
+    assert last["line"].endswith("; failed: not enough memory for the VAE encode")
+    env.shared.opts.set("memslice_budget_gb", 0.0)
+
+    def boom(p):
+        raise RuntimeError("boom: the sampler broke")
+
+    _failing_job(env, "StableDiffusionProcessingTxt2Img", boom, raises=RuntimeError)
+    last = client.get("/memslice/v1/status").json()["last_job"]
+    assert last["error"] == "RuntimeError: boom" and last["calls"] == 0
+    # a job that fails before memslice's process() opened its summary: closed empty, not with calls made between
+    with torch.no_grad():
+        decoder.mid.attn_1(torch.randn(1, 128, 4, 4))  # an attention call outside any job
+    env.memslice.jobs.on_job_failed(object(), RuntimeError("the checkpoint did not load"))
+    last = client.get("/memslice/v1/status").json()["last_job"]
+    assert last["calls"] == 0 and last["error"] == "RuntimeError: the checkpoint did not load"
+
+
+def test_a_loaded_vae_memslice_cannot_band_is_planned_and_run_whole(client):  # noqa: F811
+    """A loaded VAE with attention in its up and down paths: the banded forwards run the modules' own, and the plan
+    bands neither pass (it does not plan the published VAE's bands for it)."""
+    env = client.webui
+    select(env, TITLES["auto"])
+    encoder, decoder = vae(env.ldm_model, config=dict(CONFIG, attn_resolutions=[32]))
+    assert bands.decoder_net(decoder) is None and bands.encoder_net(encoder) is None
+    load_model(env, encoder, decoder)
+    params = {"width": 128, "height": 128, "img2img": "true", "budget_gb": 0.001}
+    answer = client.get("/memslice/v1/plan", params=params).json()
+    assert [(p["kind"], p["bands"], p["bands_reason"]) for p in answer["passes"] if p["kind"] != "unet"] == [
+        ("vae_encode", 0, ""), ("vae_decode", 0, "")]  # fmt: skip
+    records = []
+    env.memslice.HOST.record_bands = records.append
+    try:
+        with torch.no_grad():
+            generate(env, lambda p: (encoder(torch.randn(1, 3, 128, 128)), decoder(torch.randn(1, 4, 16, 16))),
+                     override_settings={"memslice_budget_gb": 0.001})  # fmt: skip
+    finally:
+        del env.memslice.HOST.record_bands
+    assert records == []

@@ -5,7 +5,8 @@ reach it through ``process_images``) and its ``undo()`` unwraps it. For an out-o
 memslice's own planner or from torch (a VAE decoder convolution, a hires UNet ResBlock), the wrapper reads the
 innermost ldm/sgm ``UNetModel``, ``Decoder`` or ``Encoder`` forward in the traceback and the size of its input,
 names the pass as the job planner does, and adds the largest size at which the whole job fits, planned with the
-memory free when the job started (read precisely at its start).
+memory free when the job started (read precisely at its start). Any error on its way out also closes the job's
+summary (the webui runs no ``postprocess`` then): the status's ``last_job`` is the failed job, with what stopped it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from .host import HOST, STATS, active_entry, device
 
 log = logging.getLogger("memslice")
 
-_running: dict[str, Any] = {"p": None, "free": None}  # a weak reference to the running job, its starting free
+#: a weak reference to the running job, its starting free memory, and whether its summary is open (started by
+#: ``process``, not yet closed by ``postprocess`` or a failure)
+_running: dict[str, Any] = {"p": None, "free": None, "open": False}
 
 
 def _infotext(**_: Any) -> str | None:
@@ -40,6 +43,7 @@ def on_job_start(p: Any) -> None:
     if active_entry() is None:
         return
     STATS.start_job()
+    _running["open"] = True
     try:
         _running["p"] = weakref.ref(p)
     except TypeError:
@@ -57,9 +61,39 @@ def on_job_start(p: Any) -> None:
 def on_job_end(p: Any = None, processed: Any = None) -> None:
     if active_entry() is None:
         return
-    _running["p"] = None
+    _running.update(p=None, open=False)
     job = STATS.finish_job()
     if job.ran and HOST.settings().log != "off":
+        log.info("%s", job.line())
+
+
+def error_words(exc: BaseException) -> str:
+    """What stopped a job, in a few words: memslice's refusal or error up to its first clause (``not enough memory
+    for the VAE encode``), another error's type and first clause (``OutOfMemoryError: CUDA out of memory``)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    ours = isinstance(exc, NotEnoughMemory)
+    if ours:
+        text = text.removeprefix("memslice: ")
+    cut = min((i for i in map(text.find, (": ", "; ", ". ", " (")) if i >= 0), default=len(text))
+    text = text[:cut].rstrip(".")
+    if len(text) > 120:
+        text = text[:119] + "\u2026"
+    if ours:
+        return text or "not enough memory"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def on_job_failed(p: Any, exc: BaseException) -> None:
+    """A job that raised (memslice refused a pass, torch ran out of memory, anything): the webui runs no
+    ``postprocess`` then, so the job is closed here and ``last_job`` is this job with what stopped it, never the one
+    before. A job that failed before ``process`` opened its summary is closed empty."""
+    if active_entry() is None:
+        return
+    if not _running.get("open"):
+        STATS.start_job()  # nothing of this job was recorded: what was recorded since belongs to no job
+    _running.update(p=None, open=False)
+    job = STATS.finish_job(error_words(exc))
+    if HOST.settings().log != "off":
         log.info("%s", job.line())
 
 
@@ -204,7 +238,8 @@ _WRAPPED = "_memslice_annotates_oom"
 
 
 def install_failure_context() -> None:
-    """Wrap ``processing.process_images_inner`` once: it only annotates an error on its way out."""
+    """Wrap ``processing.process_images_inner`` once: it only annotates an error on its way out and closes the
+    failed job's summary."""
     from modules import processing  # type: ignore[import-not-found]
 
     inner = getattr(processing, "process_images_inner", None)
@@ -217,6 +252,10 @@ def install_failure_context() -> None:
             return inner(p, *args, **kwargs)
         except Exception as exc:
             annotate(exc)
+            try:
+                on_job_failed(p, exc)
+            except Exception as err:  # the original error must still reach the user
+                log.debug("memslice: could not close the failed job: %s", err)
             raise
 
     setattr(process_images_inner, _WRAPPED, True)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from modules import shared  # type: ignore[import-not-found]
 
-from .. import kernels, probe
+from .. import bands, kernels, probe
 from ..costs import format_bytes
 from ..job_plan import Job, make_job, plan_job
 from ..models import BUILTIN, ModelSpec, Weights, sites_from_modules
@@ -59,6 +59,8 @@ def on_model_loaded(sd_model: Any) -> None:
         if spec.sites:
             published = replace(published, sites=spec.sites, context_dim=spec.context_dim,
                                 max_side=spec.max_side or published.max_side)  # fmt: skip
+        if published.vae_bands and vae is not None:  # the VAE's bands planned as the loaded modules run them
+            published = replace(published, **bands.vae_layout(vae))
         _loaded["spec"] = replace(published, name=kind, title=f"loaded {kind} model")
     except Exception as exc:  # a model we cannot read still generates, just without site names
         log.warning("memslice: could not read the model's attention layout: %s", exc)

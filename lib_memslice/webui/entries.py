@@ -28,6 +28,7 @@ from ..forwards import make_attnblock_forward, make_cross_attention_forward
 from ..settings import CATEGORY_ID, SECTION, SPECS, coerce, warn_once
 from . import jobs, sd3
 from .host import HOST, device_kind
+from .patching import put, take_back, underlying
 
 log = logging.getLogger("memslice")
 
@@ -84,31 +85,20 @@ def _vae_classes() -> list[tuple[Any, Any]]:
     return found
 
 
-#: where a memslice VAE forward keeps the forward its class had before it (put back by ``undo()``)
-ORIGINAL = "__memslice_original__"
-
-
 def install_vae_forwards(strategy: str) -> None:
     """memslice's banded forwards on the Decoder and Encoder classes, each falling back on the class's own forward
     (the one before memslice's: a memslice forward already there hands on the one it keeps)."""
     for decoder, encoder in _vae_classes():
         for cls, make in ((decoder, make_decoder_forward), (encoder, make_encoder_forward)):
-            current = cls.__dict__.get("forward")
-            original = getattr(current, ORIGINAL, None) if getattr(current, "__memslice__", None) else current
-            if original is None:
-                continue
-            forward = make(strategy, HOST, original)
-            setattr(forward, ORIGINAL, original)
-            cls.forward = forward
+            if underlying(cls.__dict__.get("forward")) is not None:
+                put(cls, "forward", lambda original, make=make: make(strategy, HOST, original))
 
 
 def remove_vae_forwards() -> None:
     """Put back each class's own forward where memslice's is still the class's."""
     for decoder, encoder in _vae_classes():
         for cls in (decoder, encoder):
-            current = cls.__dict__.get("forward")
-            if getattr(current, "__memslice__", None) and getattr(current, ORIGINAL, None) is not None:
-                cls.forward = getattr(current, ORIGINAL)
+            take_back(cls, "forward")
 
 
 class MemsliceOptimization(sd_hijack_optimizations.SdOptimization):

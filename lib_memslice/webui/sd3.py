@@ -4,10 +4,9 @@ No webui optimization touches SD3 (its MMDiT and VAE live in ``modules.models.sd
 entry's ``apply()`` rebinds the MMDiT's module global ``modules.models.sd3.mmdit.attention`` (the name every joint
 block looks up at call time; ``other_impls.attention``, which the text encoders call with their masks, is left as
 it is) and sets ``sd3_impls.AttnBlock.forward`` (the SD3 VAE's own class); ``undo()`` puts back what was there
-before, and only where the function memslice set is still the one in place (an extension that replaced it since
-keeps its own, even one that wraps memslice's with ``functools.wraps`` and so carries its attributes). Each memslice
-function keeps the one it replaced (``ORIGINAL``, never a memslice function), so entries applied one after another
-hand the webui's own function on. A webui without ``modules.models.sd3`` (before 1.10) has nothing to patch.
+before, and only where the function memslice set is still the one in place (both through
+:mod:`lib_memslice.webui.patching`, so entries applied one after another hand the webui's own function on). A webui
+without ``modules.models.sd3`` (before 1.10) has nothing to patch.
 
 ``on_model_loaded`` registers a forward pre-hook on a loaded SD3 model's MMDiT that records its context's length
 (the prompt's text tokens), so that a joint call that fits nothing names the largest square image size.
@@ -20,15 +19,12 @@ from typing import Any
 
 from ..forwards import Host, make_attnblock_forward
 from ..joint import make_joint_attention, text_tokens_recorder
+from .patching import put, take_back
 
 log = logging.getLogger("memslice")
 
-#: where a memslice function keeps the one it replaced (put back by :func:`remove`)
-ORIGINAL = "__memslice_original__"
-
 _hook, _text_tokens = text_tokens_recorder()
 _handles: list[Any] = []
-_installed: dict[str, Any] = {}  # what install() set last: "attention", "forward"
 
 
 def modules() -> tuple[Any, Any] | None:
@@ -40,12 +36,6 @@ def modules() -> tuple[Any, Any] | None:
     return mmdit, sd3_impls
 
 
-def _original(current: Any) -> Any:
-    """What a new memslice function should fall back on: the webui's (or another extension's) function, never one
-    of memslice's own."""
-    return getattr(current, ORIGINAL, None) if getattr(current, "__memslice__", None) else current
-
-
 def install(strategy: str, host: Host) -> None:
     """memslice's joint attention and SD3 VAE attention; on any error, what it set is put back and the error raised."""
     found = modules()
@@ -53,15 +43,8 @@ def install(strategy: str, host: Host) -> None:
         return
     mmdit, sd3_impls = found
     try:
-        stock = _original(mmdit.__dict__.get("attention"))
-        joint = make_joint_attention(strategy, host, fallback=stock, text_tokens=_text_tokens)
-        setattr(joint, ORIGINAL, stock)
-        mmdit.attention = _installed["attention"] = joint
-        block = sd3_impls.AttnBlock
-        stock_forward = _original(block.__dict__.get("forward"))
-        forward = make_attnblock_forward(strategy, host, fallback=stock_forward)
-        setattr(forward, ORIGINAL, stock_forward)
-        block.forward = _installed["forward"] = forward
+        put(mmdit, "attention", lambda stock: make_joint_attention(strategy, host, stock, text_tokens=_text_tokens))
+        put(sd3_impls.AttnBlock, "forward", lambda stock: make_attnblock_forward(strategy, host, fallback=stock))
     except BaseException:
         remove()
         raise
@@ -73,10 +56,8 @@ def remove() -> None:
     if found is None:
         return
     mmdit, sd3_impls = found
-    for owner, name in ((mmdit, "attention"), (sd3_impls.AttnBlock, "forward")):
-        current = owner.__dict__.get(name)
-        if current is not None and current is _installed.get(name) and getattr(current, ORIGINAL, None) is not None:
-            setattr(owner, name, getattr(current, ORIGINAL))
+    take_back(mmdit, "attention")
+    take_back(sd3_impls.AttnBlock, "forward")
 
 
 def on_model_loaded(sd_model: Any) -> None:

@@ -437,6 +437,10 @@ MUTANTS = (
            '    _loaded["weights"] = None if kind == "sd3" else Weights(_parameter_bytes(unet), _parameter_bytes(vae),'
            " _parameter_bytes(text))",
            ("tests/test_api.py::test_with_sd3_loaded_a_named_model_credits_sd3s_weights",)),
+    Mutant("the loaded model's buffers left out of its weights (SD3's pos_embed)", "lib_memslice/webui/planner.py",
+           "        tensors = (*module.parameters(), *module.buffers())\n",
+           "        tensors = (*module.parameters(),)\n",
+           ("tests/test_api.py::test_with_sd3_loaded_a_named_model_credits_sd3s_weights",)),
     # --- SD3 (issue 24) ------------------------------------------------------------------------------------------
     Mutant("SD3: the joint attention left as the webui's", "lib_memslice/webui/sd3.py",
            '        put(mmdit, "attention",', '        (lambda *_: None)(mmdit, "attention",',

@@ -485,12 +485,15 @@ def test_with_sd3_loaded_a_named_model_credits_sd3s_weights(client, monkeypatch)
     from lib_memslice import probe
 
     monkeypatch.setattr(probe, "free_memory", lambda device, precise=False: probe.FreeMemory(3 << 30, "test"))
-    parts = {"model": type("Inner", (), {"diffusion_model": nn.Linear(1000, 1000)})(),
+    mmdit = nn.Linear(1000, 1000)
+    mmdit.register_buffer("pos_embed", torch.zeros(1, 64, 1000))  # the MMDiT's position table is a buffer
+    parts = {"model": type("Inner", (), {"diffusion_model": mmdit})(),
              "first_stage_model": nn.Linear(100, 100), "cond_stage_model": nn.Linear(300, 300)}  # fmt: skip
     sd3 = type("SD3", (), {"is_sd3": True, "is_sdxl": False, "is_sd2": False, **parts})()
     client.webui.script_callbacks.model_loaded_callback(sd3)
-    weights = sum(p.numel() * 4 for m in (parts["model"].diffusion_model, parts["first_stage_model"],
-                                          parts["cond_stage_model"]) for p in m.parameters())  # fmt: skip
+    weights = sum(t.numel() * 4 for m in (mmdit, parts["first_stage_model"], parts["cond_stage_model"])
+                  for t in (*m.parameters(), *m.buffers()))  # fmt: skip
+    assert weights == (1000 * 1000 + 1000 + 64 * 1000 + 100 * 100 + 100 + 300 * 300 + 300) * 4
     named = client.get("/memslice/v1/plan", params=dict(width=512, height=512, model="sd15")).json()
     assert named["memory_bytes"] == (3 << 30) + weights
 

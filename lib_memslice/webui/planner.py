@@ -37,8 +37,13 @@ def model_kind(sd_model: Any) -> str:
 
 
 def _parameter_bytes(module: Any) -> int:
+    """Bytes of a module's parameters and buffers: both stay on the device with it (SD3's MMDiT holds a 56.6 M
+    element ``pos_embed`` buffer)."""
     try:
-        return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+        if module is None:
+            return 0
+        tensors = (*module.parameters(), *module.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
     except Exception:  # a module without parameters() (a stub), or one that fails to list them
         return 0
 

@@ -155,9 +155,10 @@ class Stats:
             items = list(self._recent)
         return items if limit is None else items[-limit:] if limit > 0 else []
 
-    def start_job(self) -> None:
+    def start_job(self, strategy: str = "") -> None:
+        """Open a new job's summary (``strategy``: the active entry's, until a call records its own)."""
         with self._lock:
-            self._job = JobSummary()
+            self._job = JobSummary(strategy=strategy)
 
     def finish_job(self, error: str = "") -> JobSummary:
         """Close the running job and return its summary (also kept as ``last_job``); ``error``: what stopped it."""

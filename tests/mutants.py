@@ -310,8 +310,12 @@ MUTANTS = (
            (_WEBUI_BANDS + "test_a_refused_job_is_the_last_job_the_status_shows",
             _WEBUI_BANDS + "test_a_decode_out_of_memory_is_retried_with_more_bands_and_the_last_error_reaches_the_"
             "user")),
+    Mutant("webui: a job's line names no strategy until a call records one", "lib_memslice/webui/jobs.py",
+           '    STATS.start_job(entry.strategy)\n    _running["open"] = True',
+           '    STATS.start_job()\n    _running["open"] = True',
+           (_WEBUI_BANDS + "test_a_refused_job_is_the_last_job_the_status_shows",)),
     Mutant("webui: a job failed before process() closed with calls made between jobs", "lib_memslice/webui/jobs.py",
-           "        STATS.start_job()  # nothing of this job was recorded",
+           "        STATS.start_job(entry.strategy)  # nothing of this job was recorded",
            "        pass  # nothing of this job was recorded",
            (_WEBUI_BANDS + "test_a_refused_job_is_the_last_job_the_status_shows",)),
     Mutant("webui: a VAE pass refused under the attention budget reads as free memory", "lib_memslice/bands.py",

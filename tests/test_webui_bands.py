@@ -482,6 +482,7 @@ def test_a_refused_job_is_the_last_job_the_status_shows(client, monkeypatch):  #
     assert last["decode_bands"] == 0 and last["error"] == "not enough memory for the VAE encode"
     assert "VAE decode in 3 bands" not in last["line"]
     assert last["line"].endswith("; failed: not enough memory for the VAE encode")
+    assert last["line"].startswith("memslice: auto, 0 slices max over 0 attention calls")  # no call ran: the entry's
     env.shared.opts.set("memslice_budget_gb", 0.0)
 
     def boom(p):

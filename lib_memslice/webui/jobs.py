@@ -40,9 +40,10 @@ def _infotext(**_: Any) -> str | None:
 def on_job_start(p: Any) -> None:
     """From the AlwaysVisible script's ``process``: reset the job summary, read free memory (precisely) for the
     failure context, promise an infotext field."""
-    if active_entry() is None:
+    entry = active_entry()
+    if entry is None:
         return
-    STATS.start_job()
+    STATS.start_job(entry.strategy)
     _running["open"] = True
     try:
         _running["p"] = weakref.ref(p)
@@ -87,10 +88,11 @@ def on_job_failed(p: Any, exc: BaseException) -> None:
     """A job that raised (memslice refused a pass, torch ran out of memory, anything): the webui runs no
     ``postprocess`` then, so the job is closed here and ``last_job`` is this job with what stopped it, never the one
     before. A job that failed before ``process`` opened its summary is closed empty."""
-    if active_entry() is None:
+    entry = active_entry()
+    if entry is None:
         return
     if not _running.get("open"):
-        STATS.start_job()  # nothing of this job was recorded: what was recorded since belongs to no job
+        STATS.start_job(entry.strategy)  # nothing of this job was recorded: what was recorded since belongs to no job
     _running.update(p=None, open=False)
     job = STATS.finish_job(error_words(exc))
     if HOST.settings().log != "off":

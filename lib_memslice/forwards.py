@@ -262,6 +262,21 @@ def _reusable(memo: _Memo) -> bool:
     return ample and time.perf_counter() - memo.probed_at < FAST_PATH_MAX_AGE_S
 
 
+def _found_again(last: Planned, choices: tuple[KernelChoice, ...], room: Room, call: Call) -> bool:
+    """The search would find the layer's last plan again, without running it: one slice on the chain's first
+    kernel, and a room at least as large as the one it was planned in (more memory never means more slices). Why:
+    on a CPU a step takes longer than the fast path's age, so every call probes; the search itself is then the
+    larger part of memslice's host work per call (tens of microseconds)."""
+    plan = last.plan
+    return (
+        not last.over_margin
+        and not last.retries
+        and plan.slices == 1
+        and plan.kernel == choices[0]
+        and room.bytes_for(call.shape) >= last.room_bytes
+    )
+
+
 def _plan_call(call: Call) -> Planned:
     memo = None
     if call.mask is None:
@@ -277,7 +292,11 @@ def _plan_call(call: Call) -> Planned:
     else:
         choices = _kernels_to_try(call)
     room, free = read_room(call)
-    planned = _planned(call, choices, room, free)
+    last = memo.planned if memo is not None else None
+    if last is not None and _found_again(last, choices, room, call):
+        planned: Planned | None = replace(last, room=room, room_bytes=room.bytes_for(call.shape), free=free)
+    else:
+        planned = _planned(call, choices, room, free)
     if (planned is None or planned.plan.sliced) and call.device_kind == "cuda" and free is not None:
         # the cheap probe ignores torch's cached-but-free blocks: count them before slicing or refusing
         room, free = read_room(call, precise=True)

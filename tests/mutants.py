@@ -178,6 +178,13 @@ MUTANTS = (
            '    "cublas_status_alloc_failed",\n', "", ("tests/test_kernels.py",)),
     Mutant("fast path reuses plans with no headroom", "lib_memslice/forwards.py",
            "FAST_PATH_HEADROOM = 4", "FAST_PATH_HEADROOM = 0", ("tests/test_forwards.py",)),
+    Mutant("an old reading's plan found again in a smaller room", "lib_memslice/forwards.py",
+           "        and room.bytes_for(call.shape) >= last.room_bytes\n", "",
+           ("tests/test_forwards.py::test_an_old_reading_reprobes_but_finds_an_unsliced_first_kernel_plan_again_without_searching",)),
+    Mutant("an old reading's plan searched for again", "lib_memslice/forwards.py",
+           "    if last is not None and _found_again(last, choices, room, call):",
+           "    if False:",
+           ("tests/test_forwards.py::test_an_old_reading_reprobes_but_finds_an_unsliced_first_kernel_plan_again_without_searching",)),
     # --- the VAE's bands ----------------------------------------------------------------------------------------
     Mutant("bands: the float32 copy a half-precision band is normalised in not counted", "lib_memslice/band_costs.py",
            "        return max(gathered + rows * frow, rows * frow + rows * row)\n",

@@ -513,7 +513,9 @@
         if (!info || (!failed && !info.textContent.trim())) return Promise.resolve();
         return getJSON("status", {limit: 0}).then(function (status) {
             var line = app().querySelector("#memslice_status_" + tab);
-            var refused = status.current_job && status.current_job.failures > 0;
+            // a failed job is closed on its way out: it is the last job, with what stopped it
+            var job = status.last_job;
+            var refused = !!(job && job.failures > 0 && job.error);
             if (!status.active || (!failed && (!status.last_job || !status.last_job.calls))) {
                 if (line) line.remove();
                 return;
@@ -525,9 +527,8 @@
             line.title = "";
             if (failed) {
                 line.textContent = refused ?
-                    "memslice: the job failed: " + plural(status.current_job.failures, "attention call") +
-                    " did not fit; the error names the pass and the largest size that fits" :
-                    "memslice: the job failed (see the error)";
+                    "memslice: the job failed: " + job.error + "; the error names the pass and the largest size " +
+                    "that fits" : "memslice: the job failed (see the error)";
                 line.setAttribute("data-failed", "true");
             } else {
                 line.textContent = compact(status.last_job);

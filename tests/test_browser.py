@@ -379,9 +379,10 @@ def wait_for_job(tab, timeout=20.0, state="ready", absent=(), **params):
 
 def watch_plans(tab):
     """Log the panel's states from now on (``window.planStates``: "updating ...", "ready <job> <first bar's
-    title>", ...)."""
+    title>", ..., and "options" where the webui's settings_json changed, after the panel's own callback ran)."""
     tab.evaluate(
         """() => { window.planStates = []; if (window.planWatcher) return;
+            onOptionsChanged(() => window.planStates.push('options'));
             const box = document.querySelector('#memslice_planner'), bar = () => box.querySelector('.memslice-pass');
             window.planWatcher = new MutationObserver(() => window.planStates.push(
                 box.dataset.state + ' ' + (box.dataset.job || '') + ' ' + (bar() ? bar().title : '')));
@@ -389,12 +390,18 @@ def watch_plans(tab):
     )
 
 
-def wait_for_replan(tab):
-    """Wait until the panel, watched by :func:`watch_plans`, planned again and shows it."""
+def wait_for_replan(tab, after_options=False):
+    """Wait until the panel, watched by :func:`watch_plans`, planned again and shows it; ``after_options``: a plan
+    started after the webui's settings_json changed (a plan already under way when Apply was clicked was asked
+    before the server applied the settings, and its answer is the old one)."""
+    if after_options:
+        tab.evaluate("""() => onOptionsChanged(() => window.planStates.push('options'))""")
     tab.wait_for_function(
-        """() => { const s = window.planStates, i = s.findIndex(x => x.startsWith('updating'));
+        """(after) => { const s = window.planStates, o = after ? s.indexOf('options') : 0;
+            const i = o < 0 ? -1 : s.findIndex((x, j) => j >= o && x.startsWith('updating'));
             return i >= 0 && s.slice(i).some(x => x.startsWith('ready'))
-                && document.querySelector('#memslice_planner').dataset.state === 'ready'; }"""
+                && document.querySelector('#memslice_planner').dataset.state === 'ready'; }""",
+        arg=after_options,
     )
 
 
@@ -863,7 +870,7 @@ def test_applied_settings_replan_the_same_job(card, page):
     before = assert_shows(page, job)
     watch_plans(page)
     page.click("#settings_submit")
-    wait_for_replan(page)
+    wait_for_replan(page, after_options=True)
     after = assert_shows(page, shown_job(page))
     assert shown_job(page) == job and after != before  # the same job, planned anew
     assert [p["attention_bytes"] for p in after["passes"]] != [p["attention_bytes"] for p in before["passes"]]
@@ -997,7 +1004,7 @@ def test_status_line_after_a_job_that_did_not_fit(page):
     wait_for_text(page, "#memslice_status_txt2img", lambda t: "slices max" in t, timeout=60)
     page.click("#generate_too_large")
     line = wait_for_text(page, "#memslice_status_txt2img", lambda t: "failed" in t, timeout=60)
-    assert line.startswith("memslice: the job failed: 1 attention call did not fit")
+    assert line.startswith("memslice: the job failed: not enough memory for attention at ")  # the job's own error
     assert "not enough memory" in page.inner_text("#html_log_txt2img")
     assert page.inner_text("#html_info_txt2img").strip() == ""
     assert not page.js_errors

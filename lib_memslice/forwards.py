@@ -424,6 +424,7 @@ def record(call: Call, planned: Planned, host: Host) -> None:
             peak_bytes=plan.peak_bytes,
             room_bytes=planned.room_bytes,
             retries=planned.retries,
+            timestamp=time.time(),
         )
     )
     if call.settings.log == "every call":

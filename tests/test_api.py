@@ -184,6 +184,7 @@ def test_status_reports_device_budget_entry_settings_and_recent_plans(client):
     layer = webui.ldm_attention.CrossAttention(query_dim=64, heads=4, dim_head=16)
     with torch.no_grad():
         layer(torch.randn(2, 300, 64))
+    ran = time.time()
     body = client.get("/memslice/v1/status", params={"limit": 5}).json()
     from lib_memslice import __version__
 
@@ -194,6 +195,7 @@ def test_status_reports_device_budget_entry_settings_and_recent_plans(client):
     for key in ("site", "batch_heads", "q_tokens", "k_tokens", "slices", "peak_bytes", "timestamp", "retries"):
         assert key in last
     assert last["slices"] > 1 and last["peak_bytes"] <= 1 << 18
+    assert ran - 60 < last["timestamp"] <= ran  # when the call ran
     assert body["totals"]["calls"] >= 1
 
 

@@ -8,6 +8,7 @@ in-op scratch in test_workspace.py.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import replace
 
 import pytest
@@ -350,22 +351,45 @@ def test_the_cpu_worker_pool_gives_the_serial_result_and_leaves_the_callers_thre
 @pytest.mark.parametrize("workers", [2, 3])
 def test_workers_copy_each_runs_keys_once(workers, monkeypatch):
     """Workers take the slices of the run whose keys they hold before starting another, so a run's keys and values
-    are copied (and their norms taken) once, not once per worker that touches it: only at the end may an idle
-    worker join a run already started. Every slice still runs exactly once."""
+    are copied (and their norms taken) once, not once per worker that touches it: only once every run has started
+    may an idle worker join one already started, and a worker never copies a run twice. Every slice still runs
+    exactly once. (How many joins the end takes depends on the threads' timing: the decisions are checked, in the
+    order the queue's lock made them, not a count.)"""
     from lib_memslice.slicing import SlicePlan
 
     q, k, v = projected_qkv(2, 4, 700, 300, 40, dtype=torch.bfloat16)
     kernel = kernels.choose_kernel("einsum", q, k, v, q.dtype)
     assert kernel.staged
     plan = SlicePlan(1, 100, 8, 7, 0, replace(kernel, workers=workers), "auto", "test")
-    staged, sliced = [], []
-    real_keys, real_slice = kernels._keys, kernels._slice
+    staged, sliced, decisions = [], [], []
+    real_keys, real_slice, real_take = kernels._keys, kernels._slice, kernels._Queue.take
     monkeypatch.setattr(kernels, "_keys", lambda *a: staged.append(a[2:5]) or real_keys(*a))
     monkeypatch.setattr(kernels, "_slice", lambda *a: sliced.append(a[3:7]) or real_slice(*a))
+
+    real_init = kernels._Queue.__init__
+
+    def init(queue, *args):
+        real_init(queue, *args)
+        queue.lock = threading.RLock()  # so that the decision and its record are one critical section
+
+    def take(queue, held):
+        with queue.lock:
+            started = queue.started  # how many runs had started when this decision was made
+            taken = real_take(queue, held)
+            if taken is not None and taken[0] != held:
+                decisions.append((threading.get_ident(), taken[0], started))
+            return taken
+
+    monkeypatch.setattr(kernels._Queue, "__init__", init)
+    monkeypatch.setattr(kernels._Queue, "take", take)
     out = kernels.run_plan(q, k, v, plan, 40**-0.5)
     assert sorted(sliced) == sorted((b, h, h + 1, n0) for b in range(2) for h in range(4) for n0 in range(0, 700, 100))
-    assert set(staged) == {(b, h, h + 1) for b in range(2) for h in range(4)}
-    assert len(staged) <= 8 + workers - 1, staged
+    assert set(staged) == {(b, h, h + 1) for b in range(2) for h in range(4)} and len(staged) == len(decisions)
+    runs = [run for _, run, _ in decisions]
+    assert len(set(zip([w for w, _, _ in decisions], runs, strict=True))) == len(decisions)  # never a run twice
+    firsts = [runs.index(r) for r in range(8)]
+    joins = [i for i in range(len(runs)) if i not in firsts]
+    assert all(decisions[i][2] == 8 for i in joins), decisions  # a join only once every run had started
     assert (out.double() - reference(q.float(), k.float(), v.float(), 40**-0.5)).abs().max() < DTYPE_TOL[q.dtype]
 
 

@@ -289,10 +289,13 @@ def page(server):
         context = browser.new_context()
         outside = []
         # classic scripts in global scope, at the end of <head>, as the webui injects extension javascript; the
-        # extension's style.css at the end of <body>, as the webui links every extension's (ui_gradio_extensions.py)
+        # webui's own rules that reach the panel (fakes/style.css) and the extension's style.css at the end of
+        # <body>, in that order, as the webui links its style.css and then every extension's (ui_gradio_extensions.py)
         tags = "".join(f"<script>{script}</script>" for script in scripts)
-        with open(os.path.join(ROOT, "style.css")) as f:
-            css = f"<style>{f.read()}</style>"
+        css = ""
+        for path in (("tests", "fakes", "style.css"), ("style.css",)):  # the webui's rules first, as it links them
+            with open(os.path.join(ROOT, *path)) as f:
+                css += f"<style>{f.read()}</style>"
 
         def inject(route):
             response = route.fetch()
@@ -445,6 +448,27 @@ def palette(tab, name):
         """name => { const el = document.createElement('div'); el.style.color = `var(${name})`;
             document.body.appendChild(el); const c = getComputedStyle(el).color; el.remove(); return c; }""",
         name,
+    )
+
+
+def contrast(foreground, background):
+    """WCAG's contrast ratio of two computed ``rgb(...)`` colours."""
+
+    def luminance(colour):
+        channels = [int(c) / 255 for c in re.findall(r"\d+", colour)[:3]]
+        r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    light, dark = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def words_on_colours(tab):
+    """(text colour, background colour) of every verdict word drawn on its verdict's colour: the answer's badge and
+    each pass's label."""
+    return tab.evaluate(
+        """() => [...document.querySelectorAll('#memslice_planner .memslice-badge, .memslice-pass-verdict')]
+            .map(el => { const s = getComputedStyle(el); return [el.textContent, s.color, s.backgroundColor]; })"""
     )
 
 
@@ -972,6 +996,13 @@ def test_the_panel_in_both_themes(card, page, theme, tmp_path):
                 return [s.color, s.backgroundColor]; }"""
         )
         colours.add((text, background))
+        # the verdict in words on its colour stays readable on both themes (the webui's "#settings span" rule
+        # gave the pass labels the theme's text colour: light on green, yellow and red in the dark theme)
+        words = words_on_colours(page)
+        assert len(words) == 1 + len(expected["passes"])
+        assert all(contrast(fg, bg) >= 4.5 for _, fg, bg in words), words
+        note = page.evaluate("getComputedStyle(document.querySelector('#memslice_planner .memslice-note')).color")
+        assert note == palette(page, "--block-title-text-color")  # the secondary text's colour, not the body's
         name = f"planner-{verdict.replace(' ', '-')}-{theme}.png"
         panel.screenshot(path=str(tmp_path / name))
         assert (tmp_path / name).stat().st_size > 10_000

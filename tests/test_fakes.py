@@ -430,7 +430,8 @@ TEMPLATED_IDS = {
                                                  "visible=False)"], "Textbox"),
 }  # fmt: skip
 
-#: What the page's stand-ins (tests/fakes/script.js) follow in the real scripts: file -> fragments it holds.
+#: What the page's stand-ins (tests/fakes/script.js, tests/fakes/style.css) follow in the real scripts and
+#: stylesheet: file -> fragments it holds.
 REAL_SCRIPTS = {
     "script.js": ["function onUiUpdate(callback)", "function onAfterUiUpdate(callback)",
                   "function onOptionsChanged(callback)", "executeCallbacks(uiUpdateCallbacks, m);",
@@ -447,6 +448,11 @@ REAL_SCRIPTS = {
     "modules/ui_components.py": ["\"elem_classes\": ['input-accordion'],",
                                  "self.change(fn=None, _js='function(checked){ inputAccordionChecked(\"'"],
     "modules/ui.py": ['InputAccordion(False, label="Hires. fix", elem_id="txt2img_hr")'],
+    # the rules of the webui's own stylesheet that fakes/style.css stands in for (they reach the planner panel)
+    "style.css": ["#settings > div{\n    border: none;\n    margin-left: 10em;\n    padding: 0 var(--spacing-xl);\n}",
+                  "#settings > div.tab-nav{\n    float: left;\n    display: block;\n    margin-left: 0;\n"
+                  "    width: 10em;\n}",
+                  "#settings span{\n    color: var(--body-text-color);\n}"],
 }  # fmt: skip
 
 
@@ -454,7 +460,8 @@ def test_the_fake_pages_controls_are_the_webuis(webui):
     """With WEBUI_DIR: every element id of the browser test's page (``test_browser.build_page``) but its own test
     buttons is one the real 1.10.1 page makes, with the same kind of gradio component (the literals of
     ``modules/ui.py`` read off its syntax tree, the rest from their templates); the hires upscalers the page offers
-    as latent are the webui's latent modes; the real scripts do what ``fakes/script.js`` stands in for."""
+    as latent are the webui's latent modes; the real scripts and stylesheet do what ``fakes/script.js`` and
+    ``fakes/style.css`` stand in for."""
     from .test_browser import FAKE_ONLY_IDS, UPSCALERS, build_page
 
     def read(rel: str) -> str:

@@ -577,6 +577,10 @@
         } else {
             new MutationObserver(debounce(ensure, 200)).observe(app(), {childList: true, subtree: true});
         }
+        // the generation tab open last, however briefly: onAfterUiUpdate() runs only once the page has been still
+        // for 200 ms, so a tab passed through on the way to Settings would go unseen; the webui's onUiTabChange()
+        // runs at once
+        if (typeof onUiTabChange === "function") onUiTabChange(generationTab);
         // the webui's settings_json changed: a checkpoint finished loading, or settings were applied
         if (typeof onOptionsChanged === "function") {
             onOptionsChanged(function () {

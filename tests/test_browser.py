@@ -768,6 +768,26 @@ def test_the_panel_follows_img2img_and_its_image_size(card, page, tmp_path):
     assert not page.js_errors
 
 
+def test_a_generation_tab_passed_through_on_the_way_to_settings_is_the_job(card, page):
+    """The job is the generation tab open last, however briefly: img2img open for 50 ms on the way to Settings
+    (under the 200 ms after which the webui runs its onAfterUiUpdate() callbacks) is img2img's job. Seen in the real
+    webui 1.10.1: up to about 200 ms in img2img and the panel planned txt2img's job."""
+    open_settings(page)
+    assert wait_for_job(page, width=512)["tab"] == "txt2img"
+    page.click("#tabs > .tab-nav button:has-text('txt2img')")
+    page.wait_for_timeout(600)  # settled on txt2img
+    page.evaluate(
+        """() => new Promise(resolve => { const tab = name => [...document.querySelectorAll('#tabs > .tab-nav button')]
+                .find(b => b.textContent.trim() === name);
+            tab('img2img').click(); setTimeout(() => { tab('Settings').click(); resolve(); }, 50); })"""
+    )
+    job = wait_for_job(page, img2img=True)
+    assert job["tab"] == "img2img"
+    assert page.evaluate("document.querySelector('#memslice_planner').offsetParent !== null")  # Settings is open
+    assert_shows(page, job)
+    assert not page.js_errors
+
+
 def test_the_panel_follows_every_memslice_setting_before_apply(card, page):
     open_settings(page)
     wait_for_job(page, budget_gb=2)

@@ -435,7 +435,11 @@ TEMPLATED_IDS = {
 REAL_SCRIPTS = {
     "script.js": ["function onUiUpdate(callback)", "function onAfterUiUpdate(callback)",
                   "function onOptionsChanged(callback)", "executeCallbacks(uiUpdateCallbacks, m);",
-                  "mutationObserver.observe(gradioApp(), {childList: true, subtree: true});"],
+                  "mutationObserver.observe(gradioApp(), {childList: true, subtree: true});",
+                  "function onUiTabChange(callback)",
+                  "return gradioApp().querySelector('#tabs > .tab-nav > button.selected');",
+                  "if (newTab && (newTab !== uiCurrentTab)) {\n            uiCurrentTab = newTab;\n"
+                  "            executeCallbacks(uiTabChangeCallbacks);"],
     "javascript/ui.js": ["var json_elem = gradioApp().getElementById('settings_json');",
                          "Object.defineProperty(textarea, 'value', {", "executeCallbacks(optionsChangedCallbacks);",
                          "function updateInput(target) {", "let e = new Event(\"input\", {bubbles: true});",

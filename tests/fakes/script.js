@@ -1,5 +1,5 @@
 // Stand-ins for the webui 1.10.1 helpers extension scripts rely on (script.js: gradioApp(), onUiLoaded(),
-// onAfterUiUpdate(), onUiUpdate(); javascript/ui.js: opts, onOptionsChanged(), updateInput(); the InputAccordion
+// onAfterUiUpdate(), onUiUpdate(), onUiTabChange(); javascript/ui.js: opts, onOptionsChanged(), updateInput(); the InputAccordion
 // of javascript/inputAccordion.js). onUiLoaded fires once the txt2img prompt exists, as in the webui. Written for
 // these tests from the behaviour of those files, no code copied.
 function gradioApp() {
@@ -37,6 +37,13 @@ function runCallbacks(callbacks) {
     });
 }
 
+// like the webui: called at once (no debounce) from the same observer when the selected top-level tab changed
+var uiTabChangeCallbacks = [];
+var uiCurrentTab = null;
+function onUiTabChange(callback) {
+    uiTabChangeCallbacks.push(callback);
+}
+
 document.addEventListener("DOMContentLoaded", function () {
     var observer = new MutationObserver(function () {
         if (!uiLoadedFired && gradioApp().querySelector("#txt2img_prompt")) {
@@ -47,6 +54,11 @@ document.addEventListener("DOMContentLoaded", function () {
         uiAfterUpdateTimeout = setTimeout(function () {
             runCallbacks(uiAfterUpdateCallbacks);
         }, 200);
+        var tab = gradioApp().querySelector("#tabs > .tab-nav > button.selected");
+        if (tab && tab !== uiCurrentTab) {
+            uiCurrentTab = tab;
+            runCallbacks(uiTabChangeCallbacks);
+        }
     });
     observer.observe(gradioApp(), {childList: true, subtree: true});
 });

@@ -251,7 +251,21 @@
         return plural(p.bands, "band") + (p.streamed ? ", streamed" : "");
     }
 
-    function passSummary(p, memory) {
+    // why a pass does not fit whatever its total: past the model's largest side, its attention refused (under the
+    // attention budget), or no band plan for the VAE; "" for a pass that fits or only lacks memory
+    function refusal(p, current) {
+        if (p.verdict !== "does not fit") return "";
+        if (p.too_large) return p.too_large;
+        var rows = (current.layers || []).filter(function (row) {
+            return row.pass === p.name && !row.fits;
+        });
+        if (rows.length) return String(rows[0].reason).replace(/^memslice: /, "").split(";")[0];
+        var bands = String(p.bands_reason || "");
+        return bands.indexOf("no plan fits") === 0 ? bands : "";
+    }
+
+    function passSummary(p, current) {
+        var memory = current.memory_bytes;
         var parts = segments(p);
         var words = PARTS.map(function (part, i) {
             return part[1] + " " + formatBytes(parts[i]);
@@ -260,11 +274,13 @@
             words[3] = "attention 0 B at the pass's peak (its largest call, " + formatBytes(p.attention_bytes) +
                 ", runs with less else live)";
         }
-        var spare = p.headroom_bytes >= 0 ? formatBytes(p.headroom_bytes) + " to spare" :
-            formatBytes(-p.headroom_bytes) + " too much";
+        var why = refusal(p, current);
+        var spare = ", " + formatBytes(p.headroom_bytes) + " to spare";
+        if (p.headroom_bytes < 0) spare = ", " + formatBytes(-p.headroom_bytes) + " too much" + (why ? "; also " + why : "");
+        else if (why) spare = ", but " + why; // within the memory, and still does not fit
         return p.name + ", " + sizeText(p.width, p.height) + ", batch " + p.batch +
             (p.bands > 0 ? (p.bands > 1 ? ", in " : ", ") + bandsText(p) : "") + ": " + p.verdict + ". " + words.join(", ") +
-            "; total " + formatBytes(p.total_bytes) + " of " + formatBytes(memory) + ", " + spare + ".";
+            "; total " + formatBytes(p.total_bytes) + " of " + formatBytes(memory) + spare + ".";
     }
 
     function renderBars(box, current) {
@@ -286,7 +302,7 @@
             var binding = p.name === current.limit;
             var item = element("li", {"class": "memslice-pass", "data-verdict": p.verdict,
                 "data-class": VERDICTS[p.verdict] || "none", "data-binding": String(binding), tabindex: "0",
-                title: passSummary(p, memory)});
+                title: passSummary(p, current)});
             var label = element("div", {"class": "memslice-pass-label"});
             label.appendChild(element("span", {"class": "memslice-pass-name"}, p.name));
             label.appendChild(element("span", {"class": "memslice-pass-size"}, sizeText(p.width, p.height)));
@@ -302,7 +318,7 @@
             });
             track.appendChild(element("span", {"class": "memslice-limit", style: "left: " + at + "%"}));
             item.appendChild(track);
-            item.appendChild(element("span", {"class": "memslice-pass-detail"}, passSummary(p, memory)));
+            item.appendChild(element("span", {"class": "memslice-pass-detail"}, passSummary(p, current)));
             list.appendChild(item);
         });
         chart.appendChild(list);

@@ -956,6 +956,50 @@ def test_a_vae_pass_in_bands_says_so(card, vae_in_bands, page):
     assert not page.js_errors
 
 
+@pytest.fixture
+def hires_too_large(server, monkeypatch):
+    """The planner's answer with the hires UNet past the model's largest side (as an SD3 MMDiT is past its position
+    embedding's): it does not fit whatever the memory. Ask for it before ``page``."""
+    planner = server[1].memslice.planner
+    plan_job = planner.plan_job
+
+    def too_large(job, kernels_for):
+        result = plan_job(job, kernels_for)
+        for p in result["passes"]:
+            if p["name"] == "UNet (hires)":
+                p.update(verdict="does not fit", too_large="the UNet takes at most 768 px a side")
+        return result
+
+    monkeypatch.setattr(planner, "plan_job", too_large)
+
+
+def test_a_pass_that_does_not_fit_in_the_memory_it_has_says_why(card, hires_too_large, page):
+    """A pass can fail with memory to spare: past the model's largest side, or its attention refused under the
+    attention budget. Its numbers say why, never "... to spare" beside "does not fit" (seen in the real webui 1.10.1
+    with a tiny SD3 at 1024 px: "MMDiT ...: does not fit. ...; total 4.3 GiB of 21.7 GiB, 17.4 GiB to spare.")."""
+    enable_hires(page)
+    open_settings(page)
+    wait_for_job(page, hr_scale=2)
+    drawn = {b["name"]: b for b in bars(page)}
+    hires = drawn["UNet (hires)"]
+    assert hires["verdict"] == "does not fit"
+    for words in (hires["title"], hires["detail"]):
+        assert words.endswith(", but the UNet takes at most 768 px a side.") and "to spare" not in words, words
+    assert " to spare." in drawn["UNet"]["title"]  # a pass that fits keeps its margin
+    page.locator("#setting_memslice_budget_gb input[type=number]").fill("0.0001")  # 105 KiB: attention refused
+    job = wait_for_job(page, budget_gb=0.0001)
+    expected = plan_of(page, job)
+    for bar in bars(page):
+        assert bar["verdict"] == "does not fit" and "to spare" not in bar["title"], bar["title"]
+        refused = [r for r in expected["layers"] if r["pass"] == bar["name"] and not r["fits"]]
+        if bar["name"] == "UNet (hires)":
+            continue  # past its largest side first
+        assert refused
+        assert f", but not enough memory for attention at {refused[0]['site']}: " in bar["title"], bar["title"]
+        assert "the attention budget is 104.9 KiB." in bar["title"]
+    assert not page.js_errors
+
+
 def test_the_panel_reads_at_phone_width_and_by_keyboard(card, page):
     page.set_viewport_size({"width": 360, "height": 800})
     enable_hires(page)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels, probe
 from .costs import AttentionShape, GiB, KernelChoice, format_bytes, plural
@@ -226,6 +227,9 @@ class _Memo:
     choices: tuple[KernelChoice, ...]
     planned: Planned | None = None
     probed_at: float = 0.0
+    #: the record of ``planned`` after its site (its strategy .. retries) when :func:`attend` may run it through
+    #: :func:`_same_call_again`: one slice on a fused kernel in the inputs' own dtype; else None
+    again: tuple[Any, ...] | None = None
 
 
 #: Plans are reused without probing while they left this much headroom in a room read this recently.
@@ -235,19 +239,25 @@ _memo: dict[tuple[Any, ...], _Memo] = {}
 _MEMO_SIZE = 512
 
 
-def _memo_key(call: Call) -> tuple[Any, ...]:
-    q, k, v = call.q, call.k, call.v
+def _key(
+    static: tuple[Any, ...], q: Tensor, k: Tensor, v: Tensor, strategy: str, settings: Settings
+) -> tuple[Any, ...]:
+    """What a layer's plan depends on besides free memory: the memo's key (one function for both lanes)."""
     return (
-        call.static,
+        static,
         q.device,
         q.stride(-1),
         k.stride(-1),
         v.stride(-1),
-        call.strategy,
-        id(call.settings),
+        strategy,
+        id(settings),
         torch.get_num_threads(),
         kernels.sdp_flags(),
     )
+
+
+def _memo_key(call: Call) -> tuple[Any, ...]:
+    return _key(call.static, call.q, call.k, call.v, call.strategy, call.settings)
 
 
 def _reusable(memo: _Memo) -> bool:
@@ -305,7 +315,20 @@ def _plan_call(call: Call) -> Planned:
         raise _refused(call, choices, room, free)
     if memo is not None:
         memo.planned, memo.probed_at = planned, time.perf_counter()
+        memo.again = _again(call, planned)
     return planned
+
+
+def _again(call: Call, planned: Planned) -> tuple[Any, ...] | None:
+    """The record a plan's repeats take in :func:`_same_call_again` (after the site), or None where the full path
+    must run them: only one slice on a fused kernel in the inputs' own dtype, logged per job (not per call)."""
+    plan, shape = planned.plan, call.shape
+    if (plan.kernel.kind != "fused" or plan.sliced or call.compute_dtype != call.q.dtype or shape.empty
+            or shape.k_tokens == 0 or planned.retries or call.settings.log == "every call"):  # fmt: skip
+        return None
+    return (call.strategy, plan.kernel.kind, shape.batch_heads, shape.q_tokens, shape.k_tokens, shape.head_dim,
+            plan.heads_per_slice, plan.queries_per_slice, plan.slices, plan.peak_bytes,
+            planned.room_bytes, 0)  # fmt: skip
 
 
 #: Planning and probing read files and Python state: keep them out of ``torch.compile`` graphs.
@@ -465,8 +488,13 @@ def attend(
 
     Raises :class:`NotEnoughMemory` when no plan under the slice cap fits (also after out-of-memory retries).
     """
+    settings = host.settings()
+    if mask is None:
+        out = _same_call_again(q, k, v, scale, strategy, settings, upcast, host, site)
+        if out is not None:
+            return out
     call = describe(
-        q, k, v, strategy=strategy, settings=host.settings(), mask=mask, upcast=upcast, site=site, geometry=geometry
+        q, k, v, strategy=strategy, settings=settings, mask=mask, upcast=upcast, site=site, geometry=geometry
     )
     try:
         planned = plan_call(call)
@@ -476,6 +504,33 @@ def attend(
         raise
     record(call, planned, host)
     return out
+
+
+def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: str, settings: Settings,
+                     upcast: bool, host: Host, site: str) -> Tensor | None:  # fmt: skip
+    """A layer's call again while its plan stands (see :func:`_reusable`) and runs whole on a fused kernel: the
+    SDPA call :func:`lib_memslice.kernels.run_plan` would make, and its record, without the layers between them.
+    Why: between two 10-40 ms calls on a CPU the caches are cold, and each of those layers' Python cost 10-40 us
+    there (``bench --parity``'s profile). None where the full path must run (a new plan, slices, a cast, an
+    out-of-memory error: its retries are the full path's)."""
+    memo = _memo.get(_key((q.shape, k.shape[2], v.shape[-1], q.dtype, upcast), q, k, v, strategy, settings))
+    if memo is None or memo.again is None or memo.settings is not settings or not _reusable(memo):
+        return None
+    try:
+        with kernels._no_autocast(q.device.type):
+            default = scale == q.shape[-1] ** -0.5
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, scale=None if default else scale)
+    except Exception as exc:
+        if not (settings.oom_retry and kernels.is_oom(exc)):
+            raise
+        exc.__traceback__ = None  # its frames would keep the attempt's tensors alive through the full path's retry
+        return None
+    host.record(CallRecord(site, *memo.again, time.time()))
+    return out
+
+
+#: Like planning, the memo's checks read Python state and the clock: kept out of ``torch.compile`` graphs.
+_same_call_again = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)(_same_call_again)
 
 
 # --- the forwards ------------------------------------------------------------------------------------------------

@@ -143,7 +143,8 @@ def test_planning_stays_out_of_compiled_graphs():
     if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 2):
         # at plan_call (torch.compiler.disable); torch 2.3's dynamo already breaks where describe builds the
         # call's AttentionShape: either way the planning is never traced
-        assert "_plan_call" in reasons or "AttentionShape" in reasons, reasons
+        # (or first at the same call's lane, disabled alike)
+        assert any(w in reasons for w in ("_plan_call", "AttentionShape", "_same_call_again")), reasons
     else:  # torch 2.1's dynamo already breaks at describe's shape-cache lookup: planning is never traced either
         assert explained.graph_break_count >= 1 and reasons
     out = torch.compile(f, backend="eager")(q, k, v)
@@ -169,3 +170,42 @@ def test_a_stable_plan_is_reused_only_with_four_times_its_peak_free(monkeypatch)
         run(host, q, k, v)
         run(host, q, k, v)
         assert fake.calls == calls + 2 * probes_per_call, (free / peak, fake.calls - calls)
+
+
+def test_the_same_call_again_skips_the_full_path_and_gives_its_bits_and_record(monkeypatch):
+    """A layer's call whose plan stands and runs whole on the fused kernel takes the short lane: the same SDPA call
+    (bit-equal to the full path), a record with the call's own site and time, and no describe/plan/run layers."""
+    monkeypatch.setattr(forwards.time, "perf_counter", lambda: 100.0)  # the reading stays fresh
+    q, k, v = projected_qkv(2, 4, 128, 77, 16)
+    host = BasicHost(Settings())
+    first = attend(q, k, v, scale=0.25, strategy="auto", host=host, site="a")
+    described = []
+    describe = forwards.describe
+    monkeypatch.setattr(forwards, "describe", lambda *a, **kw: described.append(1) or describe(*a, **kw))
+    again = attend(q, k, v, scale=0.25, strategy="auto", host=host, site="b")
+    assert described == [] and torch.equal(again, first)
+    one, two = host.stats.recent()[-2:]
+    assert two.site == "b" and two._replace(site="a", timestamp=0) == one._replace(timestamp=0)
+    assert two.kernel_used == "fused" and two.slices == 1 and two.timestamp >= one.timestamp > 0
+    sliced = BasicHost(Settings(kernel="einsum"))  # a plan the lane does not run: the full path every time
+    attend(q, k, v, scale=0.25, strategy="auto", host=sliced, site="c")
+    attend(q, k, v, scale=0.25, strategy="auto", host=sliced, site="c")
+    assert len(described) == 2
+
+
+def test_an_out_of_memory_error_in_the_same_call_lane_is_retried_by_the_full_path(monkeypatch):
+    monkeypatch.setattr(forwards.time, "perf_counter", lambda: 100.0)
+    q, k, v = projected_qkv(1, 2, 64, 64, 16)
+    host = BasicHost(Settings())
+    attend(q, k, v, scale=0.25, strategy="auto", host=host, site="a")
+    real, failures = forwards.F.scaled_dot_product_attention, []
+
+    def once(*a, **kw):
+        if not failures:
+            failures.append(1)
+            raise MemoryError("out of memory (simulated)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(forwards.F, "scaled_dot_product_attention", once)
+    out = attend(q, k, v, scale=0.25, strategy="auto", host=host, site="a")
+    assert failures == [1] and (out.double() - reference(q, k, v, 0.25)).abs().max() < 1e-5

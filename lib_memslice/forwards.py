@@ -506,6 +506,23 @@ def attend(
     return out
 
 
+def _still_ample(memo: _Memo, static: tuple[Any, ...], q: Tensor, strategy: str, settings: Settings) -> bool:
+    """An old reading (a CPU step outlasts the fast path's age): read free memory again, and the plan stands while
+    the room read now is still the fast path's headroom over its peak (the room as :func:`read_room` makes it)."""
+    last = memo.planned
+    if last is None or last.free is None or not last.plan.stable or static not in _shapes:
+        return False
+    if last.room_bytes < FAST_PATH_HEADROOM * last.plan.peak_bytes:
+        return False  # not ample when last read: the full path reads again (one reading a call, not two)
+    shape = _shapes[static][0]
+    free = probe.free_memory(q.device)
+    room = room_for(strategy, free.bytes, settings.safety_factor, shape.input_bytes, free.ceiling)
+    if room.bytes_for(shape) < FAST_PATH_HEADROOM * last.plan.peak_bytes:
+        return False
+    memo.probed_at = time.perf_counter()
+    return True
+
+
 def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: str, settings: Settings,
                      upcast: bool, host: Host, site: str) -> Tensor | None:  # fmt: skip
     """A layer's call again while its plan stands (see :func:`_reusable`) and runs whole on a fused kernel: the
@@ -513,8 +530,11 @@ def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: st
     Why: between two 10-40 ms calls on a CPU the caches are cold, and each of those layers' Python cost 10-40 us
     there (``bench --parity``'s profile). None where the full path must run (a new plan, slices, a cast, an
     out-of-memory error: its retries are the full path's)."""
-    memo = _memo.get(_key((q.shape, k.shape[2], v.shape[-1], q.dtype, upcast), q, k, v, strategy, settings))
-    if memo is None or memo.again is None or memo.settings is not settings or not _reusable(memo):
+    static = (q.shape, k.shape[2], v.shape[-1], q.dtype, upcast)
+    memo = _memo.get(_key(static, q, k, v, strategy, settings))
+    if memo is None or memo.again is None or memo.settings is not settings:
+        return None
+    if not _reusable(memo) and not _still_ample(memo, static, q, strategy, settings):
         return None
     try:
         with kernels._no_autocast(q.device.type):

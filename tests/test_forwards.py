@@ -209,3 +209,28 @@ def test_an_out_of_memory_error_in_the_same_call_lane_is_retried_by_the_full_pat
     monkeypatch.setattr(forwards.F, "scaled_dot_product_attention", once)
     out = attend(q, k, v, scale=0.25, strategy="auto", host=host, site="a")
     assert failures == [1] and (out.double() - reference(q, k, v, 0.25)).abs().max() < 1e-5
+
+
+def test_an_old_reading_in_the_same_call_lane_is_read_again_and_followed(monkeypatch):
+    """A CPU step outlasts the fast path's age: the lane reads free memory again itself (one probe), runs while
+    the room is still four times the plan's peak, and hands the call to the full path once it is not."""
+    fake = CountingProbe(64 * GiB)
+    monkeypatch.setattr(probe, "free_memory", fake)
+    clock = [100.0]
+    monkeypatch.setattr(forwards.time, "perf_counter", lambda: clock[0])
+    q, k, v = projected_qkv(2, 4, 128, 128, 16)
+    host = BasicHost(Settings(safety_factor=1.0))
+    peak = run(host, q, k, v).peak_bytes
+    described = []
+    describe = forwards.describe
+    monkeypatch.setattr(forwards, "describe", lambda *a, **kw: described.append(1) or describe(*a, **kw))
+    clock[0] += forwards.FAST_PATH_MAX_AGE_S + 0.01
+    calls = fake.calls
+    run(host, q, k, v)
+    assert described == [] and fake.calls == calls + 1
+    run(host, q, k, v)  # read just now: no probe
+    assert described == [] and fake.calls == calls + 1
+    clock[0] += forwards.FAST_PATH_MAX_AGE_S + 0.01
+    fake.free = 2 * peak  # under the headroom: the full path plans in what is free now
+    record = run(host, q, k, v)
+    assert described == [1] and record.room_bytes <= 2 * peak

@@ -235,8 +235,13 @@ class Moments:
         c = band.shape[1]
         grouped = band.unflatten(1, (self.groups, c // self.groups))
         if grouped.dtype != torch.float32:
+            # the float32 copy is the band's own: centred and squared in place, two passes of plain reductions
+            # (torch's CPU var_mean is a Welford loop several times slower than a mean), no more memory
             grouped = grouped.float()
-        var, mean = torch.var_mean(grouped, dim=(2, 3, 4), correction=0)
+            mean = grouped.mean(dim=(2, 3, 4))
+            var = grouped.sub_(mean[:, :, None, None, None]).square_().mean(dim=(2, 3, 4))
+        else:
+            var, mean = torch.var_mean(grouped, dim=(2, 3, 4), correction=0)
         del grouped
         count = (c // self.groups) * band.shape[2] * band.shape[3]
         if self.mean is None or self.m2 is None:

@@ -359,6 +359,7 @@ def host_profile(layer: Any, x: Tensor, ctx: Tensor | None, fns: dict[str, Calla
         targets = [
             (F, "scaled_dot_product_attention", "SDPA"),
             (forwards, "attend", "attend (own)"),
+            (forwards, "_same_call_again", "the same call again (its lane)"),
             (forwards, "describe", "describe"),
             (forwards, "plan_call", "plan_call: memo and planning glue"),
             (forwards, "plan_attention", "planning (plan_attention)"),

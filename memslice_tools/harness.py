@@ -148,6 +148,18 @@ def measure(entry: Entry, reference: Tensor | None) -> None:
 
 
 @contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's thread count set to ``n`` for the block, then put back (the CPU einsum kernel: a worker a thread;
+    the fused kernel's and oneDNN's scratch grow with threads). The tools' and the tests' one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def profiler_chatter_hidden() -> Iterator[None]:
     """torch 2.13's profiler writes two 'USDT: ... profiler_start/stop' lines to stderr per use: keep the
     benchmark's log readable, pass anything else through."""

@@ -29,7 +29,7 @@ import copy
 import io
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch
 from lib_memslice import band_costs, bands
 
 from .configs import SD15_DECODER
+from .harness import torch_threads
 from .memtrack import PeakTracker
 
 Tensor = torch.Tensor
@@ -88,16 +89,6 @@ def latent(side: int, seed: int = 1) -> Tensor:
     return torch.randn(1, 4, side // 8, side // 8, generator=g)
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # --- time ---------------------------------------------------------------------------------------------------------
 
 
@@ -119,7 +110,7 @@ def measure_time(decoder: torch.nn.Module, z: Tensor, dtype: torch.dtype, thread
         runs[f"{n} bands"] = lambda n=n: bands.decode_in_bands(module, z, n)
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
-    with _threads(threads), torch.no_grad():
+    with torch_threads(threads), torch.no_grad():
         for name in names:  # warm-up: the allocator's pages, the kernels' first calls
             _timed(runs[name])
         for r in range(plan.rounds):
@@ -319,7 +310,7 @@ def section(plan: Plan, log: Callable[[str], None], heatmap: str | None = None) 
             result["time"].append(measure_time(decoder, z, dtype, threads, plan, log))
     for dtype in (torch.float32, torch.bfloat16):
         result["memory"] += measure_memory(plan, dtype)
-    with _threads(max(plan.threads)):
+    with torch_threads(max(plan.threads)):
         result["error"] = measure_error(decoder, z, plan, heatmap, log)
     return result
 

@@ -16,6 +16,8 @@ if ROOT not in sys.path:
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from memslice_tools.harness import torch_threads  # noqa: E402,F401  (the tests' and the tools' one; on sys.path now)
+
 # torch 2.1 (the webui's pin, `make test-webui-stack`) against the current torch (`make test`): decided by probing.
 OOM_ERROR = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError: 2.2+
 
@@ -91,14 +93,3 @@ def webui():
         yield env
     finally:
         webui_env.stop_webui(env)
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """torch's thread count set to ``n`` for the block, then put back (the CPU einsum kernel: a worker a thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

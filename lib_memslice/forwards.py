@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels, probe
 from .costs import AttentionShape, GiB, KernelChoice, format_bytes, plural
@@ -538,8 +537,7 @@ def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: st
         return None
     try:
         with kernels._no_autocast(q.device.type):
-            default = scale == q.shape[-1] ** -0.5
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, scale=None if default else scale)
+            out = kernels._sdpa(q, k, v, scale, None, q.dtype)  # the call run_plan makes: sdp's, to the bit
     except Exception as exc:
         if not (settings.oom_retry and kernels.is_oom(exc)):
             raise

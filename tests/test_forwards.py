@@ -198,7 +198,7 @@ def test_an_out_of_memory_error_in_the_same_call_lane_is_retried_by_the_full_pat
     q, k, v = projected_qkv(1, 2, 64, 64, 16)
     host = BasicHost(Settings())
     attend(q, k, v, scale=0.25, strategy="auto", host=host, site="a")
-    real, failures = forwards.F.scaled_dot_product_attention, []
+    real, failures = torch.nn.functional.scaled_dot_product_attention, []
 
     def once(*a, **kw):
         if not failures:
@@ -206,7 +206,7 @@ def test_an_out_of_memory_error_in_the_same_call_lane_is_retried_by_the_full_pat
             raise MemoryError("out of memory (simulated)")
         return real(*a, **kw)
 
-    monkeypatch.setattr(forwards.F, "scaled_dot_product_attention", once)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", once)
     out = attend(q, k, v, scale=0.25, strategy="auto", host=host, site="a")
     assert failures == [1] and (out.double() - reference(q, k, v, 0.25)).abs().max() < 1e-5
 

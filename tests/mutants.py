@@ -191,6 +191,12 @@ MUTANTS = (
     Mutant("the same call's lane runs on an old reading without its headroom", "lib_memslice/forwards.py",
            "    if room.bytes_for(shape) < FAST_PATH_HEADROOM * last.plan.peak_bytes:", "    if False:",
            ("tests/test_forwards.py::test_an_old_reading_in_the_same_call_lane_is_read_again_and_followed",)),
+    Mutant("the lane's shared reading used past its age", "lib_memslice/forwards.py",
+           "    if last is not None and now - last[0] < FAST_PATH_MAX_AGE_S:", "    if last is not None:",
+           ("tests/test_forwards.py::test_the_lane_shares_one_recent_reading_between_layers_and_reads_again_once_it_is_old",)),
+    Mutant("a layer that used the shared reading counts it as its own, new", "lib_memslice/forwards.py",
+           "    memo.probed_at = read_at  #", "    memo.probed_at = time.perf_counter()  #",
+           ("tests/test_forwards.py::test_the_lane_shares_one_recent_reading_between_layers_and_reads_again_once_it_is_old",)),
     Mutant("an out-of-memory error in the same call's lane reaches the user", "lib_memslice/forwards.py",
            "        if not (settings.oom_retry and kernels.is_oom(exc)):", "        if True:",
            ("tests/test_forwards.py::test_an_out_of_memory_error_in_the_same_call_lane_is_retried_by_the_full_path",)),
@@ -620,13 +626,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if args.only.lower() in m.name.lower()]
     failures = 0
+    missed: list[str] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         verdicts = pool.map(lambda m: run(m, args.python, args.timeout), chosen)
         for i, (mutant, (verdict, took)) in enumerate(zip(chosen, verdicts, strict=True), 1):
-            failures += verdict != "caught" and not verdict.startswith("caught")
+            if not verdict.startswith("caught"):
+                failures += 1
+                missed.append(f"{verdict}: {mutant.name} ({mutant.path})")
             print(
                 f"[{i}/{len(chosen)}] {verdict:<9} {mutant.name}  ({' '.join(mutant.tests)}, {took:.0f} s)", flush=True
             )
+    for line in missed:  # again at the end, where a log's tail shows it
+        print(f"not caught: {line}")
     print(f"{len(chosen) - failures} of {len(chosen)} mutants caught")
     return 1 if failures else 0
 

@@ -505,20 +505,37 @@ def attend(
     return out
 
 
+#: The lane's last free-memory reading per device and when it was taken, shared by every layer.
+_recent_free: dict[Any, tuple[float, probe.FreeMemory]] = {}
+
+
+def _recent_free_memory(device: torch.device) -> tuple[float, probe.FreeMemory]:
+    """Free memory on ``device`` read at most :data:`FAST_PATH_MAX_AGE_S` ago, and when it was read. Why shared: a
+    CPU step outlasts that age, so each layer's own reading is always old, and the 32 layers of a step would each
+    read ``/proc`` (10-40 us a read); the rule that makes a reading good enough (its age, the headroom over the
+    plan's peak in the room each layer makes of it) does not depend on which layer took it."""
+    now = time.perf_counter()
+    last = _recent_free.get(device)
+    if last is not None and now - last[0] < FAST_PATH_MAX_AGE_S:
+        return last
+    _recent_free[device] = reading = (now, probe.free_memory(device))
+    return reading
+
+
 def _still_ample(memo: _Memo, static: tuple[Any, ...], q: Tensor, strategy: str, settings: Settings) -> bool:
-    """An old reading (a CPU step outlasts the fast path's age): read free memory again, and the plan stands while
-    the room read now is still the fast path's headroom over its peak (the room as :func:`read_room` makes it)."""
+    """An old reading (a CPU step outlasts the fast path's age): take a recent one, and the plan stands while the
+    room it makes is still the fast path's headroom over its peak (the room as :func:`read_room` makes it)."""
     last = memo.planned
     if last is None or last.free is None or not last.plan.stable or static not in _shapes:
         return False
     if last.room_bytes < FAST_PATH_HEADROOM * last.plan.peak_bytes:
         return False  # not ample when last read: the full path reads again (one reading a call, not two)
     shape = _shapes[static][0]
-    free = probe.free_memory(q.device)
+    read_at, free = _recent_free_memory(q.device)
     room = room_for(strategy, free.bytes, settings.safety_factor, shape.input_bytes, free.ceiling)
     if room.bytes_for(shape) < FAST_PATH_HEADROOM * last.plan.peak_bytes:
         return False
-    memo.probed_at = time.perf_counter()
+    memo.probed_at = read_at  # the reading's age, not this call's: it is good for the rest of its age only
     return True
 
 

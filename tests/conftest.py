@@ -18,6 +18,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from memslice_tools.harness import torch_threads  # noqa: E402,F401  (the tests' and the tools' one; on sys.path now)
 
+
+@pytest.fixture(autouse=True)
+def _no_shared_reading_between_tests():
+    """The same call's lane shares one recent free-memory reading between layers (``forwards._recent_free``): a
+    reading one test took (a real probe, or its fake) must not answer the next test's."""
+    from lib_memslice import forwards
+
+    forwards._recent_free.clear()
+    yield
+
+
 # torch 2.1 (the webui's pin, `make test-webui-stack`) against the current torch (`make test`): decided by probing.
 OOM_ERROR = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError: 2.2+
 

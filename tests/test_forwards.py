@@ -234,3 +234,27 @@ def test_an_old_reading_in_the_same_call_lane_is_read_again_and_followed(monkeyp
     fake.free = 2 * peak  # under the headroom: the full path plans in what is free now
     record = run(host, q, k, v)
     assert described == [1] and record.room_bytes <= 2 * peak
+
+
+def test_the_lane_shares_one_recent_reading_between_layers_and_reads_again_once_it_is_old(monkeypatch):
+    """A CPU step outlasts the fast path's age, so every layer's own reading is old at its next call: the layers of
+    a step share one reading instead of each reading free memory, a layer that used it is good only for the rest
+    of its age, and once it is old the next call reads again and follows what it finds."""
+    fake = CountingProbe(64 * GiB)
+    monkeypatch.setattr(probe, "free_memory", fake)
+    clock = [100.0]
+    monkeypatch.setattr(forwards.time, "perf_counter", lambda: clock[0])
+    host = BasicHost(Settings(safety_factor=1.0))
+    layers = [projected_qkv(2, 4, n, n, 16) for n in (64, 128, 192)]
+    first = [run(host, *qkv) for qkv in layers]
+    clock[0] += forwards.FAST_PATH_MAX_AGE_S + 0.01
+    read_at, calls = clock[0], fake.calls
+    again = []
+    for qkv in layers:
+        again.append(run(host, *qkv))
+        clock[0] += 0.01
+    assert fake.calls == calls + 1  # one reading for the three layers
+    assert [r.room_bytes for r in again] == [r.room_bytes for r in first]
+    fake.free = 2 * first[2].peak_bytes
+    clock[0] = read_at + forwards.FAST_PATH_MAX_AGE_S + 0.005  # the reading is old; the last layer used it later
+    assert run(host, *layers[2]).room_bytes <= 2 * first[2].peak_bytes

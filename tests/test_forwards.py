@@ -63,14 +63,18 @@ def test_the_fast_path_reprobes_when_the_reading_is_old(monkeypatch):
 def test_an_old_reading_reprobes_but_finds_an_unsliced_first_kernel_plan_again_without_searching(monkeypatch):
     """A CPU step outlasts the fast path's age, so every call probes: with a room at least as large, the last plan
     (one slice, the chain's first kernel) is what the search would find, and the search is not run; with less room
-    (a rule may slice sooner in a smaller room) it is, and the plan follows."""
+    (a rule may slice sooner in a smaller room) it is, and the plan follows. Logged every call, so the same call's
+    lane (which does not log a call) leaves these calls to the full path, as it leaves calls in another dtype."""
     fake = CountingProbe(64 * GiB)
     monkeypatch.setattr(probe, "free_memory", fake)
     searches = []
     search = forwards.plan_in
     monkeypatch.setattr(forwards, "plan_in", lambda *a, **kw: searches.append(1) or search(*a, **kw))
+    described = []
+    describe = forwards.describe
+    monkeypatch.setattr(forwards, "describe", lambda *a, **kw: described.append(1) or describe(*a, **kw))
     q, k, v = projected_qkv(2, 4, 256, 256, 16)
-    host = BasicHost(Settings())
+    host = BasicHost(Settings(log="every call"))
     clock = [forwards.time.perf_counter()]
     monkeypatch.setattr(forwards.time, "perf_counter", lambda: clock[0])
     first = run(host, q, k, v)
@@ -80,7 +84,7 @@ def test_an_old_reading_reprobes_but_finds_an_unsliced_first_kernel_plan_again_w
         fake.free = free
         again = run(host, q, k, v)
         assert len(searches) == 1 and again.slices == 1 and again.room_bytes >= first.room_bytes
-    assert fake.calls == 3
+    assert fake.calls == 3 and len(described) == 3  # each call took the full path
     clock[0] += forwards.FAST_PATH_MAX_AGE_S + 0.01
     fake.free = 3 * first.peak_bytes  # still room for one slice, under the safety factor's margin
     smaller = run(host, q, k, v)

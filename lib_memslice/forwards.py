@@ -28,6 +28,10 @@ from .settings import Settings
 from .slicing import Room, SlicePlan, budget_room, plan_chain, plan_in, room_for, smallest_peak_plan
 from .stats import CallRecord, Stats
 
+#: ``torch.compiler.disable`` where torch has it (2.1 has it; the identity otherwise): planning, probing and the
+#: memo's checks read files, Python state and the clock, which must stay out of ``torch.compile`` graphs.
+_outside_graphs: Callable[[Any], Any] = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)
+
 log = logging.getLogger("memslice")
 
 Tensor = torch.Tensor
@@ -330,8 +334,7 @@ def _again(call: Call, planned: Planned) -> tuple[Any, ...] | None:
             planned.room_bytes, 0)  # fmt: skip
 
 
-#: Planning and probing read files and Python state: keep them out of ``torch.compile`` graphs.
-plan_call: Callable[[Call], Planned] = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)(_plan_call)
+plan_call: Callable[[Call], Planned] = _outside_graphs(_plan_call)
 
 
 # --- 3. run -----------------------------------------------------------------------------------------------------
@@ -564,8 +567,7 @@ def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: st
     return out
 
 
-#: Like planning, the memo's checks read Python state and the clock: kept out of ``torch.compile`` graphs.
-_same_call_again = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)(_same_call_again)
+_same_call_again = _outside_graphs(_same_call_again)
 
 
 # --- the forwards ------------------------------------------------------------------------------------------------

@@ -193,7 +193,12 @@ def read_room(call: Call, precise: bool = False) -> tuple[Room, probe.FreeMemory
     if settings.budget_gb > 0:
         return budget_room(int(settings.budget_gb * GiB)), None
     free = probe.free_memory(call.q.device, precise)
-    return room_for(call.strategy, free.bytes, settings.safety_factor, call.shape.input_bytes, free.ceiling), free
+    return _room_in(free, call.strategy, settings, call.shape), free
+
+
+def _room_in(free: probe.FreeMemory, strategy: str, settings: Settings, shape: AttentionShape) -> Room:
+    """A reading's room for a call of ``shape`` (one rule for the full path and the same call's lane)."""
+    return room_for(strategy, free.bytes, settings.safety_factor, shape.input_bytes, free.ceiling)
 
 
 def _plan_in(call: Call, choices: tuple[KernelChoice, ...], room_bytes: int, min_slices: int) -> SlicePlan | None:
@@ -535,8 +540,7 @@ def _still_ample(memo: _Memo, static: tuple[Any, ...], q: Tensor, strategy: str,
         return False  # not ample when last read: the full path reads again (one reading a call, not two)
     shape = _shapes[static][0]
     read_at, free = _recent_free_memory(q.device)
-    room = room_for(strategy, free.bytes, settings.safety_factor, shape.input_bytes, free.ceiling)
-    if room.bytes_for(shape) < FAST_PATH_HEADROOM * last.plan.peak_bytes:
+    if _room_in(free, strategy, settings, shape).bytes_for(shape) < FAST_PATH_HEADROOM * last.plan.peak_bytes:
         return False
     memo.probed_at = read_at  # the reading's age, not this call's: it is good for the rest of its age only
     return True

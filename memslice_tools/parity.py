@@ -49,6 +49,7 @@ from lib_memslice.forwards import BasicHost, make_cross_attention_forward
 from lib_memslice.settings import read_settings
 
 from . import webui_attention
+from .harness import torch_threads
 
 Tensor = torch.Tensor
 #: memslice's forward within this ratio of the webui's sdp forward (median of per-round ratios)
@@ -93,6 +94,7 @@ class Plan:
     min_rounds: int
     case_budget_s: float
     profile_s: float  # how long each forward runs under the profile's timers (at least PROFILE_MIN_CALLS calls)
+    warm_reps: int = 200  # :func:`warm_host_work`'s passes over its layers per round
 
 
 def _sd15(tokens: int, context: int | None) -> Case:
@@ -103,7 +105,7 @@ _SD15_CASES = tuple(_sd15(n, c) for n in (256, 1024, 4096) for c in (None, CONTE
 FULL = Plan(_SD15_CASES, (torch.float32, torch.bfloat16), (1, 2), 21, 7, 6.0, 0.3)
 QUICK = Plan(tuple(c for c in _SD15_CASES if c.tokens < 4096), (torch.float32,), (2,), 11, 5, 2.0, 0.2)
 SMOKE = Plan((Case(64, 64, 2, None, 32), Case(64, 64, 2, CONTEXT_TOKENS, 32)), (torch.float32,), (1,), 3, 2, 1.0,
-             0.02)  # fmt: skip
+             0.02, warm_reps=2)  # fmt: skip
 PROFILE_MIN_CALLS = 3
 
 
@@ -402,6 +404,73 @@ def host_profile(layer: Any, x: Tensor, ctx: Tensor | None, fns: dict[str, Calla
 # --- the section ------------------------------------------------------------------------------------------------
 
 
+#: :func:`warm_host_work`: layers called in turn (a step's attention layers), the clock advanced per call
+WARM_LAYERS = 16
+WARM_STEP_S = 0.02
+WARM_ROUNDS = 15
+
+
+class _StepClock:
+    """``forwards.time`` while :func:`warm_host_work` runs: ``perf_counter`` advanced by hand, ``time`` real."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    time = staticmethod(time.time)
+
+
+def warm_host_work(reps: int = 200) -> dict[str, float]:
+    """memslice's host work per call where the caches stay warm (a CUDA device's case: the CPU only launches
+    kernels): ``attend`` against the bare SDPA call it makes, one thread, tiny calls (1 x 8 x 16-31 x 8), the best
+    of ``WARM_ROUNDS`` rounds, two ways. ``same layer``: one layer again and again, its reading fresh.
+    ``a step``: ``WARM_LAYERS`` layers in turn with the clock advanced ``WARM_STEP_S`` a call, as on a CPU, where
+    each layer's own reading is old at its next call (the lane then checks the reading the layers share)."""
+    host, clock = WebuiLikeHost(), _StepClock()
+    gen = torch.Generator().manual_seed(0)
+    layers = [tuple(torch.randn(1, 8, 16 + i, 8, generator=gen) for _ in range(3)) for i in range(WARM_LAYERS)]
+
+    def att(step: bool) -> Callable[[], None]:
+        def run() -> None:
+            for q, k, v in layers if step else layers[:1] * WARM_LAYERS:
+                clock.now += WARM_STEP_S if step else 0.0
+                forwards.attend(q, k, v, scale=0.125, strategy="auto", host=host)
+
+        return run
+
+    def bare() -> None:
+        for q, k, v in layers:
+            F.scaled_dot_product_attention(q, k, v)
+
+    def same() -> None:
+        q, k, v = layers[0]
+        for _ in range(WARM_LAYERS):
+            F.scaled_dot_product_attention(q, k, v)
+
+    saved = forwards.time
+    forwards.time = clock  # type: ignore[assignment]
+    try:
+        with torch_threads(1), torch.no_grad():
+            fns = {"same layer": att(False), "same layer sdpa": same, "a step": att(True), "a step sdpa": bare}
+            best = dict.fromkeys(fns, float("inf"))
+            for fn in fns.values():
+                fn()
+            for _ in range(WARM_ROUNDS):
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    best[name] = min(best[name], (time.perf_counter() - start) / reps / WARM_LAYERS * 1e6)
+    finally:
+        forwards.time = saved  # type: ignore[assignment]
+        forwards._memo.clear()
+        forwards._recent_free.clear()
+    return {"same_layer_us": best["same layer"] - best["same layer sdpa"],
+            "step_us": best["a step"] - best["a step sdpa"], "sdpa_us": best["a step sdpa"]}  # fmt: skip
+
+
 def section(plan: Plan, webui_dir: str | None, log: Callable[[str], None]) -> dict[str, Any]:
     """Every case of ``plan``; the threads as they were afterwards."""
     from .speed import bf16_runs
@@ -417,6 +486,7 @@ def section(plan: Plan, webui_dir: str | None, log: Callable[[str], None]) -> di
             for dtype in dtypes:
                 for case in plan.cases:
                     result["cases"].append(measure(case, dtype, threads, plan, webui, log))
+        result["warm"] = warm_host_work(plan.warm_reps)
     finally:
         torch.set_num_threads(threads_before)
         forwards._memo.clear()
@@ -510,6 +580,13 @@ def markdown_lines(parity: dict[str, Any] | None) -> list[str]:
                 f"per call; host work {mine['host_us']:.1f} us, the webui forward's own {p[WEBUI]['host_us']:.1f} us:"
                 f" {mine['host_us_over_webui']:+.1f} us over it (timed overhead {measured:+.1f} us)"
             )
+    warm = parity.get("warm")
+    if warm:
+        lines += ["", "Host work in a warm loop (`attend` over the bare SDPA call it makes, one thread, 1 x 8 x 16-31 "
+                  f"x 8, best of {WARM_ROUNDS} rounds): the same layer again {warm['same_layer_us']:.1f} us a call; "
+                  f"{WARM_LAYERS} layers in turn on a step's clock ({1e3 * WARM_STEP_S:g} ms a call, each layer's own "
+                  f"reading old at its next call) {warm['step_us']:.1f} us a call (SDPA itself "
+                  f"{warm['sdpa_us']:.1f} us)."]  # fmt: skip
     if parity.get("skipped"):
         lines += ["", f"Not run: {'; '.join(parity['skipped'])}."]
     return [*lines, ""]

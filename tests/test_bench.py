@@ -315,13 +315,19 @@ def test_the_parity_section_runs_alone_and_leaves_the_runtime_as_it_was(tmp_path
     from lib_memslice import forwards, kernels, probe
 
     before = (forwards.attend, forwards.describe, forwards.plan_call, forwards.record, forwards.run_call,
-              kernels.run_plan, kernels._sdpa, probe.free_memory, F.scaled_dot_product_attention)  # fmt: skip
+              kernels.run_plan, kernels._sdpa, probe.free_memory, F.scaled_dot_product_attention,
+              forwards.time)  # fmt: skip
     assert main(["--parity", "--smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench-report.json").read_text())
     assert [t["name"] for t in report["targets"]] == ["parity"] and len(report["parity"]["cases"]) == 2
-    assert "speed" not in report and "## Fused kernel, the real modules" in (tmp_path / "bench-report.md").read_text()
+    text = (tmp_path / "bench-report.md").read_text()
+    assert "speed" not in report and "## Fused kernel, the real modules" in text
+    warm = report["parity"]["warm"]  # the warm loop's host work, on the step's clock too: the real clock put back
+    assert set(warm) == {"same_layer_us", "step_us", "sdpa_us"} and warm["sdpa_us"] > 0
+    assert f"the same layer again {warm['same_layer_us']:.1f} us a call" in text
     after = (forwards.attend, forwards.describe, forwards.plan_call, forwards.record, forwards.run_call,
-             kernels.run_plan, kernels._sdpa, probe.free_memory, F.scaled_dot_product_attention)  # fmt: skip
+             kernels.run_plan, kernels._sdpa, probe.free_memory, F.scaled_dot_product_attention,
+             forwards.time)  # fmt: skip
     assert all(a is b for a, b in zip(before, after, strict=True))
 
 

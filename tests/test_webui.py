@@ -152,6 +152,22 @@ def test_options_are_read_with_defaults_before_settings_register(webui):
     assert webui.memslice.HOST.settings() == settings_module.Settings()
 
 
+@pytest.mark.parametrize("value", [3, "einsum", None, [1, 2], {"a": 1}, True, -1.5])
+def test_options_read_from_opts_data_equal_the_webuis_getattr_for_every_key(webui, value):
+    """The host reads an option held in ``opts.data`` from it (each ``getattr`` on the webui's Options fails the
+    normal lookup first): the settings must be the ones ``getattr`` gives, for saved values of any JSON type and
+    for keys only registered (their default) or absent everywhere."""
+    opts = webui.shared.opts
+    opts.data["memslice_slice_cap"] = value
+    opts.data["memslice_kernel"] = value
+    opts.data.pop("memslice_safety_factor", None)  # registered, not saved: its registered default
+    opts.data_labels["memslice_safety_factor"].default = 2.5
+    del opts.data_labels["memslice_log"]  # nowhere: memslice's own default
+    opts.data.pop("memslice_log", None)
+    expected = settings_module.read_settings(lambda key, default: getattr(opts, key, default))
+    assert webui.memslice.HOST.settings() == expected and expected.safety_factor == 2.5
+
+
 def make_cross(env, sgm=False, query_dim=64, context_dim=None, heads=4, dim_head=16):
     cls = env.sgm_attention.CrossAttention if sgm else env.ldm_attention.CrossAttention
     torch.manual_seed(0)

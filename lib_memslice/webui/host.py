@@ -25,14 +25,27 @@ if log.level == logging.NOTSET:
     log.setLevel(logging.INFO)
 
 STATS = Stats()
+_ABSENT = object()
 
 
 class WebuiHost:
     """The Host the forwards use inside the webui: options, hypernetworks, upcast and autocast from ``modules``."""
 
     def settings(self) -> Settings:
+        """The options, read on every attention call. An option the webui holds in ``opts.data`` is read from that
+        dict: ``getattr(opts, key)`` fails the normal attribute lookup first (an AttributeError raised and caught)
+        before ``Options.__getattr__`` finds it there, about a microsecond and a half per key warm, every key a call.
+        One not there (not yet registered, or not saved) is read as before, which gives its registered default."""
         opts = getattr(shared, "opts", None)
-        return read_settings(lambda key, default: getattr(opts, key, default))
+        data = getattr(opts, "data", None)
+        if type(data) is not dict:
+            return read_settings(lambda key, default: getattr(opts, key, default))
+
+        def get(key: str, default: Any) -> Any:
+            value = data.get(key, _ABSENT)
+            return getattr(opts, key, default) if value is _ABSENT else value
+
+        return read_settings(get)
 
     def apply_hypernetworks(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from modules.hypernetworks import hypernetwork  # type: ignore[import-not-found]

@@ -361,14 +361,21 @@ def _import_ldm() -> tuple[Any, Any, Any]:
 
 @contextlib.contextmanager
 def patched(
-    attention: Any, model: Any, forwards: tuple[Callable[..., Tensor], Callable[..., Tensor]]
+    attention: Any,
+    model: Any,
+    forwards: tuple[Callable[..., Tensor], Callable[..., Tensor]],
+    decoder_forward: Callable[..., Tensor] | None = None,
 ) -> Iterator[None]:
-    saved = attention.CrossAttention.forward, model.AttnBlock.forward
+    """ldm's attention forwards replaced by ``forwards`` (and the ``Decoder``'s by ``decoder_forward``, memslice's
+    banded one, where given) for the block."""
+    saved = attention.CrossAttention.forward, model.AttnBlock.forward, model.Decoder.forward
     attention.CrossAttention.forward, model.AttnBlock.forward = forwards
+    if decoder_forward is not None:
+        model.Decoder.forward = decoder_forward
     try:
         yield
     finally:
-        attention.CrossAttention.forward, model.AttnBlock.forward = saved
+        attention.CrossAttention.forward, model.AttnBlock.forward, model.Decoder.forward = saved
 
 
 def pipeline(ctx: Ctx) -> dict[str, Any]:
@@ -539,10 +546,12 @@ def whole_job(ctx: Ctx) -> dict[str, Any]:
 
     _, model_module, _ = _import_ldm()
     attention = _import_ldm()[0]
+    from lib_memslice.bands import make_decoder_forward
     from lib_memslice.forwards import make_attnblock_forward, make_cross_attention_forward
 
     host = BasicHost(Settings())
     forwards = (make_cross_attention_forward("auto", host), make_attnblock_forward("auto", host))
+    decoder_forward = make_decoder_forward("auto", host)  # the decode runs as planned: in bands where it must
     total = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.cuda else 0
     rows: list[dict[str, Any]] = []
     real_probe = probe.free_memory
@@ -583,7 +592,7 @@ def whole_job(ctx: Ctx) -> dict[str, Any]:
                         torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), ctx.device)
                     probe.free_memory = card_room
                     try:
-                        with patched(attention, model_module, forwards):
+                        with patched(attention, model_module, forwards, decoder_forward):
                             for p in plan["passes"]:
                                 kind = "unet" if p["kind"] == "unet" else "vae"
                                 running, idle = (unet, decoder) if kind == "unet" else (decoder, unet)
@@ -625,6 +634,95 @@ def whole_job(ctx: Ctx) -> dict[str, Any]:
         "allocator_share": {"min": min(shares, default=None), "max": max(shares, default=None)},
         "pass": bool(fitted) and ran,
     }
+
+
+#: section 6: the SD decoder's image sides under an emulated 4 GiB card (fp16); tiny ones for the CPU dry run
+VAE_SIDES = (1024, 2048, 4096)
+VAE_CARD = 4 * GiB
+
+
+def vae_bands(ctx: Ctx) -> dict[str, Any]:
+    """Section 6 (issue 23): memslice's banded ``Decoder`` forward on the SD decoder (ch 128, fp16, random weights)
+    at 1024, 2048 and 4096 px on an emulated 4 GiB card (the process capped by ``set_per_process_memory_fraction``,
+    memslice's probe reading the card's room), its attention memslice's too: the plan it chose (the stock forward,
+    bands on the device, or bands streamed through pinned host memory), the allocator's peak above the pass's input
+    against the plan's predicted device peak, the time, and no out-of-memory error. The stock decode is tried at
+    each size too (it runs out of memory where the card is too small). The CPU dry run: ch 32, 64 and 128 px, a
+    16 MiB card (numbers without meaning)."""
+    from lib_memslice import probe
+    from lib_memslice.bands import make_decoder_forward
+    from lib_memslice.forwards import make_attnblock_forward, make_cross_attention_forward
+
+    from .configs import SD15_DECODER
+
+    attention, model, _ = _import_ldm()
+    with torch.device(ctx.device):
+        torch.manual_seed(0)
+        decoder = model.Decoder(**{**SD15_DECODER, "ch": 128 if ctx.cuda else 32}).to(ctx.half).eval()
+    host = _BandsHost()
+    forwards = (make_cross_attention_forward("auto", host), make_attnblock_forward("auto", host))
+    banded = make_decoder_forward("auto", host)
+    real_probe = probe.free_memory
+
+    def card_room(device: Any, precise: bool = False) -> probe.FreeMemory:
+        held = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else 0
+        return probe.FreeMemory(max(0, (ctx.limit or 0) - held), "the emulated card")
+
+    rows: list[dict[str, Any]] = []
+    card = VAE_CARD if ctx.cuda else 16 * MiB
+    for side in VAE_SIDES if ctx.cuda else (64, 128):
+        row: dict[str, Any] = {"side": side, "card": card}
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        z = torch.randn(1, 4, side // 8, side // 8, generator=g, device=ctx.device, dtype=ctx.half)
+        with memory_cap(ctx, card):
+            if not ctx.cuda:
+                ctx.limit = card
+            probe.free_memory = card_room
+            try:
+                for name, forward in (("memslice", banded), ("stock", None)):
+                    start = time.perf_counter()
+                    try:
+                        with torch.no_grad(), ctx.peak() as peak:
+                            if forward is None:
+                                out = decoder(z)
+                            else:
+                                with patched(attention, model, forwards, forward):
+                                    out = decoder(z)
+                            del out
+                        row[name] = {"measured": peak["peak"], "seconds": time.perf_counter() - start, "oom": False}
+                    except Exception as exc:  # torch's OOM or memslice's refusal: the outcome
+                        row[name] = {"oom": True, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                        exc.__traceback__ = None
+                    ctx.release()
+            finally:
+                probe.free_memory = real_probe
+                if not ctx.cuda:
+                    ctx.limit = None
+        if host.bands and not row["memslice"]["oom"]:
+            record = host.bands[-1]
+            row["plan"] = {"bands": record.bands, "streamed": record.streamed, "predicted": record.peak_bytes,
+                           "untiled": record.untiled_bytes, "room": record.room_bytes, "reason": record.reason,
+                           "tried": [list(t) for t in record.tried]}  # fmt: skip
+            measured = row["memslice"]["measured"]
+            row["memslice"]["ratio"] = measured / record.peak_bytes if record.peak_bytes else None
+        host.bands.clear()
+        del z
+        rows.append(row)
+    ratios = [r["memslice"]["ratio"] for r in rows if r["memslice"].get("ratio") is not None]
+    ran = all(not r["memslice"]["oom"] for r in rows)
+    return {"rows": rows, "max_ratio": max(ratios, default=None), "pass": ran and all(x <= 1.0 for x in ratios)}
+
+
+class _BandsHost(BasicHost):
+    """:class:`BasicHost` keeping each VAE pass's band record (the plan it ran)."""
+
+    def __init__(self) -> None:
+        super().__init__(Settings())
+        self.bands: list[Any] = []
+
+    def record_bands(self, record: Any) -> None:
+        super().record_bands(record)
+        self.bands.append(record)
 
 
 def no_fused(ctx: Ctx) -> dict[str, Any]:
@@ -669,6 +767,24 @@ def no_fused(ctx: Ctx) -> dict[str, Any]:
 
 
 # --- report ------------------------------------------------------------------------------------------------
+
+
+def _vae_row(r: dict[str, Any]) -> str:
+    """One row of section 6's table."""
+    mine, stock, plan = r["memslice"], r["stock"], r.get("plan")
+    if not plan:
+        what, predicted = "-", "-"
+    else:
+        what = "the stock forward" if plan["bands"] == 0 else f"{plan['bands']} bands" + " streamed" * plan["streamed"]
+        predicted = format_bytes(plan["predicted"])
+    measured = f"OOM: {mine['error']}" if mine["oom"] else format_bytes(mine["measured"])
+    theirs = (
+        f"OOM: {stock['error'][:80]}"
+        if stock["oom"]
+        else f"{format_bytes(stock['measured'])}, {stock['seconds']:.1f} s"
+    )
+    return (f"| {r['side']} | {format_bytes(r['card'])} | {what} | {predicted} | {measured} | "
+            f"{mine.get('seconds', 0.0):.1f} s | {theirs} |")  # fmt: skip
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -727,6 +843,21 @@ def markdown(report: dict[str, Any]) -> str:
                                  f"{e['verdict']} | {format_bytes(e['predicted_total'])} | {measured} | "
                                  f"{'yes' if e['oom'] else 'no'} |")  # fmt: skip
         lines.append("")
+    vb = report.get("vae_bands")
+    if vb and "rows" in vb:
+        verdict = "PASS" if vb["pass"] else "FAIL"
+        lines += [
+            "## 6. The SD decoder in bands on an emulated card: predicted vs measured",
+            "",
+            f"memslice's decode ran at every size within its predicted device peak: **{verdict}** (largest measured /"
+            f" predicted {vb['max_ratio']}).",
+            "",
+            "| side | card | memslice's plan | predicted | measured | time | the stock decode |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | --- |",
+        ]
+        for r in vb["rows"]:
+            lines.append(_vae_row(r))
+        lines.append("")
     for key, title in (("oom_retry", "## 2. A real out-of-memory error"), ("no_fused", "## No fused kernel"),
                        ("pipeline", "## 3. SD1.5 fp16 UNet + VAE"),
                        ("max_square", "## 4. Largest square size within 4 GiB")):  # fmt: skip
@@ -751,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated sections (kernel_memory,oom_retry,whole_job,no_fused,pipeline,max_square)",
+        help="comma-separated sections (kernel_memory,oom_retry,whole_job,vae_bands,no_fused,pipeline,max_square)",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -779,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_memory": kernel_memory,
         "oom_retry": oom_retry,
         "whole_job": whole_job,
+        "vae_bands": vae_bands,
         "no_fused": no_fused,
         "pipeline": pipeline,
         "max_square": max_square,

@@ -22,7 +22,7 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0(capsys, tmp_path):
 def test_every_section_runs_as_a_cpu_dry_run_and_writes_its_report(tmp_path):
     assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu-report.json").read_text())
-    for section in ("kernel_memory", "oom_retry", "whole_job", "no_fused", "pipeline", "max_square"):
+    for section in ("kernel_memory", "oom_retry", "whole_job", "vae_bands", "no_fused", "pipeline", "max_square"):
         assert section in report and "error" not in report[section], (section, report[section])
     km = report["kernel_memory"]
     assert km["checked"] > 0 and km["pass"] and km["max_ratio"] <= 1.0
@@ -35,3 +35,9 @@ def test_every_section_runs_as_a_cpu_dry_run_and_writes_its_report(tmp_path):
     assert all(r["planned_side"] > 0 and len(r["at"]["passes"]) == 2 for r in job["rows"])
     assert "# memslice GPU check" in (tmp_path / "gpu-report.md").read_text()
     assert "## 5. Whole jobs on emulated cards" in (tmp_path / "gpu-report.md").read_text()
+    bands = report["vae_bands"]  # memslice's banded decoder forward under the card; the stock decode beside it
+    assert [r["side"] for r in bands["rows"]] == [64, 128] and bands["pass"]
+    assert all(not r["memslice"]["oom"] and not r["stock"]["oom"] for r in bands["rows"])
+    big = bands["rows"][-1]["plan"]  # the dry run's 16 MiB card bands the 128 px decode: the plan that ran
+    assert big["bands"] > 1 and big["predicted"] <= big["room"] < big["untiled"] and bands["max_ratio"] <= 1.0
+    assert "## 6. The SD decoder in bands on an emulated card" in (tmp_path / "gpu-report.md").read_text()

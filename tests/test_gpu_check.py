@@ -22,7 +22,9 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0(capsys, tmp_path):
 def test_every_section_runs_as_a_cpu_dry_run_and_writes_its_report(tmp_path):
     assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu-report.json").read_text())
-    for section in ("kernel_memory", "oom_retry", "whole_job", "vae_bands", "no_fused", "pipeline", "max_square"):
+    sections = ("kernel_memory", "oom_retry", "whole_job", "vae_bands", "sd3_joint", "no_fused", "pipeline",
+                "max_square")  # fmt: skip
+    for section in sections:
         assert section in report and "error" not in report[section], (section, report[section])
     km = report["kernel_memory"]
     assert km["checked"] > 0 and km["pass"] and km["max_ratio"] <= 1.0
@@ -41,3 +43,9 @@ def test_every_section_runs_as_a_cpu_dry_run_and_writes_its_report(tmp_path):
     big = bands["rows"][-1]["plan"]  # the dry run's 16 MiB card bands the 128 px decode: the plan that ran
     assert big["bands"] > 1 and big["predicted"] <= big["room"] < big["untiled"] and bands["max_ratio"] <= 1.0
     assert "## 6. The SD decoder in bands on an emulated card" in (tmp_path / "gpu-report.md").read_text()
+    sd3 = report["sd3_joint"]  # SD3's joint calls, both regimes: memslice's kernel where no fused one runs
+    assert [(r["tokens"], r["regime"]) for r in sd3["rows"]] == [(218, "fused"), (218, "math"), (410, "fused"),
+                                                                 (410, "math")] and sd3["pass"]  # fmt: skip
+    assert [r["memslice"]["kernel"] for r in sd3["rows"]] == ["fused", "einsum"] * 2
+    assert all(r["memslice"]["max_abs_error"] < 1e-4 and "measured" in r["webui"] for r in sd3["rows"])
+    assert "## 7. SD3's joint attention" in (tmp_path / "gpu-report.md").read_text()

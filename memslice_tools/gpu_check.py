@@ -251,9 +251,14 @@ def _upcast_rows(ctx: Ctx) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def memory_cap(ctx: Ctx, extra: int) -> Iterator[int]:
-    """Cap this process at what it holds now plus ``extra`` bytes (CUDA); yields the cap's headroom."""
+    """Cap this process at what it holds now plus ``extra`` bytes (CUDA; on the CPU dry run only ``ctx.limit``, what
+    :func:`card_probe` reads); yields the cap's headroom."""
     if not ctx.cuda:
-        yield extra
+        ctx.limit = extra
+        try:
+            yield extra
+        finally:
+            ctx.limit = None
         return
     ctx.release()
     total = torch.cuda.get_device_properties(ctx.device).total_memory
@@ -266,6 +271,25 @@ def memory_cap(ctx: Ctx, extra: int) -> Iterator[int]:
         torch.cuda.set_per_process_memory_fraction(1.0, ctx.device)
         ctx.limit = None
         ctx.release()
+
+
+@contextlib.contextmanager
+def card_probe(ctx: Ctx) -> Iterator[None]:
+    """memslice's probe reads the emulated card's room for the block: ``ctx.limit`` less what is allocated (the
+    driver's free memory knows nothing of a per-process cap)."""
+    from lib_memslice import probe
+
+    real = probe.free_memory
+
+    def card_room(device: Any, precise: bool = False) -> probe.FreeMemory:
+        held = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else 0
+        return probe.FreeMemory(max(0, (ctx.limit or 0) - held), "the emulated card")
+
+    probe.free_memory = card_room
+    try:
+        yield
+    finally:
+        probe.free_memory = real
 
 
 def oom_retry(ctx: Ctx) -> dict[str, Any]:
@@ -378,6 +402,18 @@ def patched(
         attention.CrossAttention.forward, model.AttnBlock.forward, model.Decoder.forward = saved
 
 
+def _timed(ctx: Ctx, fn: Callable[[], Any], reps: int = 3) -> float:
+    """The median seconds of ``reps`` calls of ``fn`` (after the caller's warm-up), synchronised."""
+    times = []
+    for _ in range(reps):
+        ctx.sync()
+        start = time.perf_counter()
+        fn()
+        ctx.sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def pipeline(ctx: Ctx) -> dict[str, Any]:
     from .configs import SD15_DECODER, SD15_UNET
 
@@ -417,14 +453,7 @@ def pipeline(ctx: Ctx) -> dict[str, Any]:
                     run()  # warm-up
                     with ctx.peak() as measured:
                         run()
-                    times = []
-                    for _ in range(3):
-                        ctx.sync()
-                        start = time.perf_counter()
-                        run()
-                        ctx.sync()
-                        times.append(time.perf_counter() - start)
-                    row[part] = {"peak_bytes": measured["peak"], "ms": statistics.median(times) * 1e3}
+                    row[part] = {"peak_bytes": measured["peak"], "ms": _timed(ctx, run) * 1e3}
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         rows[contender] = row
@@ -540,7 +569,6 @@ def _run_pass(ctx: Ctx, kind: str, module: Any, side: int, vae_dtype: torch.dtyp
 
 def whole_job(ctx: Ctx) -> dict[str, Any]:
     """See the module docstring, section 5."""
-    from lib_memslice import probe
     from lib_memslice.job_plan import make_job, plan_job
     from lib_memslice.models import BUILTIN, Weights
 
@@ -554,12 +582,6 @@ def whole_job(ctx: Ctx) -> dict[str, Any]:
     decoder_forward = make_decoder_forward("auto", host)  # the decode runs as planned: in bands where it must
     total = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.cuda else 0
     rows: list[dict[str, Any]] = []
-    real_probe = probe.free_memory
-
-    def card_room(device: Any, precise: bool = False) -> probe.FreeMemory:  # what a card this size has free now
-        held = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else 0
-        return probe.FreeMemory(max(0, (ctx.limit or 0) - held), "the emulated card")
-
     for arch, (unet, decoder, text_bytes) in _whole_job_models(ctx).items():
         for vae_name, vae_dtype in (
             (("fp16", torch.float16), ("fp32", torch.float32)) if ctx.cuda else (("fp32", torch.float32),)
@@ -590,9 +612,8 @@ def whole_job(ctx: Ctx) -> dict[str, Any]:
                     ctx.limit = card
                     if ctx.cuda:
                         torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), ctx.device)
-                    probe.free_memory = card_room
                     try:
-                        with patched(attention, model_module, forwards, decoder_forward):
+                        with card_probe(ctx), patched(attention, model_module, forwards, decoder_forward):
                             for p in plan["passes"]:
                                 kind = "unet" if p["kind"] == "unet" else "vae"
                                 running, idle = (unet, decoder) if kind == "unet" else (decoder, unet)
@@ -612,7 +633,6 @@ def whole_job(ctx: Ctx) -> dict[str, Any]:
                                 outcome["passes"].append(entry)
                                 ctx.release()
                     finally:
-                        probe.free_memory = real_probe
                         ctx.limit = None
                         if ctx.cuda:
                             torch.cuda.set_per_process_memory_fraction(1.0, ctx.device)
@@ -649,7 +669,6 @@ def vae_bands(ctx: Ctx) -> dict[str, Any]:
     against the plan's predicted device peak, the time, and no out-of-memory error. The stock decode is tried at
     each size too (it runs out of memory where the card is too small). The CPU dry run: ch 32, 64 and 128 px, a
     16 MiB card (numbers without meaning)."""
-    from lib_memslice import probe
     from lib_memslice.bands import make_decoder_forward
     from lib_memslice.forwards import make_attnblock_forward, make_cross_attention_forward
 
@@ -662,42 +681,24 @@ def vae_bands(ctx: Ctx) -> dict[str, Any]:
     host = _BandsHost()
     forwards = (make_cross_attention_forward("auto", host), make_attnblock_forward("auto", host))
     banded = make_decoder_forward("auto", host)
-    real_probe = probe.free_memory
-
-    def card_room(device: Any, precise: bool = False) -> probe.FreeMemory:
-        held = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else 0
-        return probe.FreeMemory(max(0, (ctx.limit or 0) - held), "the emulated card")
-
     rows: list[dict[str, Any]] = []
     card = VAE_CARD if ctx.cuda else 16 * MiB
     for side in VAE_SIDES if ctx.cuda else (64, 128):
         row: dict[str, Any] = {"side": side, "card": card}
         g = torch.Generator(device=ctx.device).manual_seed(0)
         z = torch.randn(1, 4, side // 8, side // 8, generator=g, device=ctx.device, dtype=ctx.half)
-        with memory_cap(ctx, card):
-            if not ctx.cuda:
-                ctx.limit = card
-            probe.free_memory = card_room
-            try:
-                for name, forward in (("memslice", banded), ("stock", None)):
-                    start = time.perf_counter()
-                    try:
-                        with torch.no_grad(), ctx.peak() as peak:
-                            if forward is None:
-                                out = decoder(z)
-                            else:
-                                with patched(attention, model, forwards, forward):
-                                    out = decoder(z)
-                            del out
-                        row[name] = {"measured": peak["peak"], "seconds": time.perf_counter() - start, "oom": False}
-                    except Exception as exc:  # torch's OOM or memslice's refusal: the outcome
-                        row[name] = {"oom": True, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-                        exc.__traceback__ = None
-                    ctx.release()
-            finally:
-                probe.free_memory = real_probe
-                if not ctx.cuda:
-                    ctx.limit = None
+        with memory_cap(ctx, card), card_probe(ctx):
+            for name, patch in (("memslice", True), ("stock", False)):
+                start = time.perf_counter()
+                try:
+                    memslice = patched(attention, model, forwards, banded) if patch else contextlib.nullcontext()
+                    with torch.no_grad(), ctx.peak() as peak, memslice:
+                        decoder(z)
+                    row[name] = {"measured": peak["peak"], "seconds": time.perf_counter() - start, "oom": False}
+                except Exception as exc:  # torch's OOM or memslice's refusal: the outcome
+                    row[name] = {"oom": True, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                    exc.__traceback__ = None
+                ctx.release()
         if host.bands and not row["memslice"]["oom"]:
             record = host.bands[-1]
             row["plan"] = {"bands": record.bands, "streamed": record.streamed, "predicted": record.peak_bytes,
@@ -728,18 +729,6 @@ class _BandsHost(BasicHost):
 #: section 7: SD3 Medium's joint attention at 1024 and 2048 px: 2 x 24 heads of 64 over 154 text tokens + patches
 SD3_TOKENS = (4250, 16538)
 SD3_HEADS, SD3_HEAD_DIM = 24, 64
-
-
-def _timed(ctx: Ctx, fn: Callable[[], Any], reps: int = 3) -> float:
-    """The median seconds of ``reps`` calls of ``fn`` (after the caller's warm-up), synchronised."""
-    times = []
-    for _ in range(reps):
-        ctx.sync()
-        start = time.perf_counter()
-        fn()
-        ctx.sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def sd3_joint(ctx: Ctx) -> dict[str, Any]:
@@ -839,14 +828,7 @@ def no_fused(ctx: Ctx) -> dict[str, Any]:
                     call()
                     with ctx.peak() as measured:
                         call()
-                    times = []
-                    for _ in range(5):
-                        ctx.sync()
-                        start = time.perf_counter()
-                        call()
-                        ctx.sync()
-                        times.append(time.perf_counter() - start)
-                    per[name] = {"ms": statistics.median(times) * 1e3, "peak_bytes": measured["peak"]}
+                    per[name] = {"ms": _timed(ctx, call, reps=5) * 1e3, "peak_bytes": measured["peak"]}
                 except Exception as exc:
                     per[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 ctx.release()
@@ -855,6 +837,17 @@ def no_fused(ctx: Ctx) -> dict[str, Any]:
 
 
 # --- report ------------------------------------------------------------------------------------------------
+
+
+def _rows_section(section: dict[str, Any] | None, title: str, claim: str, head: str, align: str,
+                  row: Callable[[dict[str, Any]], str]) -> list[str]:  # fmt: skip
+    """A section's report: its title, the claim with its verdict and largest measured / predicted, one table row a
+    case (none where the section did not run or failed)."""
+    if not section or "rows" not in section:
+        return []
+    verdict = "PASS" if section["pass"] else "FAIL"
+    summary = f"{claim}: **{verdict}** (largest measured / predicted {section['max_ratio']})."
+    return [title, "", summary, "", head, align, *(row(r) for r in section["rows"]), ""]
 
 
 def _vae_row(r: dict[str, Any]) -> str:
@@ -942,36 +935,17 @@ def markdown(report: dict[str, Any]) -> str:
                                  f"{e['verdict']} | {format_bytes(e['predicted_total'])} | {measured} | "
                                  f"{'yes' if e['oom'] else 'no'} |")  # fmt: skip
         lines.append("")
-    vb = report.get("vae_bands")
-    if vb and "rows" in vb:
-        verdict = "PASS" if vb["pass"] else "FAIL"
-        lines += [
-            "## 6. The SD decoder in bands on an emulated card: predicted vs measured",
-            "",
-            f"memslice's decode ran at every size within its predicted device peak: **{verdict}** (largest measured /"
-            f" predicted {vb['max_ratio']}).",
-            "",
-            "| side | card | memslice's plan | predicted | measured | time | the stock decode |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | --- |",
-        ]
-        for r in vb["rows"]:
-            lines.append(_vae_row(r))
-        lines.append("")
-    sd3 = report.get("sd3_joint")
-    if sd3 and "rows" in sd3:
-        verdict = "PASS" if sd3["pass"] else "FAIL"
-        lines += [
-            "## 7. SD3's joint attention: memslice's joint function vs the webui's call",
-            "",
-            f"Every call within its predicted peak: **{verdict}** (largest measured / predicted {sd3['max_ratio']}).",
-            "",
-            "| tokens | regime | memslice: kernel, slices | predicted | measured | time | error vs fused "
-            "| the webui's call |",
-            "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
-        ]
-        for r in sd3["rows"]:
-            lines.append(_sd3_row(r))
-        lines.append("")
+    lines += _rows_section(
+        report.get("vae_bands"), "## 6. The SD decoder in bands on an emulated card: predicted vs measured",
+        "memslice's decode ran at every size within its predicted device peak",
+        "| side | card | memslice's plan | predicted | measured | time | the stock decode |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | --- |", _vae_row)  # fmt: skip
+    lines += _rows_section(
+        report.get("sd3_joint"), "## 7. SD3's joint attention: memslice's joint function vs the webui's call",
+        "Every call within its predicted peak",
+        "| tokens | regime | memslice: kernel, slices | predicted | measured | time | error vs fused "
+        "| the webui's call |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |", _sd3_row)  # fmt: skip
     for key, title in (("oom_retry", "## 2. A real out-of-memory error"), ("no_fused", "## No fused kernel"),
                        ("pipeline", "## 3. SD1.5 fp16 UNet + VAE"),
                        ("max_square", "## 4. Largest square size within 4 GiB")):  # fmt: skip

@@ -14,7 +14,7 @@ from modules import shared  # type: ignore[import-not-found]
 
 from .. import probe
 from ..limits import NotEnoughMemory
-from ..settings import Settings, read_settings
+from ..settings import MISSING, Settings, read_settings
 from ..stats import CallRecord, Stats
 
 # Records go through the webui's own logging configuration (it sets the root level from --loglevel or
@@ -25,7 +25,6 @@ if log.level == logging.NOTSET:
     log.setLevel(logging.INFO)
 
 STATS = Stats()
-_ABSENT = object()
 
 
 class WebuiHost:
@@ -42,8 +41,8 @@ class WebuiHost:
             return read_settings(lambda key, default: getattr(opts, key, default))
 
         def get(key: str, default: Any) -> Any:
-            value = data.get(key, _ABSENT)
-            return getattr(opts, key, default) if value is _ABSENT else value
+            value = data.get(key, MISSING)
+            return getattr(opts, key, default) if value is MISSING else value
 
         return read_settings(get)
 

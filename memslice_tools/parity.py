@@ -432,28 +432,29 @@ def warm_host_work(reps: int = 200) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     layers = [tuple(torch.randn(1, 8, 16 + i, 8, generator=gen) for _ in range(3)) for i in range(WARM_LAYERS)]
 
-    def att(step: bool) -> Callable[[], None]:
+    def att(calls: list[tuple[Tensor, ...]], step: float) -> Callable[[], None]:
         def run() -> None:
-            for q, k, v in layers if step else layers[:1] * WARM_LAYERS:
-                clock.now += WARM_STEP_S if step else 0.0
+            for q, k, v in calls:
+                clock.now += step
                 forwards.attend(q, k, v, scale=0.125, strategy="auto", host=host)
 
         return run
 
-    def bare() -> None:
-        for q, k, v in layers:
-            F.scaled_dot_product_attention(q, k, v)
+    def bare(calls: list[tuple[Tensor, ...]]) -> Callable[[], None]:
+        def run() -> None:
+            for q, k, v in calls:
+                F.scaled_dot_product_attention(q, k, v)
 
-    def same() -> None:
-        q, k, v = layers[0]
-        for _ in range(WARM_LAYERS):
-            F.scaled_dot_product_attention(q, k, v)
+        return run
+
+    same = layers[:1] * WARM_LAYERS
 
     saved = forwards.time
     forwards.time = clock  # type: ignore[assignment]
     try:
         with torch_threads(1), torch.no_grad():
-            fns = {"same layer": att(False), "same layer sdpa": same, "a step": att(True), "a step sdpa": bare}
+            fns = {"same layer": att(same, 0.0), "same layer sdpa": bare(same), "a step": att(layers, WARM_STEP_S),
+                   "a step sdpa": bare(layers)}  # fmt: skip
             best = dict.fromkeys(fns, float("inf"))
             for fn in fns.values():
                 fn()

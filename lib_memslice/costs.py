@@ -135,11 +135,11 @@ class KernelChoice:
     assumes the worst (one, two when casting). ``backend`` names the SDPA backend for reports ("flash",
     "efficient", "cudnn", "math", or "" when unknown). ``workers``: slices run at once, each with its own buffers
     (memslice's einsum kernel on CPUs: one single-threaded worker per torch thread). ``unnormalised``: the einsum
-    kernel may skip the softmax's max, sum and scaling passes for heads whose logits are bounded (float32 and
-    bfloat16 on CPUs, value dims up to UNNORMALISED_MAX_V_DIM, see :func:`takes_unnormalised`). ``staged``: the
-    einsum kernel copies each run's keys (and values) and each slice's queries into contiguous buffers first (a CPU
-    GEMM in half precision clones strided operands inside the op on every slice, unseen and uncounted otherwise:
-    q, k and v viewed as heads of ``[B, N, H*d]`` projections are strided).
+    kernel may skip the softmax's max and scaling passes for heads whose logits are bounded (float32 and bfloat16 on
+    CPUs, see :func:`takes_unnormalised`). ``staged``: the einsum kernel copies each run's keys and values and each
+    slice's queries into contiguous buffers first (a CPU GEMM in half precision clones strided operands inside the
+    op on every slice, unseen and uncounted otherwise: q, k and v viewed as heads of ``[B, N, H*d]`` projections are
+    strided).
     """
 
     kind: str
@@ -158,18 +158,12 @@ class KernelChoice:
             raise ValueError(f"KernelChoice.workers must be a positive int, got {self.workers!r}")
 
 
-#: The unnormalised path pays one more column of the value GEMM (a column of ones: the row sums) to save the
-#: softmax's passes over the scores; worth it while the GEMM is narrow. Measured on one CPU thread, 1024 queries x
-#: 4096 keys, unnormalised / softmax: float32 0.80x at 40 value dims, 0.93x at 64, 0.96x at 80, 0.99x at 128-256;
-#: bfloat16 0.90x at 40, 0.94x at 80, 1.03x at 128, 1.13x at 256.
-UNNORMALISED_MAX_V_DIM = 80
-
-
-def takes_unnormalised(kernel: KernelChoice, v_dim: int) -> bool:
-    """Whether an einsum call with these value dims allocates the unnormalised path's buffers: per worker a copy of
-    one run's values with a column of ones, a slice's output one column wider, and the norms of the run's keys and
-    the slice's queries. The kernel runs the path where this holds and the cost model counts it: one rule for both."""
-    return kernel.kind == "einsum" and kernel.unnormalised and v_dim <= UNNORMALISED_MAX_V_DIM
+def takes_unnormalised(kernel: KernelChoice) -> bool:
+    """Whether an einsum call allocates the unnormalised path's buffers: per worker each slice row's sum, and the
+    norms of a run's keys and a slice's queries. The kernel runs the path where this holds and the cost model counts
+    it: one rule for both. At every value dim measured (40-512, one thread, 1024 queries x 4096 keys, torch 2.1.2 and
+    2.13) ``exp2``, a row sum, the value GEMM and the division took 0.83-0.98x the softmax and its value GEMM."""
+    return kernel.kind == "einsum" and kernel.unnormalised
 
 
 #: What one half-precision (bf16 / fp16) GEMM of memslice's einsum kernel allocates and frees inside the op on a
@@ -192,7 +186,7 @@ def gemm_scratch(shape: AttentionShape, rows: int, queries_per_slice: int, kerne
     if kernel.kind != "einsum" or kernel.scratch <= 0:
         return 0
     # the larger of the two GEMMs' operands in float32: the scores, and queries and keys or values and output
-    width = max(shape.head_dim, shape.v_dim) + 1
+    width = max(shape.head_dim, shape.v_dim)
     operands = 4 * rows * (queries_per_slice * shape.k_tokens + (queries_per_slice + shape.k_tokens) * width)
     grows = HALF_GEMM_FIXED + HALF_GEMM_PER_OPERAND_BYTE * operands
     if capped is None:
@@ -241,18 +235,13 @@ def chunk_bytes(shape: AttentionShape, heads_per_slice: int, queries_per_slice: 
         return 2 * s_c * mes + s_c + 3 * (q_c + kv_c) * mes + o_c * (mes + ces)
     # einsum: the score buffer; when casting, reused buffers for the cast k, v, q and the chunk's output; on
     # accelerators a possible contiguous temporary of one slice's output and the softmax's row statistics; the
-    # unnormalised path's values and output one column wider (when casting, the cast ones widened) and the norms of
-    # a run's keys and a slice's queries with each row's largest; staged, the contiguous copies of one run's keys,
-    # its values (unless the widened ones hold them) and one slice's queries
-    unnormalised = takes_unnormalised(kernel, dv)
-    wide = rows * (nk + queries_per_slice) * ces if unnormalised else 0
-    norms = wide + 2 * rows * ces if unnormalised else 0
+    # unnormalised path's row sums and the norms of a run's keys and a slice's queries with each row's largest;
+    # staged, the contiguous copies of one run's keys and values and one slice's queries
+    unnormalised = rows * (nk + 2 * queries_per_slice + 2) * ces if takes_unnormalised(kernel) else 0
     if shape.cast:
-        copies = (kv_c + q_c + o_c) * ces + wide + norms
+        copies = (kv_c + q_c + o_c) * ces + unnormalised
     else:
-        copies = wide * (dv + 1) + norms
-        if kernel.staged:
-            copies += (rows * nk * (d if unnormalised else d + dv) + q_c) * ces
+        copies = unnormalised + ((kv_c + q_c) * ces if kernel.staged else 0)
     return s_c * ces + o_c * kernel.output_extra + copies + gemm_scratch(shape, rows, queries_per_slice, kernel, capped)
 
 

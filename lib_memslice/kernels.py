@@ -246,8 +246,8 @@ def kernels_after(first: KernelChoice, setting: str, device_type: str, dtype: to
                   strided: bool = True) -> tuple[KernelChoice, ...]:  # fmt: skip
     """``first`` and what a call falls back to when no plan of it fits: with ``kernel = auto`` a fused kernel's
     memslice's einsum kernel (staged when ``strided``, see :func:`strided_operands`); a CPU einsum kernel with several
-    workers (one buffer each), the same with one, then without the unnormalised path's buffers (the values and
-    an output one column wider, the norms): the leanest."""
+    workers (one buffer each), the same with one, then without the unnormalised path's buffers (the row sums and
+    the norms): the leanest."""
     found = [first]
     if first.kind == "fused" and setting == "auto":
         found.append(einsum_kernel(device_type, dtype, strided))
@@ -355,33 +355,29 @@ class _Buffers:
     as contiguous blocks: the in-place softmax is only correct on contiguous tensors, and the last slice may be
     shorter than the others.
 
-    ``wide`` (the unnormalised path): one run's values with a column of ones after them, so that the value GEMM
-    also sums each row of probabilities, and a slice's output one column wider; they replace the copied values and
-    the cast output (the plain path reads their first ``dv`` columns). Also the norms that bound the logits: of a
-    run's keys and of a slice's queries, in the compute dtype (a norm asked for in float32 of bfloat16 rows copies
+    ``unnormalised``: each slice row's sum of probabilities, and the norms that bound the logits: of
+    a run's keys and of a slice's queries, in the compute dtype (a norm asked for in float32 of bfloat16 rows copies
     them to float32 inside the op), each with one element per row for its maximum."""
 
     def __init__(self, rows: int, qps: int, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype,
-                 wide: bool = False, staged: bool = False) -> None:  # fmt: skip
+                 unnormalised: bool = False, staged: bool = False) -> None:  # fmt: skip
         k_tokens, d, dv = k.shape[2], q.shape[-1], v.shape[-1]
         device = q.device
         self.scores = torch.empty(rows * qps * k_tokens, dtype=dtype, device=device)
         self.cast = dtype != q.dtype
         self.copies = self.cast or staged  # q, k and v are copied into the buffers below before their GEMMs
-        self.vx = self.ox = None
-        if wide:
-            self.vx = torch.empty(rows, k_tokens, dv + 1, dtype=dtype, device=device)
-            self.vx[..., dv].fill_(1)
-            self.ox = torch.empty(rows * qps * (dv + 1), dtype=dtype, device=device)
+        self.sums = None
+        if unnormalised:
+            self.sums = torch.empty(rows * qps, dtype=dtype, device=device)
             # the norms of a run's keys and of a slice's queries, and each row's largest of them
             self.kn = torch.empty(rows * (k_tokens + 1), dtype=dtype, device=device)
             self.qn = torch.empty(rows * (qps + 1), dtype=dtype, device=device)
         if self.copies:
             self.kb = torch.empty(rows, k_tokens, d, dtype=dtype, device=device)
             self.qb = torch.empty(rows * qps * d, dtype=dtype, device=device)
-            self.vb = self.vx[..., :dv] if wide else torch.empty(rows, k_tokens, dv, dtype=dtype, device=device)  # type: ignore[index]
+            self.vb = torch.empty(rows, k_tokens, dv, dtype=dtype, device=device)
         if self.cast:
-            self.ob = self.ox if wide else torch.empty(rows * qps * dv, dtype=dtype, device=device)
+            self.ob = torch.empty(rows * qps * dv, dtype=dtype, device=device)
 
 
 def _queries(q: Tensor, b: int, h0: int, h1: int, n0: int, m: int, buf: _Buffers) -> Tensor:
@@ -417,27 +413,22 @@ def _slice(qq: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int
     ``vv``, all in the compute dtype: scores into the buffer, softmax in place, multiplied straight into the output.
 
     ``bounded``: every logit of these rows lies within +-LOGIT_BOUND (:func:`_bounded`), so ``exp`` can neither
-    overflow nor underflow to zero: the scores are exponentiated in place without subtracting their row maximum (in
-    base 2 where that is faster, see EXP2_DTYPES), multiplied by the values with a column of ones after them (that
-    column is each row's sum, accumulated by the GEMM), and the output is divided by it (the same result; three
-    passes over the score buffer fewer)."""
+    overflow nor underflow to zero: the scores are exponentiated in place without subtracting their row maximum, as
+    ``exp2(x log2 e)`` with log2 e folded into the score GEMM's scale (see LOG2_E), each row summed, multiplied by
+    the values and the output divided by the sums (the same result; two passes over the score buffer fewer)."""
     n, m, k_tokens, dv = qq.shape[0], qq.shape[1], kk.shape[1], vv.shape[-1]
     s = buf.scores[: n * m * k_tokens].view(n, m, k_tokens)
-    two = bounded and s.dtype in EXP2_DTYPES
-    s.baddbmm_(qq, kk.transpose(-1, -2), beta=0, alpha=scale * LOG2_E if two else scale)
+    s.baddbmm_(qq, kk.transpose(-1, -2), beta=0, alpha=scale * LOG2_E if bounded else scale)
     if mask is not None:
         s.masked_fill_(mask.drop[b, 0], -torch.finfo(s.dtype).max)
     target = out[b, h0:h1, n0 : n0 + m]
     if bounded:
-        if two:
-            s.exp2_()
-        else:
-            s.exp_()
-        wide = torch.bmm(s, buf.vx[:n], out=buf.ox[: n * m * (dv + 1)].view(n, m, dv + 1))  # type: ignore[index]
+        s.exp2_()
+        sums = torch.sum(s, -1, keepdim=True, out=buf.sums[: n * m].view(n, m, 1))  # type: ignore[index]
         if buf.cast:
-            target.copy_(wide[..., :dv].div_(wide[..., dv:]))
+            target.copy_(torch.bmm(s, vv, out=buf.ob[: n * m * dv].view(n, m, dv)).div_(sums))
         else:
-            torch.div(wide[..., :dv], wide[..., dv:], out=target)
+            torch.bmm(s, vv, out=target).div_(sums)
         return
     _softmax_(s)
     if buf.cast:
@@ -448,24 +439,22 @@ def _slice(qq: Tensor, kk: Tensor, vv: Tensor, b: int, h0: int, h1: int, n0: int
 
 #: |logit| at most this: exp stays within float32's (and bfloat16's) range with room for a sum over 2^24 keys
 LOGIT_BOUND = 60.0
-#: The unnormalised path computes ``exp(x)`` as ``exp2(x log2 e)`` (log2 e folded into the score GEMM's scale) in
-#: these dtypes: on CPUs torch's bfloat16 ``exp2`` takes 0.78-0.83x the time of its ``exp`` (torch 2.1.2, 2.3.1,
-#: 2.13, one thread, 8 M scores), while in float32 ``exp2`` is 1.06-1.08x slower.
-EXP2_DTYPES = (torch.bfloat16,)
+#: The unnormalised path computes ``exp(x)`` as ``exp2(x log2 e)``, log2 e folded into the score GEMM's scale: on
+#: CPUs torch's ``exp2`` took 0.78-0.86x the time of its ``exp`` in bfloat16 and 0.27-0.38x in float32 (AMD EPYC
+#: Zen 4, torch 2.1.2, 2.3.1 and 2.13, one thread, 0.25-8 M scores; float32 ``exp`` goes through MKL's vector math
+#: there). An Intel Xeon measured float32 ``exp2`` 1.06-1.08x slower than ``exp`` (0.3.x, 8 M scores): about 2 % of
+#: a slice, against 20-30 % gained on the AMD CPU (docs/benchmarks.md).
 LOG2_E = 1.4426950408889634
 
 
 def _keys(k: Tensor, v: Tensor, b: int, h0: int, h1: int, buf: _Buffers,
           bounding: bool) -> tuple[Tensor, Tensor, list[float] | None]:  # fmt: skip
-    """One run's keys and values in the compute dtype (copied into the worker's buffers when casting or staged); on
-    the unnormalised path the values are also copied before the column of ones, and with ``bounding`` each row's
-    largest key norm is taken (see :func:`_bounded`)."""
+    """One run's keys and values in the compute dtype (copied into the worker's buffers when casting or staged); with
+    ``bounding`` each row's largest key norm is taken too (see :func:`_bounded`)."""
     n = h1 - h0
     kk, vv = k[b, h0:h1], v[b, h0:h1]
     if buf.copies:
         kk, vv = buf.kb[:n].copy_(kk), buf.vb[:n].copy_(vv)
-    elif buf.vx is not None:
-        buf.vx[:n, :, : vv.shape[-1]].copy_(vv)
     return kk, vv, _largest_norms(kk, buf.kn) if bounding else None
 
 
@@ -528,15 +517,15 @@ def _run_einsum(q: Tensor, k: Tensor, v: Tensor, plan: SlicePlan, scale: float, 
     batch, heads, q_tokens, _ = q.shape
     rows, qps = min(plan.heads_per_slice, heads), min(plan.queries_per_slice, q_tokens)
     workers = min(plan.kernel.workers, plan.slices)
-    wide = takes_unnormalised(plan.kernel, v.shape[-1])
+    unnormalised = takes_unnormalised(plan.kernel)
     # every worker's buffers allocated here, before any starts: the peak is the cost model's, whatever the timing
-    buffers = [_Buffers(rows, qps, q, k, v, dtype, wide, plan.kernel.staged) for _ in range(workers)]
+    buffers = [_Buffers(rows, qps, q, k, v, dtype, unnormalised, plan.kernel.staged) for _ in range(workers)]
     if q.device.type == "meta":
         # shape tracing (memory only: meta tensors hold no values): the buffers are all a call allocates, since
         # every slice writes into them in place, so the slices themselves are not run
         return
     # a mask's fully masked rows rely on the max subtraction (ldm averages v there): no unnormalised path with one
-    bounding = wide and mask is None
+    bounding = unnormalised and mask is None
     queue = _Queue(_runs(batch, heads, plan), q_tokens, qps)
     if workers > 1 and q.device.type == "cpu" and _may_use_threads(q, k, v):
         _run_parallel(queue, q, k, v, scale, mask, out, buffers, bounding)
@@ -698,6 +687,7 @@ def run_plan(
             qps = plan.queries_per_slice
             for pieces in rectangles(batch, heads, plan.heads_per_slice):
                 for b0, b1, h0, h1 in pieces:
+                    kk = vv = None  # the last rectangle's casts die before this one's are made (the plan holds one)
                     kk, vv = k[b0:b1, h0:h1].to(dtype), v[b0:b1, h0:h1].to(dtype)  # cast once per rectangle
                     bb = None if bias is None else bias[b0:b1]
                     for n0 in range(0, q_tokens, qps):

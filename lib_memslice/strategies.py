@@ -26,10 +26,29 @@ from .costs import AttentionShape, KernelChoice, MiB, ceil_div, format_bytes, qu
 WEBUI_MARGIN = 3.3
 WEBUI_RULES = ("doggettx", "invokeai")
 
-#: The einsum kernel's fastest score buffer per worker on CPUs: one head per slice, queries filling about this much
-#: (see docs/benchmarks.md: 8-32 MiB ran within a few % of each other at every size measured, 1-4 MiB lost to
-#: per-slice costs, 64 MiB to memory traffic). GPUs get the fewest slices instead: they want large kernels.
-CPU_EINSUM_TARGET_BYTES = 16 * MiB
+#: The einsum kernel's score buffer per worker on CPUs, by element size (4: float32, 2: half precision), and the
+#: fewest queries per slice it takes (docs/benchmarks.md, slice-size sweep). float32 slices are cache-bound: on an
+#: AMD EPYC with 2 workers sharing 32 MiB of L3, SD3's joint call took 1.10x the fused kernel at 4 MiB and 1.33x at
+#: 8 MiB, SD1.5's UNet 3 % less at 4 MiB than at 16. Half-precision slices are bound by their elementwise ops
+#: (about a cycle per element), where larger slices only save per-slice costs: 16 MiB. Below 256 queries the
+#: score GEMM (64 columns of keys per query) and per-slice costs lose more than the cache gains: 1024 px SD1.5 keys
+#: (16384) fill 4 MiB with 64 queries, 11 % slower than 128-256. GPUs get the fewest slices instead: they want
+#: large kernels.
+CPU_EINSUM_TARGET_BYTES = {4: 4 * MiB, 2: 16 * MiB}
+CPU_EINSUM_MIN_QUERIES = 256
+
+
+def cpu_einsum_queries(shape: AttentionShape) -> int:
+    """Queries per one-head slice the einsum kernel runs fastest with on a CPU, by the rule above."""
+    target = CPU_EINSUM_TARGET_BYTES[2 if shape.element_size <= 2 else 4]
+    by_bytes = target // max(1, shape.k_tokens * shape.element_size)
+    return max(1, min(shape.q_tokens, max(CPU_EINSUM_MIN_QUERIES, by_bytes)))
+
+
+def cpu_einsum_rule(element_size: int) -> str:
+    """The rule in words, for plan reasons and the benchmark's report."""
+    target = CPU_EINSUM_TARGET_BYTES[2 if element_size <= 2 else 4]
+    return f"~{format_bytes(target)} score buffer per worker, at least {CPU_EINSUM_MIN_QUERIES} queries"
 
 
 @dataclass(frozen=True)
@@ -53,14 +72,13 @@ def _pow2_at_least(x: float) -> int:
 
 def auto(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: str) -> Aim:
     """The fastest plan that fits. A fused kernel holds no score matrix and GPUs want large kernels: the fewest
-    slices. On CPUs memslice's einsum kernel is fastest with one head per slice and a cache-sized score buffer, or
-    as many queries as the room holds when that is less (fewer queries in a smaller room: the aim only falls as the
-    room grows)."""
+    slices. On CPUs memslice's einsum kernel is fastest with one head per slice and a cache-sized score buffer (at
+    least CPU_EINSUM_MIN_QUERIES queries), or as many queries as the room holds when that is less (fewer queries in
+    a smaller room: the aim only falls as the room grows)."""
     if kernel.kind != "einsum" or device_kind != "cpu":
         return Aim(1, 0, "fewest slices that fit", True)
-    target = CPU_EINSUM_TARGET_BYTES
-    queries = max(1, min(shape.q_tokens, int(target // max(1, shape.k_tokens * shape.element_size))))
-    why = f"one head per slice, ~{format_bytes(target)} score buffer per worker (the rule the benchmark's sweep checks)"
+    queries = cpu_einsum_queries(shape)
+    why = f"one head per slice, {cpu_einsum_rule(shape.element_size)} (the rule the benchmark's sweep checks)"
     fitting = queries_in_room(shape, 1, kernel, room) or 0
     settled = fitting >= queries
     if not settled:

@@ -178,8 +178,8 @@ def speed_lines(speed: dict[str, Any] | None) -> list[str]:
                   "worker):", ""]  # fmt: skip
         for s in speed["sweeps"]:
             sizes = ", ".join(f"{mib} MiB {ms:.0f}" for mib, ms in s["median_ms"].items())
-            lines.append(f"- {_where(s)} {s.get('dtype', 'float32')}: {sizes}; the rule ({s['rule_mib']} MiB) is "
-                         f"{s['rule_vs_best']:.3f}x the best")  # fmt: skip
+            lines.append(f"- {_where(s)} {s.get('dtype', 'float32')}: {sizes}; the rule ({s['rule']}) "
+                         f"{s['rule_ms']:.0f}, {s['rule_vs_best']:.3f}x the best")  # fmt: skip
     if speed.get("profiles"):
         lines += ["", "Where the einsum kernel's time goes (one thread, one slice of its plan, each op alone, best of "
                   "5; the fused kernel on the same slice):", ""]  # fmt: skip

@@ -336,7 +336,7 @@ def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     targets.append(_target(
         "slice_size_rule", "the einsum kernel's score-buffer rule within 5 % of the best size swept",
         (P if max(values) <= 1.05 else F_) if values else NA,
-        "; ".join(f"{s['site']} {s['pixels']} px {s.get('dtype', 'float32')}: rule {s['rule_mib']} MiB, "
+        "; ".join(f"{s['site']} {s['pixels']} px {s.get('dtype', 'float32')}: rule {s['rule']}, "
                   f"best {s['best_mib']} MiB, "
                   f"{s['rule_vs_best']:.3f}x" for s in sweeps) or "not measured",
         worst=max(values, default=None), threshold=1.05,

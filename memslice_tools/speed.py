@@ -45,7 +45,7 @@ import torch
 
 from lib_memslice import forwards, strategies
 from lib_memslice.costs import GiB, MiB, takes_unnormalised
-from lib_memslice.kernels import EXP2_DTYPES, LOG2_E
+from lib_memslice.kernels import LOG2_E
 
 from .contenders import MEMSLICE_AUTO, SDPA, Case, Contender, make_case, make_inputs
 from .largest import sdpa_math_only, traced_peak
@@ -57,7 +57,7 @@ FREES = (256 * MiB, 1 * GiB)
 #: CPUs take about a cycle per element), the fused kernel is out of reach and they are the bound instead
 FLOOR = "torch ops floor"
 BUILTINS = ("Doggettx", "InvokeAI-cpu", "InvokeAI-cuda", "sub-quadratic", "V1", "sdp")
-SWEEP_MIB = (4, 8, 16, 32)
+SWEEP_MIB = (2, 4, 8, 16, 32)
 #: A timed call that takes more fresh pages than this from the OS (minor page faults, 4 KiB each: 64 MiB) while
 #: glibc keeps freed memory is run again in the same slot, up to twice: the heap grew under it (a block larger
 #: than any free one), which a warmed-up caching allocator does once, not per call; the times measure the
@@ -161,9 +161,9 @@ def _memslice_plan(call: Callable[[], Any]) -> str:
 
 def ops_floor(case: Case, record: Any) -> Callable[[], None] | None:
     """The einsum kernel's unavoidable torch ops for the plan of ``record`` (a :class:`CallRecord` of memslice's
-    call), and nothing else: per slice the score GEMM into a worker's buffer, the pass over the scores (``exp2`` in
-    bfloat16 and ``exp`` in float32 where the kernel takes the unnormalised path, else the in-place softmax) and the
-    value GEMM (with the column of ones that sums the rows on the unnormalised path), on the kernel's slice sizes
+    call), and nothing else: per slice the score GEMM into a worker's buffer, the pass over the scores (``exp2`` and
+    the row sums where the kernel takes the unnormalised path, else the in-place softmax) and the value GEMM, on the
+    kernel's slice sizes
     (a run's last slice shorter), on as many single-threaded workers of memslice's own pool as the kernel uses. No
     copies, norms, division or Python beyond the loop: a kernel built from these ops cannot be faster. None where
     memslice did not run its einsum kernel."""
@@ -172,35 +172,33 @@ def ops_floor(case: Case, record: Any) -> Callable[[], None] | None:
     from lib_memslice import kernels
 
     s, dtype = case.shape, case.dtype
-    unnormalised = takes_unnormalised(kernels.einsum_kernel("cpu", dtype), s.v_dim)
-    two = unnormalised and dtype in EXP2_DTYPES
+    unnormalised = takes_unnormalised(kernels.einsum_kernel("cpu", dtype))
     rows, qps = record.heads_per_slice, min(record.queries_per_slice, s.q_tokens)
     sizes = [min(qps, s.q_tokens - n0) for _ in range(-(-s.batch_heads // rows)) for n0 in range(0, s.q_tokens, qps)]
     workers = max(1, min(torch.get_num_threads(), len(sizes)))
-    alpha = s.head_dim**-0.5 * (LOG2_E if two else 1.0)
-    wide = s.v_dim + (1 if unnormalised else 0)
+    alpha = s.head_dim**-0.5 * (LOG2_E if unnormalised else 1.0)
     g = torch.Generator().manual_seed(1)
 
     def buffers() -> tuple[Tensor, ...]:
         q = torch.randn(rows, qps, s.head_dim, generator=g).to(dtype)
         k = torch.randn(rows, s.k_tokens, s.head_dim, generator=g).to(dtype)
-        v = torch.randn(rows, s.k_tokens, wide, generator=g).to(dtype)
+        v = torch.randn(rows, s.k_tokens, s.v_dim, generator=g).to(dtype)
         scores = torch.empty(rows * qps * s.k_tokens, dtype=dtype)
-        out = torch.empty(rows * qps * wide, dtype=dtype)
-        return q, k.transpose(-1, -2), v, scores, out
+        out = torch.empty(rows * qps * s.v_dim, dtype=dtype)
+        sums = torch.empty(rows * qps, dtype=dtype)
+        return q, k.transpose(-1, -2), v, scores, out, sums
 
     held = [buffers() for _ in range(workers)]
 
-    def one(m: int, q: Tensor, kt: Tensor, v: Tensor, scores: Tensor, out: Tensor) -> None:
+    def one(m: int, q: Tensor, kt: Tensor, v: Tensor, scores: Tensor, out: Tensor, sums: Tensor) -> None:
         sc = scores[: rows * m * s.k_tokens].view(rows, m, s.k_tokens)
         sc.baddbmm_(q[:, :m], kt, beta=0, alpha=alpha)
-        if two:
+        if unnormalised:
             sc.exp2_()
-        elif unnormalised:
-            sc.exp_()
+            torch.sum(sc, -1, keepdim=True, out=sums[: rows * m].view(rows, m, 1))
         else:
             torch._softmax(sc, -1, False, out=sc)
-        torch.bmm(sc, v, out=out[: rows * m * wide].view(rows, m, wide))
+        torch.bmm(sc, v, out=out[: rows * m * s.v_dim].view(rows, m, s.v_dim))
 
     if workers == 1:
 
@@ -344,36 +342,40 @@ def one_core_busy() -> Iterator[None]:
         spinner.wait()
 
 
-def sweep(site: str, pixels: int, threads: int, rounds: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """memslice-auto's einsum kernel at several score-buffer targets (the rule's and others), interleaved."""
+def sweep(site: str, pixels: int, threads: int, rounds: int, dtype: torch.dtype = torch.float32,
+          kind: str = "sd15") -> dict[str, Any]:  # fmt: skip
+    """memslice-auto's einsum kernel under its rule and at plain score-buffer targets (no fewest queries),
+    interleaved."""
     torch.set_num_threads(threads)
-    case = make_case("sd15", site, pixels, dtype)
+    case = make_case(kind, site, pixels, dtype)
     qkv = make_inputs(case, "cpu")
     from .contenders import _memslice
 
-    rule = strategies.CPU_EINSUM_TARGET_BYTES
-    calls = {}
-    for mib in SWEEP_MIB:
-        calls[mib] = _memslice("auto").prepare(case, list(qkv), GiB)
-    times: dict[int, list[float]] = {mib: [] for mib in SWEEP_MIB}
+    key = 2 if case.shape.element_size <= 2 else 4
+    targets, fewest = dict(strategies.CPU_EINSUM_TARGET_BYTES), strategies.CPU_EINSUM_MIN_QUERIES
+    calls = {size: _memslice("auto").prepare(case, list(qkv), GiB) for size in ("rule", *SWEEP_MIB)}
+    times: dict[Any, list[float]] = {size: [] for size in calls}
     try:
         with torch.no_grad(), sdpa_math_only():
             for r in range(rounds + 1):
-                for mib, call in calls.items():
-                    strategies.CPU_EINSUM_TARGET_BYTES = mib * MiB
+                for size, call in calls.items():
+                    strategies.CPU_EINSUM_TARGET_BYTES = targets if size == "rule" else {**targets, key: size * MiB}
+                    strategies.CPU_EINSUM_MIN_QUERIES = fewest if size == "rule" else 1
                     forwards._memo.clear()
                     start = time.perf_counter()
                     call()
                     if r:  # the first round warms up
-                        times[mib].append((time.perf_counter() - start) * 1e3)
+                        times[size].append((time.perf_counter() - start) * 1e3)
     finally:
-        strategies.CPU_EINSUM_TARGET_BYTES = rule
+        strategies.CPU_EINSUM_TARGET_BYTES, strategies.CPU_EINSUM_MIN_QUERIES = targets, fewest
         forwards._memo.clear()
-    medians = {mib: statistics.median(t) for mib, t in times.items()}
+    medians = {size: statistics.median(t) for size, t in times.items()}
+    rule_ms = medians.pop("rule")
     best = min(medians, key=medians.__getitem__)
-    return {"site": site, "pixels": pixels, "threads": threads, "dtype": str(dtype)[6:], "median_ms": medians,
-            "best_mib": best,
-            "rule_mib": rule // MiB, "rule_vs_best": medians[rule // MiB] / medians[best]}  # fmt: skip
+    rule = f"{strategies.cpu_einsum_rule(case.shape.element_size)}: 1x{strategies.cpu_einsum_queries(case.shape)}"
+    return {"site": site, "pixels": pixels, "threads": threads, "dtype": str(dtype)[6:], "model": kind,
+            "median_ms": medians, "best_mib": best, "rule": rule,
+            "rule_ms": rule_ms, "rule_vs_best": rule_ms / min(rule_ms, medians[best])}  # fmt: skip
 
 
 def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[str, Any]:
@@ -388,7 +390,7 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
         case = make_case("sd15", site, pixels, dtype)
         s = case.shape
         kernel = _single_worker(dtype, strided=not case.site.vae)  # the UNet's heads are views of projections
-        rows, queries = 1, max(1, min(s.q_tokens, strategies.CPU_EINSUM_TARGET_BYTES // (s.k_tokens * s.element_size)))
+        rows, queries = 1, strategies.cpu_einsum_queries(s)
         g = torch.Generator().manual_seed(0)
         q = torch.randn(rows, queries, s.head_dim, generator=g).to(dtype)
         k = torch.randn(rows, s.k_tokens, s.head_dim, generator=g).to(dtype)
@@ -406,7 +408,7 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
             return min(times) * 1e3
 
         parts = {}
-        unnormalised = takes_unnormalised(kernel, s.v_dim)
+        unnormalised = takes_unnormalised(kernel)
         if kernel.staged:  # copies from heads of [1, N, H*d] projections, the keys' (and values') shared by a run
 
             def head(tokens: int) -> Tensor:
@@ -414,22 +416,21 @@ def profile(site: str, pixels: int, dtype: torch.dtype, reps: int = 5) -> dict[s
 
             hq, hk = head(queries), head(s.k_tokens)
             runs = -(-s.q_tokens // queries)
-            per_run = best(lambda: k.copy_(hk)) * (1 if unnormalised else 2)  # values too unless widened anyway
+            per_run = best(lambda: k.copy_(hk)) * 2  # the values too
             parts["staged copies (a slice's queries; keys and values once per run)"] = (
                 best(lambda: q.copy_(hq)) + per_run / runs)  # fmt: skip
-        two = unnormalised and dtype in EXP2_DTYPES
-        alpha = scale * LOG2_E if two else scale
+        alpha = scale * LOG2_E if unnormalised else scale
         parts["score GEMM"] = best(lambda: scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=alpha))
         if unnormalised:
-            vx = torch.cat([v, torch.ones(rows, s.k_tokens, 1, dtype=dtype)], -1)
-            ox = torch.empty(rows, queries, s.v_dim + 1, dtype=dtype)
-            exp = torch.Tensor.exp2_ if two else torch.Tensor.exp_
-            parts["exp2 in place" if two else "exp in place"] = (
-                best(lambda: (scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=alpha), exp(scores)))
+            sums = torch.empty(rows, queries, 1, dtype=dtype)
+            parts["exp2 in place"] = (
+                best(lambda: (scores.baddbmm_(q, k.transpose(-1, -2), beta=0, alpha=alpha), scores.exp2_()))
                 - parts["score GEMM"]
             )
-            parts["value GEMM and row sums (a column of ones)"] = best(lambda: torch.bmm(scores, vx, out=ox))
-            parts["division"] = best(lambda: torch.div(ox[..., : s.v_dim], ox[..., s.v_dim :], out=out))
+            parts["row sums"] = best(lambda: torch.sum(scores, -1, keepdim=True, out=sums))
+            parts["value GEMM"] = best(lambda: torch.bmm(scores, v, out=out))
+            divided = torch.empty_like(out)  # not in place: repeated divisions would reach subnormals
+            parts["division"] = best(lambda: torch.div(out, sums, out=divided))
         else:
             parts["softmax"] = best(lambda: torch._softmax(scores, -1, False, out=scores))
             parts["value GEMM"] = best(lambda: torch.bmm(scores, v, out=out))
@@ -458,7 +459,7 @@ class Plan:
     threads: tuple[int, ...]
     dtypes: tuple[torch.dtype, ...]
     contended: tuple[tuple[str, int, int], ...]
-    sweeps: tuple[tuple[str, int, int], ...]
+    sweeps: tuple[tuple[Any, ...], ...]  # (site, pixels, rounds[, model kind])
     profiles: tuple[tuple[str, int], ...] = (("unet.level0.self", 512),)
 
 
@@ -469,7 +470,8 @@ FULL = Plan(
            ("vae.mid", 1024, 2, True), ("unet.level0.self", 1024, 2, False), SD3_JOINT),
     threads=(2, 1), dtypes=(torch.float32, torch.bfloat16),
     contended=(("unet.level0.self", 512, 3), ("unet.level0.self", 768, 2)),
-    sweeps=(("unet.level0.self", 512, 2), ("vae.mid", 512, 2), ("unet.level0.self", 768, 2)),
+    sweeps=(("unet.level0.self", 512, 2), ("vae.mid", 512, 2), ("unet.level0.self", 768, 2),
+            ("unet.level0.self", 1024, 2), ("mmdit.joint", 1024, 2, "sd3")),
 )  # fmt: skip
 QUICK = Plan(cases=(("unet.level0.self", 512, 3, True), ("vae.mid", 512, 3, True)), threads=(2,),
              dtypes=(torch.float32,), contended=(("unet.level0.self", 512, 2),),
@@ -518,10 +520,11 @@ def section(plan: Plan, contenders: dict[str, Contender], log: Callable[[str], N
                                 fastest.get((site, 2, str(torch.float32))))  # fmt: skip
             result["contended"].append(found)
         for dtype in dtypes:  # the rule is one for every dtype: proved in each
-            for site, pixels, rounds in plan.sweeps:
-                found = sweep(site, pixels, 2, rounds, dtype)
+            for site, pixels, rounds, *kind in plan.sweeps:
+                found = sweep(site, pixels, 2, rounds, dtype, *kind)
                 log(f"  slice-size sweep {site} {pixels} px {found['dtype']}: " + ", ".join(
-                    f"{mib} MiB {ms:.0f} ms" for mib, ms in found["median_ms"].items()))  # fmt: skip
+                    f"{mib} MiB {ms:.0f} ms" for mib, ms in found["median_ms"].items())
+                    + f"; the rule {found['rule_ms']:.0f} ms")  # fmt: skip
                 result["sweeps"].append(found)
         for site, pixels in plan.profiles:
             for dtype in dtypes:

@@ -139,8 +139,8 @@ def test_targets_fail_when_their_numbers_do():
     limit = {"site": "unet.level0.self", "free_bytes": 1 << 30, "regime": "fused", "physical_limit": 2000,
              "contenders": {"memslice-auto": {"largest_side": 1000}, "Doggettx": {"largest_side": 500}}}  # fmt: skip
     speed = {"cases": [_speed_case(1.25, 0.95, walls=(10.0, 14.0))], "contended": [_speed_case(1.1, 0.95)],
-             "sweeps": [{"site": "unet.level0.self", "pixels": 512, "rule_mib": 16, "best_mib": 8,
-                         "rule_vs_best": 1.2, "median_ms": {8: 1.0, 16: 1.2}}]}  # fmt: skip
+             "sweeps": [{"site": "unet.level0.self", "pixels": 512, "rule": "~4 MiB: 1x256", "best_mib": 8,
+                         "rule_ms": 1.2, "rule_vs_best": 1.2, "median_ms": {8: 1.0, 16: 1.3}}]}  # fmt: skip
     report = _report([("no fused kernel, 100 B", False, budget, rows), ("fused, ample", True, None, fused)], [limit],
                      12.0, speed)  # fmt: skip
     targets = {t["name"]: t for t in judge_targets(report)}
@@ -149,8 +149,8 @@ def test_targets_fail_when_their_numbers_do():
         "slice_size_rule": "FAIL", "fused_vs_sdpa": "FAIL", "peak_within_budget": "FAIL",
         "largest_square_vs_physical": "FAIL", "overhead": "FAIL"}  # fmt: skip
     good = {"cases": [_speed_case(1.1, 0.5)], "contended": [_speed_case(1.1, 0.8)],
-            "sweeps": [{"site": "vae.mid", "pixels": 512, "rule_mib": 16, "best_mib": 16, "rule_vs_best": 1.0,
-                        "median_ms": {16: 1.0}}]}  # fmt: skip
+            "sweeps": [{"site": "vae.mid", "pixels": 512, "rule": "~4 MiB: 1x256", "best_mib": 16, "rule_ms": 1.0,
+                        "rule_vs_best": 1.0, "median_ms": {16: 1.0}}]}  # fmt: skip
     passed = {t["name"]: t["status"] for t in judge_targets(_report([], [], 3.0, good))}
     for name in ("no_fused_vs_best", "no_fused_vs_fused", "steady", "contended", "slice_size_rule", "overhead"):
         assert passed[name] == "PASS", name

@@ -410,6 +410,24 @@ def test_an_error_in_a_worker_reaches_the_caller(monkeypatch):
     assert len(calls) <= 2  # the first error stops every worker
 
 
+def test_a_sliced_fused_call_that_casts_holds_one_rectangles_casts_at_a_time():
+    """Upcast on the fused kernel casts each rectangle's keys and values once; the last rectangle's casts must die
+    before the next one's are made, or two sets are live where the plan counts one (found by the property test
+    above: bfloat16 inputs, float32 compute, 2 x 4 heads of one query against 199 keys, in two slices)."""
+    from lib_memslice.slicing import SlicePlan
+
+    q, k, v = projected_qkv(2, 4, 1, 199, 40, dtype=torch.bfloat16, seed=1)
+    kernel = kernels.choose_kernel("sdpa", q, k, v, torch.float32)
+    shape = shape_of(q, k, v, torch.float32)
+    plan = SlicePlan(4, 1, 2, 1, peak_bytes(shape, 4, 1, kernel), kernel, "auto", "test")
+    with PeakTracker() as tracker:
+        out = kernels.run_plan(q, k, v, plan, 40**-0.5, None, torch.float32)
+    casts = 4 * 199 * 40 * 4 * 2  # one rectangle's keys and values in float32
+    assert casts < tracker.peak <= plan.peak_bytes
+    ref = reference(q.float(), k.float(), v.float(), 40**-0.5)
+    assert (out.double() - ref).abs().max().item() <= DTYPE_TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gain", [1.0, 40.0])
 def test_the_unnormalised_softmax_runs_only_where_the_logits_are_bounded(gain, dtype, monkeypatch):
@@ -450,7 +468,7 @@ def test_the_logits_bound_holds_at_its_edge(dtype):
     for b in torch.linspace(4.0, 6.0, 65).tolist():
         q = torch.zeros(1, 1, 3, d, dtype=dtype)
         q[..., 0], q[..., 1] = 6.0, b
-        buf = kernels._Buffers(1, 3, q, k, k, dtype, wide=True)
+        buf = kernels._Buffers(1, 3, q, k, k, dtype, unnormalised=True)
         *_, key_norms = kernels._keys(k, k, 0, 0, 1, buf, True)
         bounded = kernels._bounded(q[0], key_norms, 1.0, buf)
         true = q[0, 0, 0].double().norm().item() * k[0, 0, 0].double().norm().item()
@@ -461,11 +479,12 @@ def test_the_logits_bound_holds_at_its_edge(dtype):
     assert seen == {True, False}
 
 
-@pytest.mark.parametrize("v_dim", [80, 81, 512])
-def test_wide_value_heads_keep_the_softmax(v_dim, monkeypatch):
-    """Past UNNORMALISED_MAX_V_DIM the extra GEMM column costs what the skipped passes save: the plain softmax runs
-    and none of the unnormalised path's buffers are allocated (the cost model agrees)."""
-    from lib_memslice.costs import UNNORMALISED_MAX_V_DIM, takes_unnormalised
+@pytest.mark.parametrize("v_dim", [40, 81, 512])
+def test_every_value_dim_takes_the_unnormalised_path(v_dim, monkeypatch):
+    """The row sums are their own pass, not a wider value GEMM, so the unnormalised path pays nothing that grows with
+    the value dims: it runs at every width where the logits are bounded (the VAE's 512 too), its live peak is the
+    cost model's exactly, and it equals the float64 reference."""
+    from lib_memslice.costs import takes_unnormalised
     from lib_memslice.slicing import SlicePlan
 
     q, k, v = projected_qkv(1, 2, 100, 90, 40, v_dim=v_dim)
@@ -477,8 +496,7 @@ def test_wide_value_heads_keep_the_softmax(v_dim, monkeypatch):
     plan = SlicePlan(1, 50, 2, 2, peak_bytes(shape, 1, 50, kernel), kernel, "auto", "test")
     with PeakTracker() as tracker:
         out = kernels.run_plan(q, k, v, plan, 40**-0.5)
-    wide = v_dim <= UNNORMALISED_MAX_V_DIM
-    assert set(taken) == {wide} and takes_unnormalised(kernel, v_dim) == wide
+    assert set(taken) == {True} and takes_unnormalised(kernel)
     assert tracker.peak == plan.peak_bytes
     assert (out.double() - reference(q, k, v, 40**-0.5)).abs().max().item() <= 1e-5
 

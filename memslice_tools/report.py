@@ -147,8 +147,8 @@ def speed_lines(speed: dict[str, Any] | None) -> list[str]:
         " round over its fastest; `others` the largest share of the machine other processes took during one of its"
         " calls.",
         "",
-        "`floor` is memslice's plan reduced to the torch ops its kernel cannot do without (score GEMM, the pass over "
-        "the scores, value GEMM), timed in the same rounds, over the fused kernel's time.",
+        "`floor` is memslice's plan reduced to the torch ops its kernel cannot do without (score GEMM, the passes "
+        "over the scores, value GEMM), timed in the same rounds, over the fused kernel's time.",
         "",
         "| case | threads | dtype | free | memslice-auto: ms, plan | fused ms | fastest built-in keeping it: ms "
         "| memslice / fused | floor / fused | memslice / built-in | steady (memslice / fused) | others |",

@@ -253,8 +253,8 @@ def _rows(report: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any], 
     return [(case, regime, row) for case in report["cases"] for regime in case["regimes"] for row in regime["results"]]
 
 
-def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target PASS/FAIL (N/A where it cannot be judged) with its numbers and how close it came to failing."""
+def judge_speed(speed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The no-fused speed section's targets (SPEED_TARGETS and the contended one), judged as judge_targets does."""
     P, F_, NA = report_mod.STATUS_PASS, report_mod.STATUS_FAIL, report_mod.STATUS_NA
     targets: list[dict[str, Any]] = []
 
@@ -262,7 +262,6 @@ def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     # Each case has its own threshold: the stated one, or where no method can reach it (the fused kernel itself, or
     # the torch ops memslice's kernel cannot do without, measured in the same rounds, are past it) one restated from
     # those measurements, with the reason; a regression of memslice still fails it.
-    speed = report.get("speed", {})
     vs_fused: dict[str, tuple[float, float, str]] = {}
     vs_best: dict[str, tuple[float, float, str]] = {}
     best_of: dict[str, str] = {}
@@ -341,6 +340,13 @@ def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                   f"{s['rule_vs_best']:.3f}x" for s in sweeps) or "not measured",
         worst=max(values, default=None), threshold=1.05,
     ))  # fmt: skip
+    return targets
+
+
+def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target PASS/FAIL (N/A where it cannot be judged) with its numbers and how close it came to failing."""
+    P, F_, NA = report_mod.STATUS_PASS, report_mod.STATUS_FAIL, report_mod.STATUS_NA
+    targets = judge_speed(report.get("speed", {}))
 
     # 3: fused, ample memory: memslice-auto vs plain SDPA, interleaved
     ratios = {}
@@ -426,6 +432,10 @@ def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 # --- main --------------------------------------------------------------------------------------------------------
 
 
+#: The targets the no-fused speed section alone judges
+SPEED_TARGETS = ("no_fused_vs_fused", "no_fused_vs_best", "steady", "slice_size_rule")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lib_memslice bench",
@@ -443,6 +453,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the webui's sdp forward on the real ldm modules (with --quick: fewer cases)")  # fmt: skip
     parser.add_argument("--vae", action="store_true", help="only the VAE section: the decode in exact bands against "
                         "the untiled decode and an overlap-blend tiler (with --quick: 512 px, half width)")  # fmt: skip
+    parser.add_argument("--sd3", action="store_true", help="only SD3's joint call without a fused kernel: its speed "
+                        "case, the slice-size sweeps (SD3's and SD1.5's UNet) and the kernel's profile")  # fmt: skip
     parser.add_argument("--heatmap", default=None, help="where the VAE section draws its error map (default: "
                         f"{vae_bench.HEATMAP} in a full run, else under --out)")  # fmt: skip
     parser.add_argument(
@@ -508,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
             "rounds at most]")  # fmt: skip
         report["parity"] = parity_mod.section(mode.parity, args.webui, log)
         report["targets"] = [parity_mod.judge(report["parity"])]
+        return _finish(report, args.out, began, busy, log)
+    if args.sd3:  # SD3's joint call and the slice-size rule alone
+        log("no fused kernel: SD3's joint call, the slice-size sweeps, the kernel's profile")
+        report["speed"] = speed_mod.section(speed_mod.SD3, by_name, log)
+        report["targets"] = [t for t in judge_speed(report["speed"]) if t["name"] in SPEED_TARGETS]
         return _finish(report, args.out, began, busy, log)
     heatmap = args.heatmap or (os.path.join(ROOT, vae_bench.HEATMAP) if mode.name == "full"
                                else os.path.join(args.out, os.path.basename(vae_bench.HEATMAP)))  # fmt: skip

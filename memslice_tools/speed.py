@@ -351,15 +351,14 @@ def sweep(site: str, pixels: int, threads: int, rounds: int, dtype: torch.dtype 
     qkv = make_inputs(case, "cpu")
     from .contenders import _memslice
 
-    key = 2 if case.shape.element_size <= 2 else 4
-    targets, fewest = dict(strategies.CPU_EINSUM_TARGET_BYTES), strategies.CPU_EINSUM_MIN_QUERIES
+    target, fewest = strategies.CPU_EINSUM_TARGET_BYTES, strategies.CPU_EINSUM_MIN_QUERIES
     calls = {size: _memslice("auto").prepare(case, list(qkv), GiB) for size in ("rule", *SWEEP_MIB)}
     times: dict[Any, list[float]] = {size: [] for size in calls}
     try:
         with torch.no_grad(), sdpa_math_only():
             for r in range(rounds + 1):
                 for size, call in calls.items():
-                    strategies.CPU_EINSUM_TARGET_BYTES = targets if size == "rule" else {**targets, key: size * MiB}
+                    strategies.CPU_EINSUM_TARGET_BYTES = target if size == "rule" else size * MiB
                     strategies.CPU_EINSUM_MIN_QUERIES = fewest if size == "rule" else 1
                     forwards._memo.clear()
                     start = time.perf_counter()
@@ -367,12 +366,12 @@ def sweep(site: str, pixels: int, threads: int, rounds: int, dtype: torch.dtype 
                     if r:  # the first round warms up
                         times[size].append((time.perf_counter() - start) * 1e3)
     finally:
-        strategies.CPU_EINSUM_TARGET_BYTES, strategies.CPU_EINSUM_MIN_QUERIES = targets, fewest
+        strategies.CPU_EINSUM_TARGET_BYTES, strategies.CPU_EINSUM_MIN_QUERIES = target, fewest
         forwards._memo.clear()
     medians = {size: statistics.median(t) for size, t in times.items()}
     rule_ms = medians.pop("rule")
     best = min(medians, key=medians.__getitem__)
-    rule = f"{strategies.cpu_einsum_rule(case.shape.element_size)}: 1x{strategies.cpu_einsum_queries(case.shape)}"
+    rule = f"{strategies.cpu_einsum_rule()}: 1x{strategies.cpu_einsum_queries(case.shape)}"
     return {"site": site, "pixels": pixels, "threads": threads, "dtype": str(dtype)[6:], "model": kind,
             "median_ms": medians, "best_mib": best, "rule": rule,
             "rule_ms": rule_ms, "rule_vs_best": rule_ms / min(rule_ms, medians[best])}  # fmt: skip
@@ -473,6 +472,14 @@ FULL = Plan(
     sweeps=(("unet.level0.self", 512, 2), ("vae.mid", 512, 2), ("unet.level0.self", 768, 2),
             ("unet.level0.self", 1024, 2), ("mmdit.joint", 1024, 2, "sd3")),
 )  # fmt: skip
+#: ``bench --sd3``: SD3's joint call, the slice-size sweeps where the rule was chosen, the kernel's profile
+SD3 = Plan(
+    cases=(SD3_JOINT,),
+    threads=(2, 1),
+    dtypes=(torch.float32, torch.bfloat16),
+    contended=(),
+    sweeps=(("mmdit.joint", 1024, 2, "sd3"), ("unet.level0.self", 512, 2), ("unet.level0.self", 1024, 2)),
+)
 QUICK = Plan(cases=(("unet.level0.self", 512, 3, True), ("vae.mid", 512, 3, True)), threads=(2,),
              dtypes=(torch.float32,), contended=(("unet.level0.self", 512, 2),),
              sweeps=(("unet.level0.self", 512, 2),))  # fmt: skip

@@ -331,6 +331,28 @@ def test_the_parity_section_runs_alone_and_leaves_the_runtime_as_it_was(tmp_path
     assert all(a is b for a, b in zip(before, after, strict=True))
 
 
+def test_the_sd3_section_runs_alone_with_its_plan_and_judges_the_speed_targets(tmp_path, monkeypatch):
+    """``bench --sd3`` runs the speed section on its own plan (SD3's joint case; the sweeps where the rule was
+    chosen) and judges only the speed targets. The section is replaced by its recorded shape here: the real one
+    takes minutes (docs/benchmarks.md)."""
+    from memslice_tools import speed as speed_mod
+
+    seen = []
+    case = _speed_case(1.07, 0.8)
+    case["model"] = "sd3"
+    sweep = {"site": "mmdit.joint", "pixels": 1024, "model": "sd3", "dtype": "float32", "median_ms": {8: 1.0},
+             "best_mib": 8, "rule": "~8 MiB: 1x493", "rule_ms": 1.0, "rule_vs_best": 1.0}  # fmt: skip
+    monkeypatch.setattr(speed_mod, "section", lambda plan, *a: seen.append(plan) or {
+        "cases": [case], "contended": [], "sweeps": [sweep], "profiles": [], "skipped": []})  # fmt: skip
+    assert main(["--sd3", "--out", str(tmp_path)]) == 0
+    assert seen == [speed_mod.SD3] and speed_mod.SD3.cases == (speed_mod.SD3_JOINT,)
+    report = json.loads((tmp_path / "bench-report.json").read_text())
+    assert {t["name"]: t["status"] for t in report["targets"]} == dict.fromkeys(
+        ("no_fused_vs_fused", "no_fused_vs_best", "steady", "slice_size_rule"), "PASS"
+    )
+    assert "SD3 1024 px joint attention" in (tmp_path / "bench-report.md").read_text()
+
+
 def test_the_bit_equality_column_sees_a_different_output():
     case = parity_mod.SMOKE.cases[1]
     plan = parity_mod.Plan((case,), (torch.float32,), (1,), 2, 2, 0.1, 0.0)

@@ -26,25 +26,31 @@ from .costs import AttentionShape, KernelChoice, MiB, ceil_div, format_bytes, qu
 WEBUI_MARGIN = 3.3
 WEBUI_RULES = ("doggettx", "invokeai")
 
-#: The einsum kernel's score buffer per worker on CPUs, and the fewest queries per slice it takes (docs/benchmarks.md,
-#: slice-size sweep: on an AMD EPYC, 2 workers sharing 32 MiB of L3, SD1.5's UNet at 512 and 1024 px and SD3's
-#: joint call at 1024 px, float32 and bfloat16, two runs: 8 MiB was the best size in 9 of 12 sweeps and within 4 %
-#: of it in the rest, 32 MiB 3-29 % slower; on the Xeon before it 8-32 MiB were within a few %). Below 256 queries
-#: the score GEMM and per-slice costs lose more than the cache gains: 1024 px SD1.5 keys (16384) fill 4 MiB with 64
-#: queries, 7-26 % slower than 128 in three runs. GPUs get the fewest slices instead: they want large kernels.
-CPU_EINSUM_TARGET_BYTES = 8 * MiB
+#: The einsum kernel's score buffer per worker on CPUs, by element size (4: float32, 2: half precision), and the
+#: fewest queries per slice it takes (docs/benchmarks.md, slice-size sweep). Float32 slices are cache-bound: on an
+#: AMD EPYC, 2 workers sharing 32 MiB of L3 with the host's other tenants, 4 MiB was the best size or within 4 % of
+#: it in all of three runs over SD3's joint call and SD1.5's UNet at 512 px, while 8 MiB ran up to 12 % (SD3, one
+#: run) behind it. bfloat16 slices are bound by their elementwise ops (about a cycle per element): 8 MiB was the
+#: best or within 1 % of it in 5 of 6 sweeps, 4 MiB 1-9 % slower. Below 256 queries the score GEMM and per-slice
+#: costs lose more than the cache gains: 1024 px SD1.5 keys (16384) fill 4 MiB with 64 queries, 7-26 % slower than
+#: 128 in three runs. GPUs get the fewest slices instead: they want large kernels.
+CPU_EINSUM_TARGET_BYTES = {4: 4 * MiB, 2: 8 * MiB}
 CPU_EINSUM_MIN_QUERIES = 256
+
+
+def _target(element_size: int) -> int:
+    return CPU_EINSUM_TARGET_BYTES[2 if element_size <= 2 else 4]
 
 
 def cpu_einsum_queries(shape: AttentionShape) -> int:
     """Queries per one-head slice the einsum kernel runs fastest with on a CPU, by the rule above."""
-    by_bytes = CPU_EINSUM_TARGET_BYTES // max(1, shape.k_tokens * shape.element_size)
+    by_bytes = _target(shape.element_size) // max(1, shape.k_tokens * shape.element_size)
     return max(1, min(shape.q_tokens, max(CPU_EINSUM_MIN_QUERIES, by_bytes)))
 
 
-def cpu_einsum_rule() -> str:
+def cpu_einsum_rule(element_size: int) -> str:
     """The rule in words, for plan reasons and the benchmark's report."""
-    target = format_bytes(CPU_EINSUM_TARGET_BYTES)
+    target = format_bytes(_target(element_size))
     return f"~{target} score buffer per worker, at least {CPU_EINSUM_MIN_QUERIES} queries"
 
 
@@ -75,7 +81,7 @@ def auto(shape: AttentionShape, room: int, kernel: KernelChoice, device_kind: st
     if kernel.kind != "einsum" or device_kind != "cpu":
         return Aim(1, 0, "fewest slices that fit", True)
     queries = cpu_einsum_queries(shape)
-    why = f"one head per slice, {cpu_einsum_rule()} (the rule the benchmark's sweep checks)"
+    why = f"one head per slice, {cpu_einsum_rule(shape.element_size)} (the rule the benchmark's sweep checks)"
     fitting = queries_in_room(shape, 1, kernel, room) or 0
     settled = fitting >= queries
     if not settled:

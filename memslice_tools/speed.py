@@ -351,14 +351,15 @@ def sweep(site: str, pixels: int, threads: int, rounds: int, dtype: torch.dtype 
     qkv = make_inputs(case, "cpu")
     from .contenders import _memslice
 
-    target, fewest = strategies.CPU_EINSUM_TARGET_BYTES, strategies.CPU_EINSUM_MIN_QUERIES
+    key = 2 if case.shape.element_size <= 2 else 4
+    targets, fewest = dict(strategies.CPU_EINSUM_TARGET_BYTES), strategies.CPU_EINSUM_MIN_QUERIES
     calls = {size: _memslice("auto").prepare(case, list(qkv), GiB) for size in ("rule", *SWEEP_MIB)}
     times: dict[Any, list[float]] = {size: [] for size in calls}
     try:
         with torch.no_grad(), sdpa_math_only():
             for r in range(rounds + 1):
                 for size, call in calls.items():
-                    strategies.CPU_EINSUM_TARGET_BYTES = target if size == "rule" else size * MiB
+                    strategies.CPU_EINSUM_TARGET_BYTES = targets if size == "rule" else {**targets, key: size * MiB}
                     strategies.CPU_EINSUM_MIN_QUERIES = fewest if size == "rule" else 1
                     forwards._memo.clear()
                     start = time.perf_counter()
@@ -366,12 +367,12 @@ def sweep(site: str, pixels: int, threads: int, rounds: int, dtype: torch.dtype 
                     if r:  # the first round warms up
                         times[size].append((time.perf_counter() - start) * 1e3)
     finally:
-        strategies.CPU_EINSUM_TARGET_BYTES, strategies.CPU_EINSUM_MIN_QUERIES = target, fewest
+        strategies.CPU_EINSUM_TARGET_BYTES, strategies.CPU_EINSUM_MIN_QUERIES = targets, fewest
         forwards._memo.clear()
     medians = {size: statistics.median(t) for size, t in times.items()}
     rule_ms = medians.pop("rule")
     best = min(medians, key=medians.__getitem__)
-    rule = f"{strategies.cpu_einsum_rule()}: 1x{strategies.cpu_einsum_queries(case.shape)}"
+    rule = f"{strategies.cpu_einsum_rule(key)}: 1x{strategies.cpu_einsum_queries(case.shape)}"
     return {"site": site, "pixels": pixels, "threads": threads, "dtype": str(dtype)[6:], "model": kind,
             "median_ms": medians, "best_mib": best, "rule": rule,
             "rule_ms": rule_ms, "rule_vs_best": rule_ms / min(rule_ms, medians[best])}  # fmt: skip

@@ -272,7 +272,7 @@ def judge_speed(speed: dict[str, Any]) -> list[dict[str, Any]]:
             key = f"{name} {budget_label(int(free))}"
             floor = row.get("floor_vs_fused")
             if floor is not None and floor > 1:
-                why = (f"torch's own ops of memslice's plan (score GEMM, the pass over the scores, value GEMM) alone "
+                why = (f"torch's own ops of memslice's plan (score GEMM, the passes over the scores, value GEMM) alone "
                        f"took {floor:.3f}x the fused call: {VS_FUSED}x those")  # fmt: skip
                 vs_fused[key] = (row["vs_fused"], VS_FUSED * floor, why)
             else:
@@ -522,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         report["targets"] = [parity_mod.judge(report["parity"])]
         return _finish(report, args.out, began, busy, log)
     if args.sd3:  # SD3's joint call and the slice-size rule alone
-        log("no fused kernel: SD3's joint call, the slice-size sweeps, the kernel's profile")
+        note = "no fused kernel: SD3's joint call at 1024 px, the slice-size sweeps, the kernel's profile"
+        report["meta"].update(mode="sd3", mode_note=note)
+        log(note)
         report["speed"] = speed_mod.section(speed_mod.SD3, by_name, log)
         report["targets"] = [t for t in judge_speed(report["speed"]) if t["name"] in SPEED_TARGETS]
         return _finish(report, args.out, began, busy, log)

@@ -161,7 +161,7 @@ def _memslice_plan(call: Callable[[], Any]) -> str:
 
 def ops_floor(case: Case, record: Any) -> Callable[[], None] | None:
     """The einsum kernel's unavoidable torch ops for the plan of ``record`` (a :class:`CallRecord` of memslice's
-    call), and nothing else: per slice the score GEMM into a worker's buffer, the pass over the scores (``exp2`` and
+    call), and nothing else: per slice the score GEMM into a worker's buffer, the passes over the scores (``exp2`` and
     the row sums where the kernel takes the unnormalised path, else the in-place softmax) and the value GEMM, on the
     kernel's slice sizes
     (a run's last slice shorter), on as many single-threaded workers of memslice's own pool as the kernel uses. No

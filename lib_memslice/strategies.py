@@ -27,13 +27,13 @@ WEBUI_MARGIN = 3.3
 WEBUI_RULES = ("doggettx", "invokeai")
 
 #: The einsum kernel's score buffer per worker on CPUs, by element size (4: float32, 2: half precision), and the
-#: fewest queries per slice it takes (docs/benchmarks.md, slice-size sweep). Float32 slices are cache-bound: on an
-#: AMD EPYC, 2 workers sharing 32 MiB of L3 with the host's other tenants, 4 MiB was the best size or within 4 % of
-#: it in all of three runs over SD3's joint call and SD1.5's UNet at 512 px, while 8 MiB ran up to 12 % (SD3, one
-#: run) behind it. bfloat16 slices are bound by their elementwise ops (about a cycle per element): 8 MiB was the
-#: best or within 1 % of it in 5 of 6 sweeps, 4 MiB 1-9 % slower. Below 256 queries the score GEMM and per-slice
-#: costs lose more than the cache gains: 1024 px SD1.5 keys (16384) fill 4 MiB with 64 queries, 7-26 % slower than
-#: 128 in three runs. GPUs get the fewest slices instead: they want large kernels.
+#: fewest queries per slice it takes (docs/benchmarks.md, `bench --sd3`). Float32 slices are cache-bound: on an AMD
+#: EPYC, 2 workers sharing 32 MiB of L3 with the host's other tenants, 4 MiB was within 5 % of the best size in four
+#: runs over SD3's joint call and SD1.5's UNet at 512 px, while 8 MiB, the best on a quiet host, fell 12-26 %
+#: behind it on a loaded one. Half-precision slices are bound by their elementwise ops (about a cycle per element):
+#: on the quiet host 8 MiB was the best or within 1 % of it in 5 of 6 sweeps, 4 MiB 1-9 % slower. Below 256 queries
+#: the score GEMM and per-slice costs lose more than the cache gains: 1024 px SD1.5 keys (16384) fill 4 MiB with 64
+#: queries, 7-26 % slower than 128 in three runs. GPUs get the fewest slices instead: they want large kernels.
 CPU_EINSUM_TARGET_BYTES = {4: 4 * MiB, 2: 8 * MiB}
 CPU_EINSUM_MIN_QUERIES = 256
 

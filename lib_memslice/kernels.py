@@ -120,22 +120,24 @@ def einsum_kernel(device_type: str, dtype: torch.dtype, strided: bool = False) -
     """memslice's einsum kernel on this device. On CPU it allocates nothing per slice besides a half-precision
     GEMM's own scratch (checked with the profiler's in-op events); elsewhere ``bmm(out=)`` may go through a
     contiguous temporary of one slice's output and the softmax runs as elementwise ops with two row statistics:
-    counted as one element plus one byte per output. ``strided``: see :func:`strided_operands`; a CPU kernel in
-    half precision then stages its operands (``KernelChoice.staged``)."""
+    counted as one element plus one byte per output. ``strided``: see :func:`strided_operands`; a CPU kernel then
+    stages its operands (``KernelChoice.staged``): in half precision its GEMMs would clone them on every slice, and
+    float32 GEMMs read rows ``H*d`` apart slower (SD3's joint call, 24 heads of 64: 1.19x the time at 2 threads,
+    1.05x at one, on an AMD EPYC; SD1.5's 8 heads of 40: the same time)."""
     if device_type == "cpu":
         # unnormalised where exp cannot overflow the type: float32's range, which bfloat16 shares (not float16's)
         unnormalised = dtype in (torch.float32, torch.bfloat16)
         half = dtype in HALF
         scratch = HALF_GEMM_SCRATCH if half else 0  # the cap of a half-precision GEMM's in-op scratch
         return KernelChoice("einsum", scratch, workers=torch.get_num_threads(), unnormalised=unnormalised,
-                            staged=half and strided)  # fmt: skip
+                            staged=strided)  # fmt: skip
     return KernelChoice("einsum", output_extra=torch.finfo(dtype).bits // 8 + 1)
 
 
 def strided_operands(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype) -> bool:
     """Whether the einsum kernel's GEMMs would read q, k or v in a layout a CPU GEMM in half precision clones
     (measured with the profiler on torch 2.1.2, 2.3.1 and 2.13: a head of a ``[B, N, H*d]`` projection, rows
-    ``H*d`` apart, is cloned inside ``baddbmm``/``bmm`` on every call; float32 GEMMs read it in place): not
+    ``H*d`` apart, is cloned inside ``baddbmm``/``bmm`` on every call; float32 GEMMs read it in place, slower): not
     contiguous within each batch item, and not cast (a cast copies them into contiguous buffers anyway)."""
     if compute_dtype != q.dtype:
         return False
@@ -247,14 +249,15 @@ def kernels_after(first: KernelChoice, setting: str, device_type: str, dtype: to
     """``first`` and what a call falls back to when no plan of it fits: with ``kernel = auto`` a fused kernel's
     memslice's einsum kernel (staged when ``strided``, see :func:`strided_operands`); a CPU einsum kernel with several
     workers (one buffer each), the same with one, then without the unnormalised path's buffers (the row sums and
-    the norms): the leanest."""
+    the norms) and, in float32, without the staged copies: the leanest."""
     found = [first]
     if first.kind == "fused" and setting == "auto":
         found.append(einsum_kernel(device_type, dtype, strided))
     if found[-1].kind == "einsum" and found[-1].workers > 1:
         found.append(replace(found[-1], workers=1))
     if found[-1].kind == "einsum" and found[-1].unnormalised:
-        found.append(replace(found[-1], unnormalised=False))
+        # float32 GEMMs read strided heads in place (only slower): the leanest drops the staged copies there
+        found.append(replace(found[-1], unnormalised=False, staged=found[-1].staged and dtype in HALF))
     return tuple(found)
 
 

@@ -38,8 +38,13 @@ CPU_EINSUM_TARGET_BYTES = {4: 4 * MiB, 2: 8 * MiB}
 CPU_EINSUM_MIN_QUERIES = 256
 
 
+def cpu_einsum_target_key(element_size: int) -> int:
+    """The key of CPU_EINSUM_TARGET_BYTES a call of this element size takes (float64 takes float32's)."""
+    return 2 if element_size <= 2 else 4
+
+
 def _target(element_size: int) -> int:
-    return CPU_EINSUM_TARGET_BYTES[2 if element_size <= 2 else 4]
+    return CPU_EINSUM_TARGET_BYTES[cpu_einsum_target_key(element_size)]
 
 
 def cpu_einsum_queries(shape: AttentionShape) -> int:

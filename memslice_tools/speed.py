@@ -351,7 +351,7 @@ def sweep(site: str, pixels: int, threads: int, rounds: int, dtype: torch.dtype 
     qkv = make_inputs(case, "cpu")
     from .contenders import _memslice
 
-    key = 2 if case.shape.element_size <= 2 else 4
+    key = strategies.cpu_einsum_target_key(case.shape.element_size)
     targets, fewest = dict(strategies.CPU_EINSUM_TARGET_BYTES), strategies.CPU_EINSUM_MIN_QUERIES
     calls = {size: _memslice("auto").prepare(case, list(qkv), GiB) for size in ("rule", *SWEEP_MIB)}
     times: dict[Any, list[float]] = {size: [] for size in calls}

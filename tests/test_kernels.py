@@ -423,7 +423,8 @@ def test_a_sliced_fused_call_that_casts_holds_one_rectangles_casts_at_a_time():
     with PeakTracker() as tracker:
         out = kernels.run_plan(q, k, v, plan, 40**-0.5, None, torch.float32)
     casts = 4 * 199 * 40 * 4 * 2  # one rectangle's keys and values in float32
-    assert casts < tracker.peak <= plan.peak_bytes
+    # the tracker sees live tensors, not the fused kernel's in-op scratch (which alone exceeds a second set of casts)
+    assert casts < tracker.peak <= plan.peak_bytes - kernel.scratch
     ref = reference(q.float(), k.float(), v.float(), 40**-0.5)
     assert (out.double() - ref).abs().max().item() <= DTYPE_TOL[torch.bfloat16]
 

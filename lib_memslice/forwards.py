@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels, probe
 from .costs import AttentionShape, GiB, KernelChoice, format_bytes, plural
@@ -33,6 +34,8 @@ from .stats import CallRecord, Stats
 _outside_graphs: Callable[[Any], Any] = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)
 
 log = logging.getLogger("memslice")
+
+_get_num_threads = torch.get_num_threads
 
 Tensor = torch.Tensor
 
@@ -251,17 +254,8 @@ def _key(
     static: tuple[Any, ...], q: Tensor, k: Tensor, v: Tensor, strategy: str, settings: Settings
 ) -> tuple[Any, ...]:
     """What a layer's plan depends on besides free memory: the memo's key (one function for both lanes)."""
-    return (
-        static,
-        q.device,
-        q.stride(-1),
-        k.stride(-1),
-        v.stride(-1),
-        strategy,
-        id(settings),
-        torch.get_num_threads(),
-        kernels.sdp_flags(),
-    )
+    return (static, q.device, q.stride(-1), k.stride(-1), v.stride(-1), strategy, id(settings), _get_num_threads(),
+            kernels.sdp_flags())  # fmt: skip
 
 
 def _memo_key(call: Call) -> tuple[Any, ...]:
@@ -334,6 +328,8 @@ def _again(call: Call, planned: Planned) -> tuple[Any, ...] | None:
     if (plan.kernel.kind != "fused" or plan.sliced or call.compute_dtype != call.q.dtype or shape.empty
             or shape.k_tokens == 0 or planned.retries or call.settings.log == "every call"):  # fmt: skip
         return None
+    if not plan.stable or (planned.free is not None and planned.room_bytes < FAST_PATH_HEADROOM * plan.peak_bytes):
+        return None  # not reusable at any age (:func:`_reusable`): the lane checks only the reading's age
     return (call.strategy, plan.kernel.kind, shape.batch_heads, shape.q_tokens, shape.k_tokens, shape.head_dim,
             plan.heads_per_slice, plan.queries_per_slice, plan.slices, plan.peak_bytes,
             planned.room_bytes, 0)  # fmt: skip
@@ -550,18 +546,27 @@ def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: st
                      upcast: bool, host: Host, site: str) -> Tensor | None:  # fmt: skip
     """A layer's call again while its plan stands (see :func:`_reusable`) and runs whole on a fused kernel: the
     SDPA call :func:`lib_memslice.kernels.run_plan` would make, and its record, without the layers between them.
-    Why: between two 10-40 ms calls on a CPU the caches are cold, and each of those layers' Python cost 10-40 us
-    there (``bench --parity``'s profile). None where the full path must run (a new plan, slices, a cast, an
-    out-of-memory error: its retries are the full path's)."""
+    Why: between two 10-40 ms calls on a CPU the caches are cold, and every Python call costs 3-10 us there
+    (``bench --parity``'s profile), so the checks are written out here rather than called: the memo's key
+    (:func:`_key`'s, written out: a lane keyed otherwise never runs, which tests/test_forwards.py catches),
+    :func:`_reusable`'s age, the SDPA call of :func:`lib_memslice.kernels._sdpa`. None where the full path must
+    run (a new plan, slices, a cast, an old reading that no longer leaves the headroom, an out-of-memory error:
+    its retries are the full path's)."""
     static = (q.shape, k.shape[2], v.shape[-1], q.dtype, upcast)
-    memo = _memo.get(_key(static, q, k, v, strategy, settings))
+    memo = _memo.get((static, q.device, q.stride(-1), k.stride(-1), v.stride(-1), strategy, id(settings),
+                      _get_num_threads(), tuple([flag() for flag in kernels._SDP_FLAG_FNS])))  # fmt: skip
     if memo is None or memo.again is None or memo.settings is not settings:
         return None
-    if not _reusable(memo) and not _still_ample(memo, static, q, strategy, settings):
+    old = memo.planned.free is not None and time.perf_counter() - memo.probed_at >= FAST_PATH_MAX_AGE_S  # type: ignore[union-attr]
+    if old and not _still_ample(memo, static, q, strategy, settings):
         return None
+    given = None if scale == q.shape[-1] ** -0.5 else scale  # as kernels._sdpa gives it: sdp's call, to the bit
     try:
-        with kernels._no_autocast(q.device.type):
-            out = kernels._sdpa(q, k, v, scale, None, q.dtype)  # the call run_plan makes: sdp's, to the bit
+        if kernels._autocast_enabled(q.device.type):  # off, as run_plan turns it off: the dtype planned runs
+            with torch.autocast(q.device.type, enabled=False):
+                out = F.scaled_dot_product_attention(q, k, v, scale=given)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=given)
     except Exception as exc:
         if not (settings.oom_retry and kernels.is_oom(exc)):
             raise

@@ -256,16 +256,23 @@ def _cache_token(value: Any) -> Any:
 _KEYS: tuple[str, ...] = tuple(s.key for s in SPECS)
 
 
-def read_settings(get: Callable[[str, Any], Any]) -> Settings:
-    """Read every option through ``get(key, default)`` (e.g. a bound ``getattr`` on ``shared.opts``).
+def read_settings(get: Callable[[str, Any], Any], data: dict[str, Any] | None = None) -> Settings:
+    """Read every option through ``get(key, default)`` (e.g. a bound ``getattr`` on ``shared.opts``), or from
+    ``data`` (the webui's ``opts.data``) where it holds every key: one C-level pass, not a Python call per key
+    (called inside each attention forward, with the caches cold between two calls on a CPU).
 
-    Called inside each attention forward, so the result for a given set of raw values is cached: the values and
-    their types are the key (True == 1 hash alike but validate differently), a value that cannot be hashed is
-    keyed by its repr."""
-    try:
-        raw = tuple([get(key, MISSING) for key in _KEYS])
-    except Exception:  # a broken options object must not cost a generation
-        raw = tuple(_read_one(get, key) for key in _KEYS)
+    The result for a given set of raw values is cached: the values and their types are the key (True == 1 hash
+    alike but validate differently), a value that cannot be hashed is keyed by its repr."""
+    raw = None
+    if type(data) is dict:
+        raw = tuple(map(data.get, _KEYS))
+        if None in raw:  # a key it lacks (or holds as None): read as the options object reads it
+            raw = None
+    if raw is None:
+        try:
+            raw = tuple([get(key, MISSING) for key in _KEYS])
+        except Exception:  # a broken options object must not cost a generation
+            raw = tuple(_read_one(get, key) for key in _KEYS)
     token: Any = (raw, tuple(map(type, raw)))
     try:
         hit = _cache.get(token)

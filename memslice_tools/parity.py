@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from lib_memslice import forwards, kernels, probe
 from lib_memslice.forwards import BasicHost, make_cross_attention_forward
-from lib_memslice.settings import read_settings
+from lib_memslice.settings import MISSING, SPECS, read_settings
 
 from . import webui_attention
 from .harness import torch_threads
@@ -114,16 +114,23 @@ PROFILE_MIN_CALLS = 3
 
 class WebuiLikeHost(BasicHost):
     """:class:`BasicHost`, but its options are read on every call through ``read_settings`` from an options
-    object, as ``lib_memslice/webui/host.py``'s ``WebuiHost`` reads ``shared.opts`` (the read's cost is part of
-    memslice's host work in the webui); the default options."""
+    object's ``data`` dict, as ``lib_memslice/webui/host.py``'s ``WebuiHost`` reads ``shared.opts.data`` (the
+    read's cost is part of memslice's host work in the webui); the default options, which the webui's
+    ``Options.add_option`` puts in ``data`` when an extension registers them."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.opts = SimpleNamespace()
+        self.opts = SimpleNamespace(data={spec.key: spec.default for spec in SPECS})
 
     def settings(self) -> Any:
         opts = self.opts
-        return read_settings(lambda key, default: getattr(opts, key, default))
+        data = opts.data
+
+        def get(key: str, default: Any) -> Any:
+            value = data.get(key, MISSING)
+            return getattr(opts, key, default) if value is MISSING else value
+
+        return read_settings(get, data)
 
 
 def reimplemented_sdp_forward(self: Any, x: Tensor, context: Tensor | None = None, mask: Any = None, **kwargs: Any):

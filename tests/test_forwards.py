@@ -197,6 +197,40 @@ def test_the_same_call_again_skips_the_full_path_and_gives_its_bits_and_record(m
     assert len(described) == 2
 
 
+def test_a_plan_without_the_headroom_is_left_to_the_full_path_however_fresh_its_reading(monkeypatch):
+    """The lane checks only a reading's age: a plan made where the room was under four times its peak is never
+    the lane's (the full path reads free memory again at every call, as ``_reusable`` says)."""
+    fake = CountingProbe(64 * GiB)
+    monkeypatch.setattr(probe, "free_memory", fake)
+    monkeypatch.setattr(forwards.time, "perf_counter", lambda: 100.0)  # every reading stays fresh
+    q, k, v = projected_qkv(2, 4, 128, 128, 16)
+    host = BasicHost(Settings(safety_factor=1.0))
+    peak = run(host, q, k, v).peak_bytes
+    forwards._memo.clear()
+    fake.free = 3 * peak  # room for one slice, under the headroom
+    assert run(host, q, k, v).slices == 1
+    described = []
+    describe = forwards.describe
+    monkeypatch.setattr(forwards, "describe", lambda *a, **kw: described.append(1) or describe(*a, **kw))
+    calls = fake.calls
+    assert run(host, q, k, v).slices == 1
+    assert described == [1] and fake.calls == calls + 1
+
+
+def test_the_same_call_lane_runs_in_the_dtype_planned_under_autocast(monkeypatch):
+    """Under autocast (torch 2.3 and later cast SDPA to bfloat16 under the CPU's) the lane turns it off for its
+    SDPA call, as the full path does: a float32 layer's repeated call stays float32 and bit-equal to its first."""
+    monkeypatch.setattr(forwards.time, "perf_counter", lambda: 100.0)
+    q, k, v = projected_qkv(2, 4, 64, 64, 16)
+    host = BasicHost(Settings())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = attend(q, k, v, scale=0.25, strategy="auto", host=host, site="a")
+        monkeypatch.setattr(forwards, "describe", None)  # the lane only
+        again = attend(q, k, v, scale=0.25, strategy="auto", host=host, site="a")
+    assert again.dtype == first.dtype == torch.float32 and torch.equal(again, first)
+    assert host.stats.recent()[-1].kernel_used == "fused"
+
+
 def test_an_out_of_memory_error_in_the_same_call_lane_is_retried_by_the_full_path(monkeypatch):
     monkeypatch.setattr(forwards.time, "perf_counter", lambda: 100.0)
     q, k, v = projected_qkv(1, 2, 64, 64, 16)

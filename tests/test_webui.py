@@ -168,6 +168,23 @@ def test_options_read_from_opts_data_equal_the_webuis_getattr_for_every_key(webu
     assert webui.memslice.HOST.settings() == expected and expected.safety_factor == 2.5
 
 
+@pytest.mark.parametrize("value", [3, "einsum", [1, 2], {"a": 1}, True, -1.5, 0.0])
+def test_options_all_held_in_opts_data_are_read_in_one_pass_as_getattr_reads_them(webui, value):
+    """Every key in ``opts.data`` (as the webui's ``add_option`` puts each registered one there): the host reads
+    them in one pass over the dict (``read_settings``' ``data``), which must give what ``getattr`` gives, key by key:
+    non-default values for every key, and values of any JSON type in two of them."""
+    opts = webui.shared.opts
+    saved = {"memslice_safety_factor": 2.5, "memslice_slice_cap": value, "memslice_budget_gb": 1.5,
+             "memslice_kernel": value, "memslice_oom_retry": False, "memslice_vae": "off",
+             "memslice_log": "every call"}  # fmt: skip
+    assert set(saved) == {spec.key for spec in settings_module.SPECS}
+    opts.data.update(saved)
+    expected = settings_module.read_settings(lambda key, default: getattr(opts, key, default))
+    assert webui.memslice.HOST.settings() == expected
+    assert (expected.safety_factor, expected.budget_gb, expected.oom_retry, expected.log) == (2.5, 1.5, False,
+                                                                                            "every call")  # fmt: skip
+
+
 def make_cross(env, sgm=False, query_dim=64, context_dim=None, heads=4, dim_head=16):
     cls = env.sgm_attention.CrossAttention if sgm else env.ldm_attention.CrossAttention
     torch.manual_seed(0)

@@ -44,7 +44,7 @@ class WebuiHost:
             value = data.get(key, MISSING)
             return getattr(opts, key, default) if value is MISSING else value
 
-        return read_settings(get)
+        return read_settings(get, data)
 
     def apply_hypernetworks(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from modules.hypernetworks import hypernetwork  # type: ignore[import-not-found]

@@ -37,6 +37,8 @@ log = logging.getLogger("memslice")
 
 _get_num_threads = torch.get_num_threads
 _new_record = tuple.__new__
+#: whether any device's autocast is on (torch 2.1-2.13): one C call, where asking one device parses its name
+_any_autocast: Callable[[], bool] | None = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 Tensor = torch.Tensor
 
@@ -554,7 +556,8 @@ def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: st
     run (a new plan, slices, a cast, an old reading that no longer leaves the headroom, an out-of-memory error:
     its retries are the full path's)."""
     static = (q.shape, k.shape[2], v.shape[-1], q.dtype, upcast)
-    memo = _memo.get((static, q.device, q.stride(-1), k.stride(-1), v.stride(-1), strategy, id(settings),
+    device = q.device
+    memo = _memo.get((static, device, q.stride(-1), k.stride(-1), v.stride(-1), strategy, id(settings),
                       _get_num_threads(), tuple([flag() for flag in kernels._SDP_FLAG_FNS])))  # fmt: skip
     if memo is None or memo.again is None or memo.settings is not settings:
         return None
@@ -563,8 +566,9 @@ def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: st
         return None
     given = None if scale == q.shape[-1] ** -0.5 else scale  # as kernels._sdpa gives it: sdp's call, to the bit
     try:
-        if kernels._autocast_enabled(q.device.type):  # off, as run_plan turns it off: the dtype planned runs
-            with torch.autocast(q.device.type, enabled=False):
+        # off, as run_plan turns it off (the dtype planned runs); asked per device only under some autocast
+        if (_any_autocast is None or _any_autocast()) and kernels._autocast_enabled(device.type):
+            with torch.autocast(device.type, enabled=False):
                 out = F.scaled_dot_product_attention(q, k, v, scale=given)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=given)

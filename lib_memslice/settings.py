@@ -256,23 +256,29 @@ def _cache_token(value: Any) -> Any:
 _KEYS: tuple[str, ...] = tuple(s.key for s in SPECS)
 
 
-def read_settings(get: Callable[[str, Any], Any], data: dict[str, Any] | None = None) -> Settings:
-    """Read every option through ``get(key, default)`` (e.g. a bound ``getattr`` on ``shared.opts``), or from
-    ``data`` (the webui's ``opts.data``) where it holds every key: one C-level pass, not a Python call per key
-    (called inside each attention forward, with the caches cold between two calls on a CPU).
+def settings_in(data: dict[str, Any]) -> Settings | None:
+    """The settings of an options dict that holds every key (the webui's ``opts.data``, where ``add_option`` puts
+    each registered option), or None where one is missing or None (read it through :func:`read_settings`). Why:
+    one C-level pass over the dict, called inside each attention forward with the caches cold between two calls
+    on a CPU, where a Python call per key cost 10-20 us."""
+    raw = tuple(map(data.get, _KEYS))
+    if None in raw:
+        return None
+    return _settings_of(raw)
 
-    The result for a given set of raw values is cached: the values and their types are the key (True == 1 hash
-    alike but validate differently), a value that cannot be hashed is keyed by its repr."""
-    raw = None
-    if type(data) is dict:
-        raw = tuple(map(data.get, _KEYS))
-        if None in raw:  # a key it lacks (or holds as None): read as the options object reads it
-            raw = None
-    if raw is None:
-        try:
-            raw = tuple([get(key, MISSING) for key in _KEYS])
-        except Exception:  # a broken options object must not cost a generation
-            raw = tuple(_read_one(get, key) for key in _KEYS)
+
+def read_settings(get: Callable[[str, Any], Any]) -> Settings:
+    """Read every option through ``get(key, default)`` (e.g. a bound ``getattr`` on ``shared.opts``)."""
+    try:
+        raw = tuple([get(key, MISSING) for key in _KEYS])
+    except Exception:  # a broken options object must not cost a generation
+        raw = tuple(_read_one(get, key) for key in _KEYS)
+    return _settings_of(raw)
+
+
+def _settings_of(raw: tuple[Any, ...]) -> Settings:
+    """The settings of raw values, cached (both reads run on every attention call): the values and their types are
+    the key (True == 1 hash alike but validate differently), a value that cannot be hashed is keyed by its repr."""
     token: Any = (raw, tuple(map(type, raw)))
     try:
         hit = _cache.get(token)

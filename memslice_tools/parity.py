@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from lib_memslice import forwards, kernels, probe
 from lib_memslice.forwards import BasicHost, make_cross_attention_forward
-from lib_memslice.settings import MISSING, SPECS, read_settings
+from lib_memslice.settings import MISSING, SPECS, read_settings, settings_in
 
 from . import webui_attention
 from .harness import torch_threads
@@ -125,12 +125,15 @@ class WebuiLikeHost(BasicHost):
     def settings(self) -> Any:
         opts = self.opts
         data = opts.data
+        found = settings_in(data)
+        if found is not None:
+            return found
 
         def get(key: str, default: Any) -> Any:
             value = data.get(key, MISSING)
             return getattr(opts, key, default) if value is MISSING else value
 
-        return read_settings(get, data)
+        return read_settings(get)
 
 
 def reimplemented_sdp_forward(self: Any, x: Tensor, context: Tensor | None = None, mask: Any = None, **kwargs: Any):

@@ -14,7 +14,7 @@ from modules import shared  # type: ignore[import-not-found]
 
 from .. import probe
 from ..limits import NotEnoughMemory
-from ..settings import MISSING, Settings, read_settings
+from ..settings import MISSING, Settings, read_settings, settings_in
 from ..stats import CallRecord, Stats
 
 # Records go through the webui's own logging configuration (it sets the root level from --loglevel or
@@ -39,12 +39,15 @@ class WebuiHost:
         data = getattr(opts, "data", None)
         if type(data) is not dict:
             return read_settings(lambda key, default: getattr(opts, key, default))
+        found = settings_in(data)  # every key there, as once the settings are registered: one pass
+        if found is not None:
+            return found
 
         def get(key: str, default: Any) -> Any:
             value = data.get(key, MISSING)
             return getattr(opts, key, default) if value is MISSING else value
 
-        return read_settings(get, data)
+        return read_settings(get)
 
     def apply_hypernetworks(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from modules.hypernetworks import hypernetwork  # type: ignore[import-not-found]

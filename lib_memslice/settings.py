@@ -276,6 +276,25 @@ def read_settings(get: Callable[[str, Any], Any]) -> Settings:
     return _settings_of(raw)
 
 
+def read_options(opts: Any) -> Settings:
+    """The settings of a webui ``Options`` object (``shared.opts``): from its ``data`` dict in one pass where that
+    holds every key (:func:`settings_in`); else key by key, a key ``data`` holds read from it (``getattr`` on the
+    webui's Options fails the normal lookup first, an AttributeError raised and caught, before
+    ``Options.__getattr__`` finds it there), any other through ``getattr``, which gives its registered default."""
+    data = getattr(opts, "data", None)
+    if type(data) is not dict:
+        return read_settings(lambda key, default: getattr(opts, key, default))
+    found = settings_in(data)
+    if found is not None:
+        return found
+
+    def get(key: str, default: Any) -> Any:
+        value = data.get(key, MISSING)
+        return getattr(opts, key, default) if value is MISSING else value
+
+    return read_settings(get)
+
+
 def _settings_of(raw: tuple[Any, ...]) -> Settings:
     """The settings of raw values, cached (both reads run on every attention call): the values and their types are
     the key (True == 1 hash alike but validate differently), a value that cannot be hashed is keyed by its repr."""

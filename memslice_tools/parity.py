@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from lib_memslice import forwards, kernels, probe
 from lib_memslice.forwards import BasicHost, make_cross_attention_forward
-from lib_memslice.settings import MISSING, SPECS, read_settings, settings_in
+from lib_memslice.settings import SPECS, read_options
 
 from . import webui_attention
 from .harness import torch_threads
@@ -113,7 +113,7 @@ PROFILE_MIN_CALLS = 3
 
 
 class WebuiLikeHost(BasicHost):
-    """:class:`BasicHost`, but its options are read on every call through ``read_settings`` from an options
+    """:class:`BasicHost`, but its options are read on every call through ``read_options`` from an options
     object's ``data`` dict, as ``lib_memslice/webui/host.py``'s ``WebuiHost`` reads ``shared.opts.data`` (the
     read's cost is part of memslice's host work in the webui); the default options, which the webui's
     ``Options.add_option`` puts in ``data`` when an extension registers them."""
@@ -123,17 +123,7 @@ class WebuiLikeHost(BasicHost):
         self.opts = SimpleNamespace(data={spec.key: spec.default for spec in SPECS})
 
     def settings(self) -> Any:
-        opts = self.opts
-        data = opts.data
-        found = settings_in(data)
-        if found is not None:
-            return found
-
-        def get(key: str, default: Any) -> Any:
-            value = data.get(key, MISSING)
-            return getattr(opts, key, default) if value is MISSING else value
-
-        return read_settings(get)
+        return read_options(self.opts)
 
 
 def reimplemented_sdp_forward(self: Any, x: Tensor, context: Tensor | None = None, mask: Any = None, **kwargs: Any):

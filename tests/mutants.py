@@ -232,9 +232,9 @@ MUTANTS = (
            "    if False:",
            ("tests/test_forwards.py::test_an_old_reading_reprobes_but_finds_an_unsliced_first_kernel_plan_again_without_searching",)),
     Mutant("an option not in opts.data read as memslice's default, not the webui's registered one",
-           "lib_memslice/webui/host.py",
-           "            return getattr(opts, key, default) if value is MISSING else value",
-           "            return default if value is MISSING else value",
+           "lib_memslice/settings.py",
+           "        return getattr(opts, key, default) if value is MISSING else value",
+           "        return default if value is MISSING else value",
            ("tests/test_webui.py::test_options_read_from_opts_data_equal_the_webuis_getattr_for_every_key",)),
     # --- the VAE's bands ----------------------------------------------------------------------------------------
     Mutant("bands: the float32 copy a half-precision band is normalised in not counted", "lib_memslice/band_costs.py",

@@ -14,7 +14,7 @@ from modules import shared  # type: ignore[import-not-found]
 
 from .. import probe
 from ..limits import NotEnoughMemory
-from ..settings import MISSING, Settings, read_settings, settings_in
+from ..settings import Settings, read_options
 from ..stats import CallRecord, Stats
 
 # Records go through the webui's own logging configuration (it sets the root level from --loglevel or
@@ -31,23 +31,8 @@ class WebuiHost:
     """The Host the forwards use inside the webui: options, hypernetworks, upcast and autocast from ``modules``."""
 
     def settings(self) -> Settings:
-        """The options, read on every attention call. An option the webui holds in ``opts.data`` is read from that
-        dict: ``getattr(opts, key)`` fails the normal attribute lookup first (an AttributeError raised and caught)
-        before ``Options.__getattr__`` finds it there, about a microsecond and a half per key warm, every key a call.
-        One not there (not yet registered, or not saved) is read as before, which gives its registered default."""
-        opts = getattr(shared, "opts", None)
-        data = getattr(opts, "data", None)
-        if type(data) is not dict:
-            return read_settings(lambda key, default: getattr(opts, key, default))
-        found = settings_in(data)  # every key there, as once the settings are registered: one pass
-        if found is not None:
-            return found
-
-        def get(key: str, default: Any) -> Any:
-            value = data.get(key, MISSING)
-            return getattr(opts, key, default) if value is MISSING else value
-
-        return read_settings(get)
+        """The options, read on every attention call (:func:`lib_memslice.settings.read_options`)."""
+        return read_options(getattr(shared, "opts", None))
 
     def apply_hypernetworks(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from modules.hypernetworks import hypernetwork  # type: ignore[import-not-found]

@@ -529,16 +529,17 @@ def _recent_free_memory(device: torch.device) -> tuple[float, probe.FreeMemory]:
     return reading
 
 
-def _still_ample(memo: _Memo, static: tuple[Any, ...], q: Tensor, strategy: str, settings: Settings) -> bool:
+def _still_ample(memo: _Memo, static: tuple[Any, ...], device: torch.device, strategy: str,
+                 settings: Settings) -> bool:  # fmt: skip
     """An old reading (a CPU step outlasts the fast path's age): take a recent one, and the plan stands while the
-    room it makes is still the fast path's headroom over its peak (the room as :func:`read_room` makes it)."""
+    room it makes is still the fast path's headroom over its peak (the room as :func:`read_room` makes it). Only
+    for a memo with ``again`` and a probed plan: :func:`_again` gave it ``again`` only where the plan is stable and
+    left that headroom when it was made (else the full path reads again: one reading a call, not two)."""
     last = memo.planned
-    if last is None or last.free is None or not last.plan.stable or static not in _shapes:
+    if last is None or static not in _shapes:
         return False
-    if last.room_bytes < FAST_PATH_HEADROOM * last.plan.peak_bytes:
-        return False  # not ample when last read: the full path reads again (one reading a call, not two)
     shape = _shapes[static][0]
-    read_at, free = _recent_free_memory(q.device)
+    read_at, free = _recent_free_memory(device)
     if _room_in(free, strategy, settings, shape).bytes_for(shape) < FAST_PATH_HEADROOM * last.plan.peak_bytes:
         return False
     memo.probed_at = read_at  # the reading's age, not this call's: it is good for the rest of its age only
@@ -562,7 +563,7 @@ def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: st
     if memo is None or memo.again is None or memo.settings is not settings:
         return None
     old = memo.planned.free is not None and time.perf_counter() - memo.probed_at >= FAST_PATH_MAX_AGE_S  # type: ignore[union-attr]
-    if old and not _still_ample(memo, static, q, strategy, settings):
+    if old and not _still_ample(memo, static, device, strategy, settings):
         return None
     given = None if scale == q.shape[-1] ** -0.5 else scale  # as kernels._sdpa gives it: sdp's call, to the bit
     try:

@@ -32,6 +32,12 @@ from .stats import CallRecord, Stats
 #: ``torch.compiler.disable`` where torch has it (2.1 has it; the identity otherwise): planning, probing and the
 #: memo's checks read files, Python state and the clock, which must stay out of ``torch.compile`` graphs.
 _outside_graphs: Callable[[Any], Any] = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)
+#: True while dynamo traces (it folds these to True), False when eager, in one Python call:
+#: ``torch.compiler.is_dynamo_compiling`` (2.3 on; ``is_compiling`` makes two), ``torch._utils.is_compiling``
+#: (2.1). The same call's lane asks it rather than being wrapped in :data:`_outside_graphs`, whose wrapper cost
+#: 15 us a call with the caches cold (``bench --parity``).
+_compiling: Callable[[], bool] = (getattr(getattr(torch, "compiler", None), "is_dynamo_compiling", None)
+                                  or getattr(torch._utils, "is_compiling", None) or (lambda: False))  # fmt: skip
 
 log = logging.getLogger("memslice")
 
@@ -495,7 +501,7 @@ def attend(
     Raises :class:`NotEnoughMemory` when no plan under the slice cap fits (also after out-of-memory retries).
     """
     settings = host.settings()
-    if mask is None:
+    if mask is None and not _compiling():  # traced, the full path runs: its planning breaks the graph
         out = _same_call_again(q, k, v, scale, strategy, settings, upcast, host, site)
         if out is not None:
             return out
@@ -583,15 +589,7 @@ def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: st
     return out
 
 
-_same_call_again = _outside_graphs(_same_call_again)
-
-
 # --- the forwards ------------------------------------------------------------------------------------------------
-
-
-def _heads_view(t: Tensor, batch: int, heads: int) -> Tensor:
-    """``[B, N, H*d]`` -> ``[B, H, N, d]`` as a view (no copy)."""
-    return t.view(batch, t.shape[1], heads, t.shape[2] // heads).transpose(1, 2)
 
 
 def make_cross_attention_forward(strategy: str, host: Host) -> Callable[..., Tensor]:
@@ -629,24 +627,21 @@ def make_cross_attention_forward(strategy: str, host: Host) -> Callable[..., Ten
                 )
             k = k[::n].repeat_interleave(x.shape[0] // n, dim=0)
             v = v[::n].repeat_interleave(x.shape[0] // n, dim=0)
+        # written out, as sdp's forward does (no generator, no context manager unless upcast): each Python call
+        # costs 3-10 us here with the caches cold between two calls on a CPU (``bench --parity``)
         batch, heads = q.shape[0], self.heads
-        q, k, v = (_heads_view(t, batch, heads) for t in (q, k, v))
+        q = q.view(batch, q.shape[1], heads, q.shape[2] // heads).transpose(1, 2)
+        k = k.view(batch, k.shape[1], heads, k.shape[2] // heads).transpose(1, 2)
+        v = v.view(batch, v.shape[1], heads, v.shape[2] // heads).transpose(1, 2)
         upcast = host.upcast()
         name, geometry = site_of(self, "attention.self" if self_attention else "attention.cross")
         scale = getattr(self, "scale", q.shape[-1] ** -0.5)
-        with host.without_autocast() if upcast else contextlib.nullcontext():
-            out = attend(
-                q,
-                k,
-                v,
-                scale=scale,
-                strategy=strategy,
-                host=host,
-                mask=mask,
-                upcast=upcast,
-                site=name,
-                geometry=geometry,
-            )
+        if upcast:
+            with host.without_autocast():
+                out = attend(q, k, v, scale=scale, strategy=strategy, host=host, mask=mask, upcast=True, site=name,
+                             geometry=geometry)  # fmt: skip
+        else:
+            out = attend(q, k, v, scale=scale, strategy=strategy, host=host, mask=mask, site=name, geometry=geometry)
         out = self.to_out(out.transpose(1, 2).reshape(batch, out.shape[2], out.shape[1] * out.shape[3]))
         return out[:, prefix:] if prefix else out
 

@@ -331,8 +331,13 @@ def sites_from_modules(unet: Any = None, vae: Any = None, *, tag: bool = True) -
 
 
 def site_of(module: Any, default_name: str, default_geometry: Geometry | None = None) -> tuple[str, Geometry | None]:
-    """The (name, geometry) a module was tagged with, or the defaults."""
-    tagged = getattr(module, SITE_ATTR, None)
+    """The (name, geometry) a module was tagged with, or the defaults. The tag is read from the instance's own
+    ``__dict__`` (where ``setattr`` put it): on an untagged ``nn.Module``, ``getattr`` would first run
+    ``Module.__getattr__`` and its AttributeError, once per attention call."""
+    try:
+        tagged = module.__dict__.get(SITE_ATTR)
+    except AttributeError:  # an object without a __dict__
+        tagged = getattr(module, SITE_ATTR, None)
     if isinstance(tagged, tuple) and len(tagged) == 2:
         return tagged
     return default_name, default_geometry

@@ -256,17 +256,6 @@ def _cache_token(value: Any) -> Any:
 _KEYS: tuple[str, ...] = tuple(s.key for s in SPECS)
 
 
-def settings_in(data: dict[str, Any]) -> Settings | None:
-    """The settings of an options dict that holds every key (the webui's ``opts.data``, where ``add_option`` puts
-    each registered option), or None where one is missing or None (read it through :func:`read_settings`). Why:
-    one C-level pass over the dict, called inside each attention forward with the caches cold between two calls
-    on a CPU, where a Python call per key cost 10-20 us."""
-    raw = tuple(map(data.get, _KEYS))
-    if None in raw:
-        return None
-    return _settings_of(raw)
-
-
 def read_settings(get: Callable[[str, Any], Any]) -> Settings:
     """Read every option through ``get(key, default)`` (e.g. a bound ``getattr`` on ``shared.opts``)."""
     try:
@@ -277,16 +266,23 @@ def read_settings(get: Callable[[str, Any], Any]) -> Settings:
 
 
 def read_options(opts: Any) -> Settings:
-    """The settings of a webui ``Options`` object (``shared.opts``): from its ``data`` dict in one pass where that
-    holds every key (:func:`settings_in`); else key by key, a key ``data`` holds read from it (``getattr`` on the
-    webui's Options fails the normal lookup first, an AttributeError raised and caught, before
-    ``Options.__getattr__`` finds it there), any other through ``getattr``, which gives its registered default."""
+    """The settings of a webui ``Options`` object (``shared.opts``). Where its ``data`` dict holds every key (the
+    webui's ``add_option`` puts each registered option there), one C-level pass over it and the cache's lookup,
+    written out here. Why: this runs inside each attention forward, with the caches cold between two calls on a
+    CPU, where each Python call cost 3-10 us and a call per key 10-20 us. Else key by key, a key ``data`` holds
+    read from it (``getattr`` on the webui's Options fails the normal lookup first, an AttributeError raised and
+    caught, before ``Options.__getattr__`` finds it there), any other through ``getattr``, which gives its
+    registered default."""
     data = getattr(opts, "data", None)
     if type(data) is not dict:
         return read_settings(lambda key, default: getattr(opts, key, default))
-    found = settings_in(data)
-    if found is not None:
-        return found
+    raw = tuple(map(data.get, _KEYS))
+    if None not in raw:
+        try:
+            hit = _cache.get((raw, tuple(map(type, raw))))  # :func:`_settings_of`'s token
+        except TypeError:
+            hit = None
+        return hit if hit is not None else _settings_of(raw)
 
     def get(key: str, default: Any) -> Any:
         value = data.get(key, MISSING)

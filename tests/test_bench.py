@@ -290,33 +290,34 @@ def test_the_smoke_run_times_memslices_forward_against_the_webuis_sdp_forward(sm
             assert isinstance(row["bit_equal"], bool) and row["max_abs_diff"] < 1e-5
             assert row["ratio_iqr"][0] <= row["ratio"] <= row["ratio_iqr"][1] and row["ratio"] > 0
             assert row["overhead_iqr_us"][0] <= row["overhead_us"] <= row["overhead_iqr_us"][1]
+            # the host work is the round less its computation: less than the whole call, as its ratio says
+            assert 0 < row["host_us"] < row["us"] and row["host_ratio"] == pytest.approx(
+                (c["webui_us"] + row["overhead_us"]) / c["webui_us"]
+            )
+            assert row["computation_ratio_iqr"][0] <= row["computation_ratio"] <= row["computation_ratio_iqr"][1]
+        assert 0 < c["webui_host_us"] < c["webui_us"]
         profile = c["profile"]
-        mine, theirs = profile["memslice-auto"], profile[parity_mod.WEBUI]
-        for piece in ("options read (read_settings)", "the same call again (its lane)", "attend (own)",
-                      "forward: layout and glue (own)", "projections"):  # fmt: skip
-            assert piece in mine["us_per_call"], piece
-        # a repeated call takes the lane; a call the lane hands on (a new plan, an old reading) the full path
-        full = ("describe", "plan_call: memo and planning glue", "record", "run_call (own)")
-        assert all(p in mine["us_per_call"] for p in full) or all(p not in mine["us_per_call"] for p in full)
-        assert "describe" not in theirs["us_per_call"] and "projections" in theirs["us_per_call"]
-        assert mine["calls"] >= parity_mod.PROFILE_MIN_CALLS and mine["probes_per_call"] >= 0
-        assert mine["host_us_over_webui"] == pytest.approx(mine["host_us"] - theirs["host_us"])
+        pieces = profile["us_per_call"]
+        assert set(pieces) == {"the forward's own (layout) over sdp's", "options read", "record",
+                               "the lane's own (memo key, checks, the SDPA call's glue)"}  # fmt: skip
+        assert profile["over_webui_us"] == c["memslice"]["memslice-auto"]["overhead_us"]
+        assert pieces["the lane's own (memo key, checks, the SDPA call's glue)"] == pytest.approx(
+            profile["attend_us"] - pieces["options read"] - pieces["record"]
+        )
     target = next(t for t in report["targets"] if t["name"] == "parity")
     assert target["status"] in ("PASS", "FAIL", "N/A") and "webui sdp: re-implemented" in target["detail"]
     text = (out / "bench-report.md").read_text()
     assert "## Fused kernel, the real modules: memslice's forward vs the webui's sdp forward" in text
-    assert "Host work per call" in text and "| memslice-doggettx |" in text
+    assert "Where memslice-auto's host work goes" in text and "| memslice-doggettx |" in text
 
 
 def test_the_parity_section_runs_alone_and_leaves_the_runtime_as_it_was(tmp_path):
-    """``bench --parity`` writes a report of that section alone; the profile's timers are taken off again."""
+    """``bench --parity`` writes a report of that section alone; its timers and knockouts are taken off again."""
     import torch.nn.functional as F
 
-    from lib_memslice import forwards, kernels, probe
+    from lib_memslice import forwards
 
-    before = (forwards.attend, forwards.describe, forwards.plan_call, forwards.record, forwards.run_call,
-              kernels.run_plan, kernels._sdpa, probe.free_memory, F.scaled_dot_product_attention,
-              forwards.time)  # fmt: skip
+    before = (forwards.attend, F.linear, F.scaled_dot_product_attention, forwards.time)
     assert main(["--parity", "--smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench-report.json").read_text())
     assert [t["name"] for t in report["targets"]] == ["parity"] and len(report["parity"]["cases"]) == 2
@@ -325,9 +326,7 @@ def test_the_parity_section_runs_alone_and_leaves_the_runtime_as_it_was(tmp_path
     warm = report["parity"]["warm"]  # the warm loop's host work, on the step's clock too: the real clock put back
     assert set(warm) == {"same_layer_us", "step_us", "sdpa_us"} and warm["sdpa_us"] > 0
     assert f"the same layer again {warm['same_layer_us']:.1f} us a call" in text
-    after = (forwards.attend, forwards.describe, forwards.plan_call, forwards.record, forwards.run_call,
-             kernels.run_plan, kernels._sdpa, probe.free_memory, F.scaled_dot_product_attention,
-             forwards.time)  # fmt: skip
+    after = (forwards.attend, F.linear, F.scaled_dot_product_attention, forwards.time)
     assert all(a is b for a, b in zip(before, after, strict=True))
 
 
@@ -365,8 +364,10 @@ def test_the_bit_equality_column_sees_a_different_output():
         assert row["bit_equal"] is False and 0 < row["max_abs_diff"] < 1e-3
 
 
-def _parity(ratio, webui_us=5000.0):
-    row = {"ratio": ratio, "ratio_iqr": [ratio, ratio], "overhead_us": (ratio - 1) * webui_us,
+def _parity(ratio, webui_us=5000.0, whole=None):
+    """A parity section of one case: ``ratio`` its host-work ratio, ``whole`` the whole forward's (noisier)."""
+    whole = ratio if whole is None else whole
+    row = {"ratio": whole, "ratio_iqr": [whole, whole], "overhead_us": (ratio - 1) * webui_us, "host_ratio": ratio,
            "overhead_iqr_us": [0.0, 0.0], "bit_equal": True, "kernel": "fused", "slices": 1}  # fmt: skip
     return {"webui": "re-implemented", "cases": [{"case": "256 tokens self", "dtype": "float32", "threads": 2,
             "webui_us": webui_us, "ratio_applies": webui_us >= parity_mod.SHORT_CALL_MS * 1e3,
@@ -375,6 +376,11 @@ def _parity(ratio, webui_us=5000.0):
 
 def test_the_parity_target_fails_past_its_ratio_and_states_the_overhead_of_calls_too_short_for_one():
     assert parity_mod.judge(_parity(1.004))["status"] == "PASS"
+    # the host work's ratio is judged; the whole forward's, which the host's noise moves by percents, is stated
+    noisy = parity_mod.judge(_parity(1.004, whole=1.03))
+    assert noisy["status"] == "PASS" and "the whole forward's ratios (noisier): median 1.0300x, 1 of 1 over" in noisy[
+        "detail"]  # fmt: skip
+    assert parity_mod.judge(_parity(1.01, whole=0.99))["status"] == "FAIL"
     regressed = parity_mod.judge(_parity(1.01))
     assert regressed["status"] == "FAIL" and "over: 256 tokens self float32 2t memslice-auto 1.0100x" in regressed[
         "detail"]  # fmt: skip

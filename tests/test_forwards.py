@@ -155,6 +155,26 @@ def test_planning_stays_out_of_compiled_graphs():
     assert (out.double() - 2 * reference(q, k, v, 0.25)).abs().max() < 1e-5
 
 
+def test_the_same_calls_lane_is_never_traced_so_each_compiled_call_is_recorded():
+    """With the layer's plan in the memo (an eager call first), a compiled call must not trace the lane: traced, its
+    memo checks and its record (a list append, as the webui's host notes it) would run once, at tracing, and
+    never again. Each compiled call is recorded, as each eager call is."""
+    pytest.importorskip("torch._dynamo")
+    q, k, v = projected_qkv(1, 2, 64, 64, 16)
+    host = BasicHost(Settings())
+    host.record = host.stats.note  # as WebuiHost records
+
+    def f(q, k, v):
+        return attend(q * 1.0, k, v, scale=0.25, strategy="auto", host=host) * 2
+
+    f(q, k, v)
+    compiled = torch.compile(f, backend="eager")
+    for _ in range(3):
+        out = compiled(q, k, v)
+    assert host.stats.total_calls == 4
+    assert (out.double() - 2 * reference(q, k, v, 0.25)).abs().max() < 1e-5
+
+
 def test_a_stable_plan_is_reused_only_with_four_times_its_peak_free(monkeypatch):
     """The fused one-piece plan is the same at any budget above its peak; it is still re-read while the budget is
     under 4x that peak (memory may be about to run out), and reused without a probe above it."""

@@ -85,3 +85,46 @@ def test_no_wording_says_one_band_and_a_failed_job_says_what_stopped_it():
     failed = stats.finish_job("not enough memory for the VAE encode")
     assert failed.line().endswith("; failed: not enough memory for the VAE encode")
     assert stats.last_job == failed and failed.error and stats.finish_job().error == ""
+
+
+def test_noted_records_are_folded_in_by_every_read_in_order_and_into_the_job_they_ran_in():
+    """The webui's attention calls note their records (a bound list append); every read folds them in first, and
+    a job's start folds what was noted before it into the job before, never into the new one."""
+    stats = Stats(capacity=4)
+    stats.start_job("auto")
+    for i in range(3):
+        stats.note(record(slices=i + 1, retries=i, site=f"a{i}"))
+    assert [r.site for r in stats.recent()] == ["a0", "a1", "a2"]  # a read folds them in, in order
+    stats.note(record(slices=9, peak=900, site="b"))
+    job = stats.current_job()
+    assert (job.calls, job.max_slices, job.max_peak_bytes, job.retries) == (4, 9, 900, 3)
+    assert (stats.total_calls, stats.total_retries) == (4, 3)
+    stats.note(record(slices=5, site="late"))  # noted before the next job starts: the job it ran in
+    stats.start_job("auto")
+    assert stats.current_job().calls == 0 and stats.recent(1)[0].site == "late"
+    stats.note(record(site="c"))
+    stats.record(record(site="d"))  # a record folds in what was noted before it
+    assert [r.site for r in stats.recent()] == ["b", "late", "c", "d"]  # bounded, as records are
+    done = stats.finish_job()
+    assert done.calls == 2 and stats.total_calls == 7
+
+
+def test_records_noted_while_others_read_are_all_folded_in_once():
+    stats = Stats(capacity=100_000)
+    stop = threading.Event()
+    n = 20_000
+
+    def reader():
+        while not stop.is_set():
+            stats.current_job()
+            stats.recent(5)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    for i in range(n):
+        stats.note(record(site=str(i)))
+    stop.set()
+    for t in readers:
+        t.join()
+    assert stats.total_calls == n and [r.site for r in stats.recent()] == [str(i) for i in range(n)]

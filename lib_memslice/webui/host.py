@@ -15,7 +15,7 @@ from modules import shared  # type: ignore[import-not-found]
 from .. import probe
 from ..limits import NotEnoughMemory
 from ..settings import Settings, read_options
-from ..stats import CallRecord, Stats
+from ..stats import Stats
 
 # Records go through the webui's own logging configuration (it sets the root level from --loglevel or
 # SD_WEBUI_LOG_LEVEL); memslice only asks for INFO on its own logger so the one-line job summary is not dropped
@@ -30,13 +30,22 @@ STATS = Stats()
 class WebuiHost:
     """The Host the forwards use inside the webui: options, hypernetworks, upcast and autocast from ``modules``."""
 
+    def __init__(self) -> None:
+        #: an attention call's record, noted into :data:`STATS` (folded in by its next read: the job's infotext, the
+        #: status API, the job's end); a bound ``list.append``, no Python call between two attention calls
+        self.record = STATS.note
+        self._hypernetwork: Any = None
+
     def settings(self) -> Settings:
         """The options, read on every attention call (:func:`lib_memslice.settings.read_options`)."""
         return read_options(getattr(shared, "opts", None))
 
     def apply_hypernetworks(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from modules.hypernetworks import hypernetwork  # type: ignore[import-not-found]
+        hypernetwork = self._hypernetwork
+        if hypernetwork is None:  # imported once: a ``from package import module`` runs a Python call each time
+            from modules.hypernetworks import hypernetwork  # type: ignore[import-not-found]
 
+            self._hypernetwork = hypernetwork
         return hypernetwork.apply_hypernetworks(shared.loaded_hypernetworks, context)
 
     def upcast(self) -> bool:
@@ -46,9 +55,6 @@ class WebuiHost:
         from modules import devices  # type: ignore[import-not-found]
 
         return devices.without_autocast()
-
-    def record(self, record: CallRecord) -> None:
-        STATS.record(record)
 
     def record_failure(self, error: NotEnoughMemory) -> None:
         STATS.record_failure()

@@ -250,6 +250,9 @@ class _Memo:
     #: the record of ``planned`` after its site (its strategy .. retries) when :func:`attend` may run it through
     #: :func:`_same_call_again`: one slice on a fused kernel in the inputs' own dtype; else None
     again: tuple[Any, ...] | None = None
+    #: with ``again`` and a probed plan: the least free bytes in which the plan still leaves the fast path's
+    #: headroom (:func:`_least_free`), what :func:`_still_ample` compares a reading with
+    least_free: int = 0
 
 
 #: Plans are reused without probing while they left this much headroom in a room read this recently.
@@ -327,7 +330,33 @@ def _plan_call(call: Call) -> Planned:
     if memo is not None:
         memo.planned, memo.probed_at = planned, time.perf_counter()
         memo.again = _again(call, planned)
+        if memo.again is not None and planned.free is not None:
+            memo.least_free = _least_free(call, FAST_PATH_HEADROOM * planned.plan.peak_bytes)
     return planned
+
+
+def _least_free(call: Call, needed: int) -> int:
+    """The least free bytes whose room, as :func:`read_room` makes it for this call, holds ``needed``: a binary
+    search of that rule (monotone in the free bytes), once per plan, so that the same call's lane compares a
+    reading with one number rather than making its room (tens of microseconds with the caches cold). Past any
+    reading where no room holds it."""
+
+    def holds(free: int) -> bool:
+        return (
+            _room_in(probe.FreeMemory(free, ""), call.strategy, call.settings, call.shape).bytes_for(call.shape)
+            >= needed
+        )
+
+    lo, hi = 0, 1 << 62
+    if not holds(hi):
+        return 1 << 63
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if holds(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _again(call: Call, planned: Planned) -> tuple[Any, ...] | None:
@@ -522,33 +551,22 @@ def attend(
 _recent_free: dict[Any, tuple[float, probe.FreeMemory]] = {}
 
 
-def _recent_free_memory(device: torch.device) -> tuple[float, probe.FreeMemory]:
-    """Free memory on ``device`` read at most :data:`FAST_PATH_MAX_AGE_S` ago, and when it was read. Why shared: a
-    CPU step outlasts that age, so each layer's own reading is always old, and the 32 layers of a step would each
-    read ``/proc`` (10-40 us a read); the rule that makes a reading good enough (its age, the headroom over the
-    plan's peak in the room each layer makes of it) does not depend on which layer took it."""
+def _still_ample(memo: _Memo, device: torch.device) -> bool:
+    """An old reading (a CPU step outlasts the fast path's age): take a recent one, and the plan stands while it
+    still leaves the fast path's headroom over its peak (``memo.least_free``, from the room :func:`read_room`
+    makes). Only for a memo with ``again`` and a probed plan: :func:`_again` gave it ``again`` only where the plan
+    is stable and left that headroom when it was made (else the full path reads again: one reading a call, not
+    two). The reading is the last one taken on ``device`` while it is at most :data:`FAST_PATH_MAX_AGE_S` old
+    (:data:`_recent_free`). Why shared: a CPU step outlasts that age, so each layer's own reading is always old,
+    and the 32 layers of a step would each read ``/proc`` (10-40 us a read); the rule that makes a reading good
+    enough (its age, the headroom over the plan's peak) does not depend on which layer took it."""
     now = time.perf_counter()
-    last = _recent_free.get(device)
-    if last is not None and now - last[0] < FAST_PATH_MAX_AGE_S:
-        return last
-    _recent_free[device] = reading = (now, probe.free_memory(device))
-    return reading
-
-
-def _still_ample(memo: _Memo, static: tuple[Any, ...], device: torch.device, strategy: str,
-                 settings: Settings) -> bool:  # fmt: skip
-    """An old reading (a CPU step outlasts the fast path's age): take a recent one, and the plan stands while the
-    room it makes is still the fast path's headroom over its peak (the room as :func:`read_room` makes it). Only
-    for a memo with ``again`` and a probed plan: :func:`_again` gave it ``again`` only where the plan is stable and
-    left that headroom when it was made (else the full path reads again: one reading a call, not two)."""
-    last = memo.planned
-    if last is None or static not in _shapes:
+    reading = _recent_free.get(device)
+    if reading is None or now - reading[0] >= FAST_PATH_MAX_AGE_S:
+        reading = _recent_free[device] = (now, probe.free_memory(device))
+    if reading[1].bytes < memo.least_free:
         return False
-    shape = _shapes[static][0]
-    read_at, free = _recent_free_memory(device)
-    if _room_in(free, strategy, settings, shape).bytes_for(shape) < FAST_PATH_HEADROOM * last.plan.peak_bytes:
-        return False
-    memo.probed_at = read_at  # the reading's age, not this call's: it is good for the rest of its age only
+    memo.probed_at = reading[0]  # the reading's age, not this call's: it is good for the rest of its age only
     return True
 
 
@@ -569,7 +587,7 @@ def _same_call_again(q: Tensor, k: Tensor, v: Tensor, scale: float, strategy: st
     if memo is None or memo.again is None or memo.settings is not settings:
         return None
     old = memo.planned.free is not None and time.perf_counter() - memo.probed_at >= FAST_PATH_MAX_AGE_S  # type: ignore[union-attr]
-    if old and not _still_ample(memo, static, device, strategy, settings):
+    if old and not _still_ample(memo, device):
         return None
     given = None if scale == q.shape[-1] ** -0.5 else scale  # as kernels._sdpa gives it: sdp's call, to the bit
     try:

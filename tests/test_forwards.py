@@ -294,6 +294,23 @@ def test_an_old_reading_in_the_same_call_lane_is_read_again_and_followed(monkeyp
     assert described == [1] and record.room_bytes <= 2 * peak
 
 
+@pytest.mark.parametrize("strategy", ["auto", "doggettx", "invokeai", "mps", "heads"])
+@pytest.mark.parametrize("safety_factor", [1.0, 1.7, 3.3, 10.0])
+def test_the_lanes_least_free_is_exactly_where_the_room_stops_holding_the_headroom(strategy, safety_factor):
+    """The lane compares a reading with one number, found once per plan: it must be exactly the least free bytes
+    whose room (as read_room makes it) holds the headroom, neither a byte over nor a byte under."""
+    q, k, v = projected_qkv(2, 4, 96, 77, 16)
+    call = forwards.describe(q, k, v, strategy=strategy, settings=Settings(safety_factor=safety_factor))
+    for needed in (1, 4 * 1234567, 4 * 10**9 + 7):
+        least = forwards._least_free(call, needed)
+
+        def holds(free, call=call, needed=needed):
+            return forwards._room_in(probe.FreeMemory(free, ""), strategy, call.settings, call.shape).bytes_for(
+                call.shape) >= needed  # fmt: skip
+
+        assert holds(least) and not holds(least - 1), (needed, least)
+
+
 def test_the_lane_shares_one_recent_reading_between_layers_and_reads_again_once_it_is_old(monkeypatch):
     """A CPU step outlasts the fast path's age, so every layer's own reading is old at its next call: the layers of
     a step share one reading instead of each reading free memory, a layer that used it is good only for the rest

@@ -879,6 +879,95 @@ def _sd3_row(r: dict[str, Any]) -> str:
             f"{theirs} |")  # fmt: skip
 
 
+#: section 8: interleaved rounds per case, a round's calls run back to back for about this long, then synchronised
+PARITY_ROUNDS = 31
+PARITY_ROUND_S = 0.02
+
+
+def parity(ctx: Ctx) -> dict[str, Any]:
+    """Section 8 (issue 27): memslice-auto's and memslice-doggettx's ``CrossAttention`` forward against the webui's
+    sdp forward (:func:`.parity.reimplemented_sdp_forward`, which the tests hold bit-equal to the real one) on the
+    real ldm modules of SD1.5's UNet at 512 px, fp16 and bf16, per call: interleaved rounds of calls run back to
+    back and synchronised (the median of per-round ratios), the CPU's time to hand a call to the device (the
+    median of unsynchronised calls: where it outlasts the device's work the forward is host-bound), and whether
+    the outputs are bit-equal. CUDA graphs of a step: webui 1.10.1 captures none (its code has no
+    ``torch.compile`` and no CUDA graph), so none are timed. The dry run: the parity section's smoke cases."""
+    from . import parity as parity_mod
+
+    cases = parity_mod._SD15_CASES if ctx.cuda else parity_mod.SMOKE.cases
+    dtypes = (torch.float16, torch.bfloat16) if ctx.cuda else (torch.float32,)
+    rows = [_parity_case(ctx, parity_mod, case, dtype) for dtype in dtypes for case in cases]
+    ratios = [m["ratio"] for r in rows if r["ratio_applies"] for m in r["memslice"].values()]
+    unequal = [r["case"] for r in rows for m in r["memslice"].values() if not m["bit_equal"]]
+    return {"rows": rows, "max_ratio": max(ratios) if ratios else None, "not_bit_equal": unequal,
+            "pass": all(x <= parity_mod.RATIO for x in ratios) and not unequal,
+            "cuda_graphs": "none: webui 1.10.1 captures no CUDA graph and compiles nothing"}  # fmt: skip
+
+
+def _parity_case(ctx: Ctx, parity_mod: Any, case: Any, dtype: torch.dtype) -> dict[str, Any]:
+    from lib_memslice.forwards import make_cross_attention_forward
+
+    layer, x, context = parity_mod.build(case, dtype)
+    layer = layer.to(ctx.device)
+    x = x.to(ctx.device)
+    context = None if context is None else context.to(ctx.device)
+    hosts = {s: parity_mod.WebuiLikeHost() for s in parity_mod.STRATEGIES}
+    fns = {parity_mod.WEBUI: parity_mod.reimplemented_sdp_forward,
+           **{f"memslice-{s}": make_cross_attention_forward(s, hosts[s]) for s in parity_mod.STRATEGIES}}  # fmt: skip
+    row: dict[str, Any] = {"case": case.label, "dtype": str(dtype)[6:], "memslice": {}}
+    calls: dict[str, int] = {}
+    us: dict[str, list[float]] = {name: [] for name in fns}
+    launch: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        reference = fns[parity_mod.WEBUI](layer, x, context=context)
+        for name, fn in fns.items():
+            out = fn(layer, x, context=context)
+            if name != parity_mod.WEBUI:
+                row["memslice"][name] = {"bit_equal": bool(torch.equal(out, reference))}
+            ctx.sync()
+            start = time.perf_counter()
+            fn(layer, x, context=context)
+            ctx.sync()
+            calls[name] = max(1, min(1000, round(PARITY_ROUND_S / max(time.perf_counter() - start, 1e-7))))
+        names = list(fns)
+        for r in range(PARITY_ROUNDS):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                fn = fns[name]
+                ctx.sync()
+                start = time.perf_counter()
+                fn(layer, x, context=context)
+                launch[name].append((time.perf_counter() - start) * 1e6)
+                for _ in range(calls[name] - 1):
+                    fn(layer, x, context=context)
+                ctx.sync()
+                us[name].append((time.perf_counter() - start) / calls[name] * 1e6)
+    webui_us = us[parity_mod.WEBUI]
+    row["webui_us"] = statistics.median(webui_us)
+    row["webui_launch_us"] = statistics.median(launch[parity_mod.WEBUI])
+    row["ratio_applies"] = row["webui_us"] >= parity_mod.SHORT_CALL_MS * 1e3
+    for name, mine in row["memslice"].items():
+        q = statistics.quantiles([a / b for a, b in zip(us[name], webui_us, strict=True)], n=4, method="inclusive")
+        mine.update({"us": statistics.median(us[name]), "ratio": q[1], "ratio_iqr": [q[0], q[2]],
+                     "overhead_us": statistics.median([a - b for a, b in zip(us[name], webui_us, strict=True)]),
+                     "launch_us": statistics.median(launch[name]),
+                     "kernel": hosts[name.removeprefix("memslice-")].stats.recent()[-1].kernel_used})  # fmt: skip
+    del layer, x, context
+    ctx.release()
+    return row
+
+
+def _parity_row(r: dict[str, Any]) -> str:
+    """One row of section 8's table."""
+    cells = []
+    for m in r["memslice"].values():
+        lo, hi = m["ratio_iqr"]
+        bits = "bit-equal" if m["bit_equal"] else "NOT bit-equal"
+        cells.append(f"{m['ratio']:.4f}x ({lo:.4f}-{hi:.4f}), {m['overhead_us']:+.1f} us, launch "
+                     f"{m['launch_us']:.0f} us, {m['kernel']}, {bits}")  # fmt: skip
+    return (f"| {r['case']} | {r['dtype']} | {r['webui_us']:.0f} | {r['webui_launch_us']:.0f} | "
+            + " | ".join(cells) + " |")  # fmt: skip
+
+
 def markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
     lines = [
@@ -946,6 +1035,14 @@ def markdown(report: dict[str, Any]) -> str:
         "| tokens | regime | memslice: kernel, slices | predicted | measured | time | error vs fused "
         "| the webui's call |",
         "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |", _sd3_row)  # fmt: skip
+    par = report.get("parity")
+    if par and "rows" in par:
+        lines += _rows_section(
+            par, "## 8. Parity: memslice's forward vs the webui's sdp forward, per call",
+            f"Every call long enough for a ratio within 1.005x of sdp's and every output bit-equal (CUDA graphs of a "
+            f"step: {par['cuda_graphs']}; calls under 2 ms: the overhead in us, stated)",
+            "| case | dtype | sdp us | sdp launch us | memslice-auto | memslice-doggettx |",
+            "| --- | --- | ---: | ---: | --- | --- |", _parity_row)  # fmt: skip
     for key, title in (("oom_retry", "## 2. A real out-of-memory error"), ("no_fused", "## No fused kernel"),
                        ("pipeline", "## 3. SD1.5 fp16 UNet + VAE"),
                        ("max_square", "## 4. Largest square size within 4 GiB")):  # fmt: skip
@@ -971,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default="",
         help="comma-separated sections (kernel_memory,oom_retry,whole_job,vae_bands,sd3_joint,no_fused,pipeline,"
-        "max_square)",
+        "max_square,parity)",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1004,6 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
         "no_fused": no_fused,
         "pipeline": pipeline,
         "max_square": max_square,
+        "parity": parity,
     }
     only = [s for s in args.only.split(",") if s] or list(sections)
     began = time.perf_counter()

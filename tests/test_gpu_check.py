@@ -23,7 +23,7 @@ def test_every_section_runs_as_a_cpu_dry_run_and_writes_its_report(tmp_path):
     assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu-report.json").read_text())
     sections = ("kernel_memory", "oom_retry", "whole_job", "vae_bands", "sd3_joint", "no_fused", "pipeline",
-                "max_square")  # fmt: skip
+                "max_square", "parity")  # fmt: skip
     for section in sections:
         assert section in report and "error" not in report[section], (section, report[section])
     km = report["kernel_memory"]
@@ -49,3 +49,15 @@ def test_every_section_runs_as_a_cpu_dry_run_and_writes_its_report(tmp_path):
     assert [r["memslice"]["kernel"] for r in sd3["rows"]] == ["fused", "einsum"] * 2
     assert all(r["memslice"]["max_abs_error"] < 1e-4 and "measured" in r["webui"] for r in sd3["rows"])
     assert "## 7. SD3's joint attention" in (tmp_path / "gpu-report.md").read_text()
+    par = report["parity"]  # memslice's forward against the webui's sdp forward per call, its outputs bit-equal
+    assert len(par["rows"]) == 2 and par["not_bit_equal"] == [] and "webui 1.10.1 captures no CUDA graph" in par[
+        "cuda_graphs"]  # fmt: skip
+    for r in par["rows"]:
+        assert (
+            r["webui_us"] > 0
+            and r["webui_launch_us"] > 0
+            and set(r["memslice"]) == {"memslice-auto", "memslice-doggettx"}
+        )
+        for m in r["memslice"].values():
+            assert m["bit_equal"] and m["kernel"] == "fused" and m["ratio_iqr"][0] <= m["ratio"] <= m["ratio_iqr"][1]
+    assert "## 8. Parity: memslice's forward vs the webui's sdp forward" in (tmp_path / "gpu-report.md").read_text()

@@ -34,8 +34,7 @@ from .stats import CallRecord, Stats
 _outside_graphs: Callable[[Any], Any] = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)
 #: True while dynamo traces (it folds these to True), False when eager, in one Python call:
 #: ``torch.compiler.is_dynamo_compiling`` (2.3 on; ``is_compiling`` makes two), ``torch._utils.is_compiling``
-#: (2.1). The same call's lane asks it rather than being wrapped in :data:`_outside_graphs`, whose wrapper cost
-#: 15 us a call with the caches cold (``bench --parity``).
+#: (2.1). :func:`attend` asks it (see :data:`_attend_outside_graphs`).
 _compiling: Callable[[], bool] = (getattr(getattr(torch, "compiler", None), "is_dynamo_compiling", None)
                                   or getattr(torch._utils, "is_compiling", None) or (lambda: False))  # fmt: skip
 
@@ -529,8 +528,11 @@ def attend(
 
     Raises :class:`NotEnoughMemory` when no plan under the slice cap fits (also after out-of-memory retries).
     """
+    if _compiling():  # traced: the whole call runs outside the graph, as it runs eagerly
+        return _attend_outside_graphs(q, k, v, scale=scale, strategy=strategy, host=host, mask=mask, upcast=upcast,
+                                      site=site, geometry=geometry)  # fmt: skip
     settings = host.settings()
-    if mask is None and not _compiling():  # traced, the full path runs: its planning breaks the graph
+    if mask is None:
         out = _same_call_again(q, k, v, scale, strategy, settings, upcast, host, site)
         if out is not None:
             return out
@@ -545,6 +547,13 @@ def attend(
         raise
     record(call, planned, host)
     return out
+
+
+#: :func:`attend` for a call dynamo meets while tracing: its planning, memo and record read files, Python state and
+#: the clock, which must stay out of ``torch.compile`` graphs (torch 2.1's dynamo also failed inside them, on the
+#: slotted ``Call``). Eagerly :func:`attend` asks :data:`_compiling` instead of being wrapped: the wrapper's Python
+#: calls cost 15 us a call with the caches cold (``bench --parity``).
+_attend_outside_graphs: Callable[..., Tensor] = _outside_graphs(attend)
 
 
 #: The lane's last free-memory reading per device and when it was taken, shared by every layer.

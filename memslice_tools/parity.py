@@ -29,11 +29,13 @@ functions (the same timers in every forward); the rest of a round is its host wo
 - whether memslice's output is bit-identical to the webui's (``torch.equal``) and which kernel memslice ran.
 
 The profile of memslice's host work (:data:`KNOCKOUTS`) runs memslice-auto in the same rounds with one piece
-taken out at a time: the options read (read once, before the round), the record (dropped), the whole of
-``attend`` (a bare SDPA call in its place: what is left over the sdp forward is the forward's own layout). A
-piece's cost is the host work it takes out, timed in place, with the caches as cold as they are between two
-calls; the lane's own (its memo key, checks and the SDPA call's glue) is what ``attend`` costs besides the options
-and the record. memslice-doggettx runs the same lane.
+taken out at a time: the options read (read once, before the round), the record (dropped), the probe (its answer
+from memory: it runs where a layer's reading is older than the fast path's age, which the long calls' rounds
+reach), the whole of ``attend`` (a bare SDPA call in its place: what is left over the sdp forward is the forward's
+own layout). A piece's cost is the host work it takes out, timed in place, with the caches as cold as they are
+between two calls; the lane's own (its memo key, checks and the SDPA call's glue) is what ``attend`` costs besides
+the options, the record and the probe. Planning runs on a layer's first call only (the lane reuses its plan).
+memslice-doggettx runs the same lane.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lib_memslice import forwards
+from lib_memslice import forwards, probe
 from lib_memslice.forwards import BasicHost, make_cross_attention_forward
 from lib_memslice.settings import SPECS, read_options
 
@@ -260,8 +262,11 @@ KNOCKOUTS = (
         lambda host: _swap(host, "settings", itertools.repeat(host.settings()).__next__),
     ),
     ("record dropped", "record", lambda host: _swap(host, "record", id)),  # id: a C call taking one argument
+    # the probe's answer from memory: one reading taken before the round, given by a C-level dict lookup
+    ("probe from memory", "probe", lambda host: _swap(probe, "free_memory", {_CPU: probe.free_memory(_CPU)}.get)),
     ("attend bare", "attend", lambda host: _swap(forwards, "attend", _bare_attend)),
 )
+_CPU = torch.device("cpu")
 AUTO = "memslice-auto"
 
 
@@ -331,11 +336,11 @@ def measure(case: Case, dtype: torch.dtype, threads: int, plan: Plan, webui: Cal
         })  # fmt: skip
     auto, knocked = entries[1], dict(zip((piece for _, piece, _ in KNOCKOUTS), entries[3:], strict=True))
     pieces = {"the forward's own (layout) over sdp's": over(knocked["attend"], webui_entry)[1]}
-    for piece in ("options read", "record"):
+    for piece in ("options read", "record", "probe"):
         pieces[piece] = over(auto, knocked[piece])[1]
     attend = over(auto, knocked["attend"])[1]
-    pieces["the lane's own (memo key, checks, the SDPA call's glue)"] = attend - pieces["options read"] - pieces[
-        "record"]  # fmt: skip
+    pieces["the lane's own (memo key, checks, the SDPA call's glue)"] = attend - sum(
+        pieces[p] for p in ("options read", "record", "probe"))  # fmt: skip
     result["profile"] = {"us_per_call": pieces, "attend_us": attend,
                          "over_webui_us": result["memslice"][AUTO]["overhead_us"]}  # fmt: skip
     parts = []
@@ -523,8 +528,9 @@ def markdown_lines(parity: dict[str, Any] | None) -> list[str]:
                 f"{'yes' if row['bit_equal'] else 'no (max ' + format(row['max_abs_diff'], '.1e') + ')'} |"
             )
     lines += ["", f"Where {AUTO}'s host work goes (us a call; each piece the host work it takes out when it alone is "
-              "taken out, in the same rounds: the options read once, the record dropped, `attend` a bare SDPA call; "
-              "medians of per-round differences, so they need not add up exactly):", ""]  # fmt: skip
+              "taken out, in the same rounds: the options read once, the record dropped, the probe answered from "
+              "memory, `attend` a bare SDPA call; medians of per-round differences, so they need not add up exactly; "
+              "planning runs on a layer's first call only):", ""]  # fmt: skip
     for c in parity["cases"]:
         prof = c["profile"]
         pieces = ", ".join(f"{k} {v:+.1f}" for k, v in prof["us_per_call"].items())

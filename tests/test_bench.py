@@ -298,11 +298,11 @@ def test_the_smoke_run_times_memslices_forward_against_the_webuis_sdp_forward(sm
         assert 0 < c["webui_host_us"] < c["webui_us"]
         profile = c["profile"]
         pieces = profile["us_per_call"]
-        assert set(pieces) == {"the forward's own (layout) over sdp's", "options read", "record",
+        assert set(pieces) == {"the forward's own (layout) over sdp's", "options read", "record", "probe",
                                "the lane's own (memo key, checks, the SDPA call's glue)"}  # fmt: skip
         assert profile["over_webui_us"] == c["memslice"]["memslice-auto"]["overhead_us"]
         assert pieces["the lane's own (memo key, checks, the SDPA call's glue)"] == pytest.approx(
-            profile["attend_us"] - pieces["options read"] - pieces["record"]
+            profile["attend_us"] - pieces["options read"] - pieces["record"] - pieces["probe"]
         )
     target = next(t for t in report["targets"] if t["name"] == "parity")
     assert target["status"] in ("PASS", "FAIL", "N/A") and "webui sdp: re-implemented" in target["detail"]
@@ -315,9 +315,9 @@ def test_the_parity_section_runs_alone_and_leaves_the_runtime_as_it_was(tmp_path
     """``bench --parity`` writes a report of that section alone; its timers and knockouts are taken off again."""
     import torch.nn.functional as F
 
-    from lib_memslice import forwards
+    from lib_memslice import forwards, probe
 
-    before = (forwards.attend, F.linear, F.scaled_dot_product_attention, forwards.time)
+    before = (forwards.attend, F.linear, F.scaled_dot_product_attention, forwards.time, probe.free_memory)
     assert main(["--parity", "--smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench-report.json").read_text())
     assert [t["name"] for t in report["targets"]] == ["parity"] and len(report["parity"]["cases"]) == 2
@@ -326,7 +326,7 @@ def test_the_parity_section_runs_alone_and_leaves_the_runtime_as_it_was(tmp_path
     warm = report["parity"]["warm"]  # the warm loop's host work, on the step's clock too: the real clock put back
     assert set(warm) == {"same_layer_us", "step_us", "sdpa_us"} and warm["sdpa_us"] > 0
     assert f"the same layer again {warm['same_layer_us']:.1f} us a call" in text
-    after = (forwards.attend, F.linear, F.scaled_dot_product_attention, forwards.time)
+    after = (forwards.attend, F.linear, F.scaled_dot_product_attention, forwards.time, probe.free_memory)
     assert all(a is b for a, b in zip(before, after, strict=True))
 
 

@@ -901,6 +901,7 @@ def parity(ctx: Ctx) -> dict[str, Any]:
     unequal = [r["case"] for r in rows for m in r["memslice"].values() if not m["bit_equal"]]
     return {"rows": rows, "max_ratio": max(ratios) if ratios else None, "not_bit_equal": unequal,
             "pass": all(x <= parity_mod.RATIO for x in ratios) and not unequal,
+            "ratio_target": parity_mod.RATIO, "short_call_ms": parity_mod.SHORT_CALL_MS,
             "cuda_graphs": "none: webui 1.10.1 captures no CUDA graph and compiles nothing"}  # fmt: skip
 
 
@@ -946,8 +947,8 @@ def _parity_case(ctx: Ctx, parity_mod: Any, case: Any, dtype: torch.dtype) -> di
     row["webui_launch_us"] = statistics.median(launch[parity_mod.WEBUI])
     row["ratio_applies"] = row["webui_us"] >= parity_mod.SHORT_CALL_MS * 1e3
     for name, mine in row["memslice"].items():
-        q = statistics.quantiles([a / b for a, b in zip(us[name], webui_us, strict=True)], n=4, method="inclusive")
-        mine.update({"us": statistics.median(us[name]), "ratio": q[1], "ratio_iqr": [q[0], q[2]],
+        lo, mid, hi = parity_mod._quartiles([a / b for a, b in zip(us[name], webui_us, strict=True)])
+        mine.update({"us": statistics.median(us[name]), "ratio": mid, "ratio_iqr": [lo, hi],
                      "overhead_us": statistics.median([a - b for a, b in zip(us[name], webui_us, strict=True)]),
                      "launch_us": statistics.median(launch[name]),
                      "kernel": hosts[name.removeprefix("memslice-")].stats.recent()[-1].kernel_used})  # fmt: skip
@@ -1039,8 +1040,9 @@ def markdown(report: dict[str, Any]) -> str:
     if par and "rows" in par:
         lines += _rows_section(
             par, "## 8. Parity: memslice's forward vs the webui's sdp forward, per call",
-            f"Every call long enough for a ratio within 1.005x of sdp's and every output bit-equal (CUDA graphs of a "
-            f"step: {par['cuda_graphs']}; calls under 2 ms: the overhead in us, stated)",
+            f"Every call long enough for a ratio within {par['ratio_target']}x of sdp's and every output bit-equal "
+            f"(CUDA graphs of a step: {par['cuda_graphs']}; calls under {par['short_call_ms']:g} ms: the overhead in "
+            "us, stated)",
             "| case | dtype | sdp us | sdp launch us | memslice-auto | memslice-doggettx |",
             "| --- | --- | ---: | ---: | --- | --- |", _parity_row)  # fmt: skip
     for key, title in (("oom_retry", "## 2. A real out-of-memory error"), ("no_fused", "## No fused kernel"),

@@ -335,12 +335,11 @@ def measure(case: Case, dtype: torch.dtype, threads: int, plan: Plan, webui: Cal
             "computation_ratio_iqr": [clo, chi],
         })  # fmt: skip
     auto, knocked = entries[1], dict(zip((piece for _, piece, _ in KNOCKOUTS), entries[3:], strict=True))
+    inside = [piece for piece in knocked if piece != "attend"]  # the pieces of attend taken out one by one
     pieces = {"the forward's own (layout) over sdp's": over(knocked["attend"], webui_entry)[1]}
-    for piece in ("options read", "record", "probe"):
-        pieces[piece] = over(auto, knocked[piece])[1]
+    pieces.update({piece: over(auto, knocked[piece])[1] for piece in inside})
     attend = over(auto, knocked["attend"])[1]
-    pieces["the lane's own (memo key, checks, the SDPA call's glue)"] = attend - sum(
-        pieces[p] for p in ("options read", "record", "probe"))  # fmt: skip
+    pieces["the lane's own (memo key, checks, the SDPA call's glue)"] = attend - sum(pieces[p] for p in inside)
     result["profile"] = {"us_per_call": pieces, "attend_us": attend,
                          "over_webui_us": result["memslice"][AUTO]["overhead_us"]}  # fmt: skip
     parts = []
